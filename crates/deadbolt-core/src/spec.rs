@@ -1,0 +1,709 @@
+//! Experiment specifications: the TOML files users write (`examples/*.toml`).
+//!
+//! Every struct denies unknown keys, and [`ExperimentSpec::validate`] checks
+//! values, so a bad spec is rejected with the name of the offending key.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A whole experiment: data, model, attack, training and defense.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// Human-readable name of the experiment.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Master seed (data split, model init, batch order).
+    #[serde(default)]
+    pub seed: u64,
+    pub dataset: DatasetSpec,
+    #[serde(default)]
+    pub model: ModelSpec,
+    /// The attack to plant; absent for a clean-only training spec.
+    #[serde(default)]
+    pub attack: Option<AttackSpec>,
+    #[serde(default)]
+    pub training: TrainingSpec,
+    #[serde(default)]
+    pub defense: DefenseSpec,
+}
+
+fn default_name() -> String {
+    "experiment".into()
+}
+
+/// Where the images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    pub kind: DatasetKind,
+    /// Folder of the data. For `mnist` it holds the IDX files written by
+    /// `deadbolt data fetch-mnist` (fetched there when missing); for `cifar10`
+    /// the binary batches. Relative paths are relative to the working dir.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Share of the training split held out as validation data (used by the
+    /// defense to choose its operating point without seeing the test set).
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Use only the first N training images (after shuffling); 0 = all.
+    #[serde(default)]
+    pub train_limit: usize,
+    /// Use only the first N test images; 0 = all.
+    #[serde(default)]
+    pub test_limit: usize,
+}
+
+fn default_validation_fraction() -> f64 {
+    0.1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// MNIST in IDX files (`train-images-idx3-ubyte[.gz]`, ...).
+    Mnist,
+    /// CIFAR-10 binary batches (`data_batch_*.bin`, `test_batch.bin`).
+    Cifar10,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default = "default_arch")]
+    pub arch: Arch,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        Self {
+            arch: default_arch(),
+        }
+    }
+}
+
+fn default_arch() -> Arch {
+    Arch::BadnetCnn
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    BadnetCnn,
+    #[serde(rename = "preact-resnet18")]
+    PreactResnet18,
+}
+
+impl Arch {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Arch::BadnetCnn => "badnet-cnn",
+            Arch::PreactResnet18 => "preact-resnet18",
+        }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "badnet-cnn" => Ok(Arch::BadnetCnn),
+            "preact-resnet18" => Ok(Arch::PreactResnet18),
+            other => Err(Error::invalid(
+                "model.arch",
+                format!("unknown architecture {other:?} (expected badnet-cnn or preact-resnet18)"),
+            )),
+        }
+    }
+}
+
+/// A trigger plus a poisoning recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackSpec {
+    pub trigger: TriggerSpec,
+    #[serde(default)]
+    pub target_mode: TargetMode,
+    /// Target label for all-to-one.
+    #[serde(default)]
+    pub target: i64,
+    /// Share of eligible training images that are poisoned, in [0, 1].
+    pub rate: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetMode {
+    #[default]
+    AllToOne,
+    AllToAll,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum TriggerSpec {
+    /// BadNets patch.
+    Patch {
+        /// Side of the square patch in pixels.
+        size: i64,
+        #[serde(default)]
+        position: PatchPosition,
+        #[serde(default)]
+        pattern: PatchPattern,
+        /// Pixel value of a solid patch (and the light squares of a checkerboard).
+        #[serde(default = "one")]
+        value: f64,
+    },
+    /// Blended trigger: x' = (1 - alpha) x + alpha pattern.
+    Blend {
+        alpha: f64,
+        #[serde(default)]
+        pattern: BlendPattern,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PatchPosition {
+    Corner(Corner),
+    At { row: i64, col: i64 },
+}
+
+impl Default for PatchPosition {
+    fn default() -> Self {
+        PatchPosition::Corner(Corner::BottomRight)
+    }
+}
+
+impl PatchPosition {
+    /// Top-left pixel of a `size` patch in an `h` x `w` image.
+    pub fn top_left(&self, size: i64, h: i64, w: i64) -> (i64, i64) {
+        match self {
+            PatchPosition::At { row, col } => (*row, *col),
+            PatchPosition::Corner(Corner::TopLeft) => (0, 0),
+            PatchPosition::Corner(Corner::TopRight) => (0, w - size),
+            PatchPosition::Corner(Corner::BottomLeft) => (h - size, 0),
+            PatchPosition::Corner(Corner::BottomRight) => (h - size, w - size),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Corner {
+    TopLeft,
+    TopRight,
+    BottomLeft,
+    BottomRight,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchPattern {
+    #[default]
+    Solid,
+    Checkerboard,
+    /// A PNG file (grayscale or RGB), resized to the patch.
+    Image(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlendPattern {
+    /// Seeded uniform noise in [0, 1].
+    Noise { seed: u64 },
+    /// A PNG file, resized to the image.
+    Image(PathBuf),
+}
+
+impl Default for BlendPattern {
+    fn default() -> Self {
+        BlendPattern::Noise { seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Step schedule: multiply the lr by `gamma` every `step_size` epochs.
+    #[serde(default = "default_step_size")]
+    pub step_size: usize,
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// CPU threads for libtorch; 0 keeps libtorch's default.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+fn default_lr() -> f64 {
+    0.01
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_step_size() -> usize {
+    10
+}
+fn default_gamma() -> f64 {
+    0.1
+}
+fn default_epochs() -> usize {
+    6
+}
+fn default_batch_size() -> usize {
+    64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    Adam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    Constant,
+    #[default]
+    Cosine,
+    Step,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda),
+            other => Err(Error::invalid(
+                "device",
+                format!("unknown device {other:?} (expected auto, cpu or cuda)"),
+            )),
+        }
+    }
+}
+
+/// The defense: statistics, synthetic trigger, pruning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefenseSpec {
+    /// Prunable layer; empty = the model's default.
+    #[serde(default)]
+    pub layer: Option<String>,
+    #[serde(default = "default_criteria")]
+    pub criteria: Vec<Criterion>,
+    /// Chosen k: smallest k with validation ASR at or below this.
+    #[serde(default = "default_target_asr")]
+    pub target_asr: f64,
+    /// ... subject to validation ACC dropping at most this much (fraction).
+    #[serde(default = "default_max_acc_drop")]
+    pub max_acc_drop: f64,
+    /// Fine-tune the pruned model for this many epochs on clean validation data.
+    #[serde(default)]
+    pub fine_tune_epochs: usize,
+    /// Images used to compute activation statistics (0 = the whole validation split).
+    #[serde(default = "default_stats_images")]
+    pub stats_images: usize,
+    /// Seed for the `random` criterion.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub synthetic: SyntheticSpec,
+    /// Use the real trigger (true: the defender knows it) or the synthetic one
+    /// to make the triggered inputs that rank the channels. Both are reported.
+    #[serde(default = "default_true")]
+    pub use_real_trigger: bool,
+}
+
+impl Default for DefenseSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_criteria() -> Vec<Criterion> {
+    Criterion::ALL.to_vec()
+}
+fn default_target_asr() -> f64 {
+    0.05
+}
+fn default_max_acc_drop() -> f64 {
+    0.02
+}
+fn default_stats_images() -> usize {
+    500
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Criterion {
+    Linf,
+    L1,
+    L2,
+    LinfDiff,
+    FinePruning,
+    Random,
+}
+
+impl Criterion {
+    pub const ALL: [Criterion; 6] = [
+        Criterion::Linf,
+        Criterion::L1,
+        Criterion::L2,
+        Criterion::LinfDiff,
+        Criterion::FinePruning,
+        Criterion::Random,
+    ];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Criterion::Linf => "linf",
+            Criterion::L1 => "l1",
+            Criterion::L2 => "l2",
+            Criterion::LinfDiff => "linf-diff",
+            Criterion::FinePruning => "fine-pruning",
+            Criterion::Random => "random",
+        }
+    }
+}
+
+impl std::str::FromStr for Criterion {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Criterion::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| Error::invalid("criterion", format!("unknown criterion {s:?}")))
+    }
+}
+
+/// Neural Cleanse-style reverse engineering budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticSpec {
+    /// Optimisation steps per candidate label.
+    #[serde(default = "default_nc_steps")]
+    pub steps: usize,
+    /// Clean images used for the optimisation.
+    #[serde(default = "default_nc_images")]
+    pub images: usize,
+    #[serde(default = "default_nc_lr")]
+    pub lr: f64,
+    /// Weight of the L1 penalty on the mask.
+    #[serde(default = "default_nc_lambda")]
+    pub lambda: f64,
+    /// Anomaly index above which a label is flagged.
+    #[serde(default = "default_nc_threshold")]
+    pub anomaly_threshold: f64,
+}
+
+impl Default for SyntheticSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+fn default_nc_steps() -> usize {
+    300
+}
+fn default_nc_images() -> usize {
+    256
+}
+fn default_nc_lr() -> f64 {
+    0.1
+}
+fn default_nc_lambda() -> f64 {
+    0.01
+}
+fn default_nc_threshold() -> f64 {
+    2.0
+}
+
+impl ExperimentSpec {
+    /// Parses and validates a TOML spec; errors name the offending key.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let spec: ExperimentSpec = toml::from_str(text).map_err(|e| {
+            let key = e.span().map(|s| {
+                // toml reports the span of the offending key/value; show the text.
+                text.get(s).unwrap_or("").trim().to_string()
+            });
+            Error::Spec(match key {
+                Some(k) if !k.is_empty() => format!("{} (at `{k}`)", e.message()),
+                _ => e.message().to_string(),
+            })
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text).map_err(|e| match e {
+            Error::Spec(m) => Error::Spec(format!("{}: {m}", path.display())),
+            Error::Invalid { field, message } => Error::Spec(format!(
+                "{}: invalid value for `{field}`: {message}",
+                path.display()
+            )),
+            other => other,
+        })
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("spec serializes")
+    }
+
+    /// Checks values (ranges, sizes); errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.dataset;
+        if !(0.0..1.0).contains(&d.validation_fraction) {
+            return Err(Error::invalid(
+                "dataset.validation_fraction",
+                "must be in [0, 1)",
+            ));
+        }
+        if let Some(a) = &self.attack {
+            a.validate()?;
+        }
+        let t = &self.training;
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(Error::invalid("training.lr", "must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&t.momentum) {
+            return Err(Error::invalid("training.momentum", "must be in [0, 1)"));
+        }
+        if t.weight_decay < 0.0 {
+            return Err(Error::invalid("training.weight_decay", "must be >= 0"));
+        }
+        if t.epochs == 0 {
+            return Err(Error::invalid("training.epochs", "must be >= 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(Error::invalid("training.batch_size", "must be >= 1"));
+        }
+        if t.schedule == Schedule::Step && (t.step_size == 0 || t.gamma <= 0.0) {
+            return Err(Error::invalid(
+                "training.step_size",
+                "step schedule needs step_size >= 1 and gamma > 0",
+            ));
+        }
+        let df = &self.defense;
+        if !(0.0..=1.0).contains(&df.target_asr) {
+            return Err(Error::invalid("defense.target_asr", "must be in [0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&df.max_acc_drop) {
+            return Err(Error::invalid("defense.max_acc_drop", "must be in [0, 1]"));
+        }
+        if df.criteria.is_empty() {
+            return Err(Error::invalid("defense.criteria", "must name at least one"));
+        }
+        let s = &df.synthetic;
+        if s.steps == 0 || s.images == 0 {
+            return Err(Error::invalid(
+                "defense.synthetic.steps",
+                "steps and images must be >= 1",
+            ));
+        }
+        if !(s.lr > 0.0) || s.lambda < 0.0 {
+            return Err(Error::invalid(
+                "defense.synthetic.lr",
+                "lr must be > 0 and lambda >= 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AttackSpec {
+    /// Checks the recipe on its own; [`AttackSpec::validate_for`] also checks
+    /// it against an image size and class count.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.rate) || self.rate.is_nan() {
+            return Err(Error::invalid(
+                "attack.rate",
+                format!("{} is outside [0, 1]", self.rate),
+            ));
+        }
+        match &self.trigger {
+            TriggerSpec::Patch { size, value, .. } => {
+                if *size < 1 {
+                    return Err(Error::invalid("attack.trigger.size", "must be >= 1"));
+                }
+                if !(0.0..=1.0).contains(value) {
+                    return Err(Error::invalid("attack.trigger.value", "must be in [0, 1]"));
+                }
+            }
+            TriggerSpec::Blend { alpha, .. } => {
+                if !(0.0..=1.0).contains(alpha) || alpha.is_nan() {
+                    return Err(Error::invalid("attack.trigger.alpha", "must be in [0, 1]"));
+                }
+            }
+        }
+        if self.target < 0 {
+            return Err(Error::invalid("attack.target", "must be >= 0"));
+        }
+        Ok(())
+    }
+
+    /// Checks the recipe against images of `h` x `w` pixels and `classes` labels.
+    pub fn validate_for(&self, h: i64, w: i64, classes: i64) -> Result<()> {
+        self.validate()?;
+        if self.target_mode == TargetMode::AllToOne && self.target >= classes {
+            return Err(Error::invalid(
+                "attack.target",
+                format!(
+                    "{} is not a class (the dataset has {classes} classes)",
+                    self.target
+                ),
+            ));
+        }
+        if let TriggerSpec::Patch { size, position, .. } = &self.trigger {
+            if *size > h || *size > w {
+                return Err(Error::invalid(
+                    "attack.trigger.size",
+                    format!("a {size}x{size} patch is bigger than the {h}x{w} image"),
+                ));
+            }
+            let (r, c) = position.top_left(*size, h, w);
+            if r < 0 || c < 0 || r + size > h || c + size > w {
+                return Err(Error::invalid(
+                    "attack.trigger.position",
+                    format!("a {size}x{size} patch at row {r}, col {c} does not fit in the {h}x{w} image"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [dataset]
+        kind = "mnist"
+        [attack]
+        rate = 0.1
+        target = 0
+        [attack.trigger]
+        kind = "patch"
+        size = 3
+        position = "bottom-right"
+    "#;
+
+    #[test]
+    fn parses_minimal_spec_with_defaults() {
+        let s = ExperimentSpec::from_toml_str(MIN).unwrap();
+        assert_eq!(s.model.arch, Arch::BadnetCnn);
+        assert_eq!(s.training.epochs, 6);
+        assert_eq!(s.defense.criteria.len(), 6);
+        let a = s.attack.unwrap();
+        assert_eq!(
+            a.trigger,
+            TriggerSpec::Patch {
+                size: 3,
+                position: PatchPosition::Corner(Corner::BottomRight),
+                pattern: PatchPattern::Solid,
+                value: 1.0
+            }
+        );
+    }
+
+    #[test]
+    fn explicit_row_col_position() {
+        let t = MIN.replace("position = \"bottom-right\"", "position = { row = 2, col = 5 }");
+        let s = ExperimentSpec::from_toml_str(&t).unwrap();
+        match s.attack.unwrap().trigger {
+            TriggerSpec::Patch { position, .. } => {
+                assert_eq!(position, PatchPosition::At { row: 2, col: 5 })
+            }
+            _ => panic!("expected patch"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let t = format!("{MIN}\n[training]\nepochz = 3\n");
+        let e = ExperimentSpec::from_toml_str(&t).unwrap_err().to_string();
+        assert!(e.contains("epochz"), "{e}");
+    }
+
+    #[test]
+    fn wrong_value_is_named() {
+        let t = MIN.replace("rate = 0.1", "rate = 1.5");
+        let e = ExperimentSpec::from_toml_str(&t).unwrap_err().to_string();
+        assert!(e.contains("attack.rate"), "{e}");
+        let t = format!("{MIN}\n[training]\noptimizer = \"rmsprop\"\n");
+        let e = ExperimentSpec::from_toml_str(&t).unwrap_err().to_string();
+        assert!(e.contains("rmsprop"), "{e}");
+    }
+
+    #[test]
+    fn trigger_bigger_than_image_and_bad_target_rejected() {
+        let s = ExperimentSpec::from_toml_str(MIN).unwrap();
+        let mut a = s.attack.unwrap();
+        assert!(a.validate_for(28, 28, 10).is_ok());
+        assert!(a
+            .validate_for(2, 2, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("attack.trigger.size"));
+        a.target = 10;
+        assert!(a
+            .validate_for(28, 28, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("attack.target"));
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let s = ExperimentSpec::from_toml_str(MIN).unwrap();
+        let again = ExperimentSpec::from_toml_str(&s.to_toml_string()).unwrap();
+        assert_eq!(s, again);
+    }
+}
