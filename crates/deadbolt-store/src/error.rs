@@ -1,0 +1,89 @@
+//! The one error type of the store.
+
+use uuid::Uuid;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Every failure of the metadata store and the artifact store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named row or object does not exist.
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    /// The request contradicts what is stored (e.g. a reused client_request_id
+    /// with a different spec).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The caller's lease on a job is gone: it expired and another worker took
+    /// the job, or the job was completed, failed or cancelled.
+    #[error("lease lost on job {job_id}")]
+    LeaseLost { job_id: Uuid },
+    /// An object's bytes do not hash to the recorded sha256.
+    #[error("checksum mismatch for {key}: expected sha256 {expected}, got {actual}")]
+    Checksum {
+        key: String,
+        expected: String,
+        actual: String,
+    },
+    /// An artifact name that could escape its prefix or is otherwise unusable.
+    #[error("invalid artifact key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    /// A value outside its allowed set or range.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// A store URL that names no supported backend.
+    #[error("unsupported store url {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("object store error: {0}")]
+    ObjectStore(#[from] object_store::Error),
+}
+
+impl StoreError {
+    pub fn not_found(what: &'static str, id: impl ToString) -> Self {
+        StoreError::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// True for NotFound (handy when mapping to gRPC codes).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// Maps a foreign-key violation (the run does not exist) to NotFound, a
+/// unique violation to Conflict, and passes everything else through.
+pub(crate) fn map_db(err: sqlx::Error, run_id: Option<Uuid>) -> StoreError {
+    if let sqlx::Error::Database(db) = &err {
+        match db.kind() {
+            sqlx::error::ErrorKind::ForeignKeyViolation => {
+                if let Some(id) = run_id {
+                    return StoreError::not_found("run", id);
+                }
+            }
+            sqlx::error::ErrorKind::UniqueViolation => {
+                return StoreError::Conflict(db.message().to_string());
+            }
+            sqlx::error::ErrorKind::CheckViolation => {
+                return StoreError::invalid("row", db.message().to_string());
+            }
+            _ => {}
+        }
+    }
+    StoreError::Database(err)
+}

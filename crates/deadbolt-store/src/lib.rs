@@ -1,0 +1,62 @@
+//! deadbolt-store: run metadata and artifacts.
+//!
+//! - [`MetadataStore`]: one async trait over the run metadata (runs, the
+//!   stage-job queue with leases, metrics, neuron statistics, pruning curves,
+//!   artifact records, progress events, API keys, dashboard views), with a
+//!   Postgres implementation ([`PgStore`]) and an embedded SQLite one
+//!   ([`SqliteStore`]); [`connect`] picks one from a URL.
+//! - [`ArtifactStore`]: artifacts in object storage (local filesystem or
+//!   S3-compatible), keyed `runs/<run_id>/<name>`, with sha256 checksums
+//!   verified on read.
+//!
+//! No libtorch here: services link this crate without the science.
+
+pub mod artifacts;
+pub mod error;
+pub mod metadata;
+pub mod model;
+pub mod postgres;
+pub mod sqlite;
+
+pub use artifacts::{
+    artifact_key, validate_name, ArtifactEntry, ArtifactRef, ArtifactStore, S3Options,
+};
+pub use error::{Result, StoreError};
+pub use metadata::{connect, MetadataStore};
+pub use model::*;
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// A reused client_request_id must carry the same spec.
+pub(crate) fn check_same_request(existing: &Run, new: &NewRun) -> Result<()> {
+    if existing.spec_json != new.spec_json || existing.name != new.name {
+        return Err(StoreError::Conflict(format!(
+            "client_request_id {:?} was already used for run {} with a different spec",
+            new.client_request_id.as_deref().unwrap_or_default(),
+            existing.id
+        )));
+    }
+    Ok(())
+}
+
+/// Groups view rows (ordered by criterion, k) into curves.
+pub(crate) fn push_curve_point(
+    out: &mut Vec<PruningCurve>,
+    criterion: String,
+    point: CurvePoint,
+    chosen: bool,
+) {
+    match out.last_mut() {
+        Some(c) if c.criterion == criterion => {}
+        _ => out.push(PruningCurve {
+            criterion,
+            points: Vec::new(),
+            chosen_k: None,
+        }),
+    }
+    let c = out.last_mut().expect("just pushed");
+    if chosen {
+        c.chosen_k = Some(point.k);
+    }
+    c.points.push(point);
+}

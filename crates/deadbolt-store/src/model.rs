@@ -1,0 +1,278 @@
+//! Domain types of the metadata store.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{Result, StoreError};
+
+/// Metric names that the `run_summary` view reads (any stage; the value at
+/// the highest step wins).
+pub mod metric_names {
+    pub const CLEAN_ACC: &str = "clean_acc";
+    pub const BACKDOORED_ACC: &str = "backdoored_acc";
+    pub const BACKDOORED_ASR: &str = "backdoored_asr";
+}
+
+/// Criterion whose chosen point the `run_summary` view reports.
+pub const HEADLINE_CRITERION: &str = "linf";
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident, $field:literal { $($variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(&self) -> &'static str {
+                match self { $($name::$variant => $s),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = StoreError;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    other => Err(StoreError::invalid($field, format!("unknown value {other:?}"))),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Lifecycle of a run.
+    RunStatus, "run.status" {
+        Queued => "queued",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
+
+impl RunStatus {
+    /// Succeeded, failed and cancelled runs do not change any more.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+}
+
+string_enum!(
+    /// Lifecycle of a stage job.
+    JobStatus, "job.status" {
+        Queued => "queued",
+        Leased => "leased",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
+
+/// A run to create. `client_request_id` makes creation idempotent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    pub client_request_id: Option<String>,
+    pub name: String,
+    pub spec_json: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Run {
+    pub id: Uuid,
+    pub client_request_id: Option<String>,
+    pub name: String,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub spec_json: Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A stage job to enqueue; one per (run_id, stage).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub run_id: Uuid,
+    pub stage: String,
+    pub payload: Value,
+    pub max_attempts: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub stage: String,
+    pub status: JobStatus,
+    pub payload: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    /// Leases taken so far (the current one included).
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub lease_token: Option<Uuid>,
+    pub leased_by: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub run_after: DateTime<Utc>,
+    pub progress: Option<f64>,
+    pub progress_message: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metric {
+    pub run_id: Uuid,
+    pub stage: String,
+    pub name: String,
+    pub step: i64,
+    pub value: f64,
+}
+
+/// One channel's statistic in one of the paper's four settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeuronStat {
+    pub layer: String,
+    /// "clean" or "backdoored".
+    pub model: String,
+    /// "clean" or "triggered".
+    pub input: String,
+    /// "l1", "l2", "linf" or "mean".
+    pub norm: String,
+    pub channel: i32,
+    pub value: f64,
+}
+
+impl NeuronStat {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !matches!(self.model.as_str(), "clean" | "backdoored") {
+            return Err(StoreError::invalid(
+                "neuron_stat.model",
+                format!("{:?} (expected clean or backdoored)", self.model),
+            ));
+        }
+        if !matches!(self.input.as_str(), "clean" | "triggered") {
+            return Err(StoreError::invalid(
+                "neuron_stat.input",
+                format!("{:?} (expected clean or triggered)", self.input),
+            ));
+        }
+        if !matches!(self.norm.as_str(), "l1" | "l2" | "linf" | "mean") {
+            return Err(StoreError::invalid(
+                "neuron_stat.norm",
+                format!("{:?} (expected l1, l2, linf or mean)", self.norm),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One point of a pruning sweep: `k` channels pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub k: i64,
+    pub acc: f64,
+    pub asr: f64,
+    pub ra: f64,
+}
+
+/// A criterion's sweep, points ordered by k, read from `pruning_curves_v`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PruningCurve {
+    pub criterion: String,
+    pub points: Vec<CurvePoint>,
+    /// k of the chosen operating point, when it lies on the curve.
+    pub chosen_k: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PruningChoice {
+    pub criterion: String,
+    pub point: CurvePoint,
+}
+
+/// An artifact as recorded in the metadata store (the checksum is the truth).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub run_id: Uuid,
+    pub name: String,
+    pub uri: String,
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunEvent {
+    /// Monotonic across the store.
+    pub seq: i64,
+    pub run_id: Uuid,
+    pub stage: String,
+    pub kind: String,
+    pub message: String,
+    pub progress: Option<f64>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A row of the `run_summary` view.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub id: Uuid,
+    pub name: String,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub clean_acc: Option<f64>,
+    pub backdoored_acc: Option<f64>,
+    pub backdoored_asr: Option<f64>,
+    /// The chosen point of the `linf` criterion.
+    pub linf: Option<CurvePoint>,
+}
+
+pub(crate) fn validate_job(job: &NewJob) -> Result<()> {
+    if job.stage.is_empty() {
+        return Err(StoreError::invalid("job.stage", "must not be empty"));
+    }
+    if job.max_attempts < 1 {
+        return Err(StoreError::invalid("job.max_attempts", "must be >= 1"));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_sha256(sha: &str) -> Result<()> {
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(StoreError::invalid(
+            "artifact.sha256",
+            format!("{sha:?} is not a hex sha256"),
+        ));
+    }
+    Ok(())
+}
+
+/// sha256 of `data` as lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+pub(crate) fn new_api_key() -> String {
+    format!("dbk_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+}
+
+pub(crate) fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}

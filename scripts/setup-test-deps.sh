@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the test suites need beyond scripts/setup.sh, idempotently:
+#   - moto_server (PyPI moto[server]), the S3-compatible server that the
+#     deadbolt-store artifact tests start on loopback.
+# Prints nothing on a second run.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=env.sh
+source "$here/env.sh"
+
+if [ ! -x "$DEADBOLT_VENV/bin/moto_server" ]; then
+  echo "setup-test-deps: installing moto[server] into $DEADBOLT_VENV" >&2
+  if [ ! -x "$DEADBOLT_VENV/bin/python" ]; then
+    python3 -m venv "$DEADBOLT_VENV"
+  fi
+  "$DEADBOLT_VENV/bin/pip" install --quiet "moto[server]>=5,<6"
+fi
