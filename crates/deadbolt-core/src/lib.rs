@@ -1,6 +1,18 @@
 //! deadbolt-core: the science of deadbolt, on libtorch (tch). No networking.
+//!
+//! Data ([`data`]), triggers ([`trigger`]) and poisoning ([`poison`]),
+//! models ([`model`]), training ([`train`]) and evaluation ([`eval`]).
 
+pub mod data;
+pub mod device;
 pub mod error;
+pub mod eval;
+pub mod model;
+pub mod paths;
+pub mod poison;
+pub mod progress;
 pub mod spec;
+pub mod train;
+pub mod trigger;
 
 pub use error::{Error, Result};

@@ -1,0 +1,84 @@
+//! The BadNets CNN: conv(C→16, 5) → ReLU → maxpool 2 → conv(16→32, 5) → ReLU
+//! → maxpool 2 → fc(→512) → ReLU → fc(→classes). Parameter names `conv1`,
+//! `conv2`, `fc1`, `fc2` as in the PyTorch module.
+
+use tch::{nn, nn::Module, Tensor};
+
+use super::{LayerInfo, Network};
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub struct BadNetCnn {
+    pub conv1: nn::Conv2D,
+    pub conv2: nn::Conv2D,
+    pub fc1: nn::Linear,
+    pub fc2: nn::Linear,
+}
+
+const STAGES: [&str; 5] = ["conv1", "pool1", "conv2", "pool2", "classifier"];
+
+impl BadNetCnn {
+    pub fn new(vs: &nn::Path, c: i64, h: i64, w: i64, classes: i64) -> Result<Self> {
+        // spatial size after conv5 → pool2 → conv5 → pool2
+        let side = |s: i64| ((s - 4) / 2 - 4) / 2;
+        let (fh, fw) = (side(h), side(w));
+        if fh < 1 || fw < 1 {
+            return Err(Error::invalid(
+                "model.arch",
+                format!("badnet-cnn needs images of at least 16x16, got {h}x{w}"),
+            ));
+        }
+        Ok(BadNetCnn {
+            conv1: nn::conv2d(vs / "conv1", c, 16, 5, Default::default()),
+            conv2: nn::conv2d(vs / "conv2", 16, 32, 5, Default::default()),
+            fc1: nn::linear(vs / "fc1", 32 * fh * fw, 512, Default::default()),
+            fc2: nn::linear(vs / "fc2", 512, classes, Default::default()),
+        })
+    }
+}
+
+impl Network for BadNetCnn {
+    fn stages(&self) -> &[&'static str] {
+        &STAGES
+    }
+
+    fn run_stage(&self, i: usize, x: &Tensor, _train: bool) -> Tensor {
+        match i {
+            0 => self.conv1.forward(x).relu(),
+            1 | 3 => x.max_pool2d_default(2),
+            2 => self.conv2.forward(x).relu(),
+            _ => self
+                .fc2
+                .forward(&self.fc1.forward(&x.flatten(1, -1)).relu()),
+        }
+    }
+
+    fn prunable(&self) -> Vec<LayerInfo> {
+        vec![
+            LayerInfo {
+                name: "conv1".into(),
+                channels: 16,
+            },
+            LayerInfo {
+                name: "conv2".into(),
+                channels: 32,
+            },
+        ]
+    }
+
+    fn default_layer(&self) -> &'static str {
+        "conv2"
+    }
+
+    fn bake_mask(&self, layer: &str, keep: &Tensor) {
+        // relu(0 * x + 0) = 0: zeroing a channel's filter and bias zeroes it.
+        let conv = if layer == "conv1" { &self.conv1 } else { &self.conv2 };
+        let keep = keep.to_device(conv.ws.device());
+        let mut ws = conv.ws.shallow_clone();
+        let _ = ws.g_mul_(&keep.view([-1, 1, 1, 1]));
+        if let Some(b) = &conv.bs {
+            let mut b = b.shallow_clone();
+            let _ = b.g_mul_(&keep);
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Progress reporting, decoupled from how it is shown (a terminal bar, a
+//! gRPC stream, a job heartbeat).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub trait Progress: Send + Sync {
+    /// A new phase with `total` units of work.
+    fn start(&self, _phase: &str, _total: u64) {}
+    /// `n` more units done.
+    fn inc(&self, _n: u64) {}
+    /// The phase is over.
+    fn finish(&self, _message: &str) {}
+    /// Whether the work should stop (checked between batches).
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Reports nothing.
+pub struct Silent;
+impl Progress for Silent {}
+
+/// A cancellation flag shared with whoever may cancel.
+#[derive(Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
