@@ -14,5 +14,6 @@ pub mod progress;
 pub mod spec;
 pub mod train;
 pub mod trigger;
+pub mod workflow;
 
 pub use error::{Error, Result};

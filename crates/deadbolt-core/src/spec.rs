@@ -558,6 +558,31 @@ impl ExperimentSpec {
 }
 
 impl AttackSpec {
+    /// An attack from TOML: a whole spec with an `[attack]` table, a file
+    /// with only the `[attack]` table, or the attack's keys at top level.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Only {
+            attack: AttackSpec,
+        }
+        let value: toml::Table =
+            toml::from_str(text).map_err(|e| Error::Spec(e.message().to_string()))?;
+        let attack = if value.contains_key("dataset") {
+            ExperimentSpec::from_toml_str(text)?
+                .attack
+                .ok_or_else(|| Error::invalid("attack", "the spec has no [attack] table"))?
+        } else if value.contains_key("attack") {
+            toml::from_str::<Only>(text)
+                .map_err(|e| Error::Spec(e.message().to_string()))?
+                .attack
+        } else {
+            toml::from_str::<AttackSpec>(text).map_err(|e| Error::Spec(e.message().to_string()))?
+        };
+        attack.validate()?;
+        Ok(attack)
+    }
+
     /// Checks the recipe on its own; [`AttackSpec::validate_for`] also checks
     /// it against an image size and class count.
     pub fn validate(&self) -> Result<()> {
