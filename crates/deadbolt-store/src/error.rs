@@ -87,3 +87,67 @@ pub(crate) fn map_db(err: sqlx::Error, run_id: Option<Uuid>) -> StoreError {
     }
     StoreError::Database(err)
 }
+
+/// The one place where store errors become gRPC statuses.
+impl From<StoreError> for tonic::Status {
+    fn from(e: StoreError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            StoreError::NotFound { .. } => Code::NotFound,
+            StoreError::Conflict(_) => Code::AlreadyExists,
+            StoreError::LeaseLost { .. } => Code::Aborted,
+            StoreError::Checksum { .. } => Code::DataLoss,
+            StoreError::InvalidKey { .. } | StoreError::Invalid { .. } => Code::InvalidArgument,
+            StoreError::InvalidUrl { .. } => Code::FailedPrecondition,
+            StoreError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+            ) => Code::Unavailable,
+            StoreError::Database(_) | StoreError::Migrate(_) | StoreError::ObjectStore(_) => {
+                Code::Internal
+            }
+        };
+        if code == Code::Internal || code == Code::Unavailable {
+            tracing::error!(error = %e, "store error");
+        }
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_to_grpc_codes() {
+        use tonic::{Code, Status};
+        let id = Uuid::nil();
+        let cases = [
+            (StoreError::not_found("run", id), Code::NotFound),
+            (StoreError::Conflict("x".into()), Code::AlreadyExists),
+            (StoreError::LeaseLost { job_id: id }, Code::Aborted),
+            (
+                StoreError::Checksum {
+                    key: "k".into(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                Code::DataLoss,
+            ),
+            (StoreError::invalid("f", "m"), Code::InvalidArgument),
+            (
+                StoreError::Database(sqlx::Error::PoolTimedOut),
+                Code::Unavailable,
+            ),
+            (
+                StoreError::Database(sqlx::Error::RowNotFound),
+                Code::Internal,
+            ),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{msg}");
+            assert_eq!(s.message(), msg);
+        }
+    }
+}

@@ -147,10 +147,13 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 /// Opens the metadata store named by `url` and runs its migrations:
 /// `postgres://...` / `postgresql://...` → [`crate::PgStore`];
 /// `sqlite://path` (or `sqlite:path`) → [`crate::SqliteStore`], a file created
-/// when missing, in WAL mode with foreign keys on.
+/// when missing, in WAL mode with foreign keys on; `sqlite::memory:` → a
+/// private in-memory database.
 pub async fn connect(url: &str) -> Result<Arc<dyn MetadataStore>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(crate::PgStore::connect(url).await?))
+    } else if url == "sqlite::memory:" {
+        Ok(Arc::new(crate::SqliteStore::in_memory().await?))
     } else if let Some(path) = url.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         let path = path.split('?').next().unwrap_or_default();

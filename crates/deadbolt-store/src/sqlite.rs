@@ -156,6 +156,23 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// A private in-memory database (one connection, gone when dropped), for
+    /// tests of code that needs a metadata store.
+    pub async fn in_memory() -> Result<Self> {
+        let opts = SqliteConnectOptions::new()
+            .in_memory(true)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
     /// The underlying pool (for ad-hoc dashboard queries and tests).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool

@@ -689,6 +689,31 @@ async fn sqlite_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_in_memory_suite() {
+    let store = connect("sqlite::memory:").await.unwrap();
+    assert_eq!(store.backend(), "sqlite");
+    run_suite(store).await;
+}
+
+#[tokio::test]
+async fn bad_urls_are_rejected() {
+    for url in ["mysql://x/y", "sqlite://", "/no/scheme.db"] {
+        assert!(
+            matches!(connect(url).await, Err(StoreError::InvalidUrl { .. })),
+            "{url}"
+        );
+    }
+    // sqlite:path (no slashes) works too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rel.db");
+    let store = connect(&format!("sqlite:{}", path.display()))
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+    assert!(path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_suite() {
     let admin_url = std::env::var("DEADBOLT_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
