@@ -1,0 +1,97 @@
+//! Analysis of a (possibly backdoored) model: per-channel activation
+//! statistics in the paper's four settings ([`stats`]), Grad-CAM
+//! ([`gradcam`]) and Neural Cleanse-style trigger reverse engineering
+//! ([`reverse`]).
+
+pub mod gradcam;
+pub mod reverse;
+pub mod stats;
+
+use serde::{Deserialize, Serialize};
+
+/// The paper's four settings: {clean, backdoored} model x {clean, triggered} input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Setting {
+    CleanModelCleanInput,
+    CleanModelTriggeredInput,
+    BackdooredModelCleanInput,
+    BackdooredModelTriggeredInput,
+}
+
+impl Setting {
+    pub const ALL: [Setting; 4] = [
+        Setting::CleanModelCleanInput,
+        Setting::CleanModelTriggeredInput,
+        Setting::BackdooredModelCleanInput,
+        Setting::BackdooredModelTriggeredInput,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Setting::CleanModelCleanInput => "clean-model-clean-input",
+            Setting::CleanModelTriggeredInput => "clean-model-triggered-input",
+            Setting::BackdooredModelCleanInput => "backdoored-model-clean-input",
+            Setting::BackdooredModelTriggeredInput => "backdoored-model-triggered-input",
+        }
+    }
+
+    /// Short human label for figures.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Setting::CleanModelCleanInput => "clean model / clean input",
+            Setting::CleanModelTriggeredInput => "clean model / triggered input",
+            Setting::BackdooredModelCleanInput => "backdoored model / clean input",
+            Setting::BackdooredModelTriggeredInput => "backdoored model / triggered input",
+        }
+    }
+
+    pub fn backdoored_model(&self) -> bool {
+        matches!(
+            self,
+            Setting::BackdooredModelCleanInput | Setting::BackdooredModelTriggeredInput
+        )
+    }
+
+    pub fn triggered_input(&self) -> bool {
+        matches!(
+            self,
+            Setting::CleanModelTriggeredInput | Setting::BackdooredModelTriggeredInput
+        )
+    }
+}
+
+/// Median of a slice (NaNs sorted last); 0 for an empty slice.
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Median absolute deviation from the median (unscaled).
+pub fn mad(values: &[f64]) -> f64 {
+    let m = median(values);
+    let dev: Vec<f64> = values.iter().map(|v| (v - m).abs()).collect();
+    median(&dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_mad() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(mad(&[1.0, 2.0, 3.0, 4.0, 100.0]), 1.0);
+    }
+}
