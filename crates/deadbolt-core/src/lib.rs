@@ -3,6 +3,7 @@
 //! Data ([`data`]), triggers ([`trigger`]) and poisoning ([`poison`]),
 //! models ([`model`]), training ([`train`]) and evaluation ([`eval`]).
 
+pub mod analysis;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod eval;
 pub mod model;
 pub mod paths;
 pub mod poison;
+pub mod prune;
 pub mod progress;
 pub mod spec;
 pub mod train;
