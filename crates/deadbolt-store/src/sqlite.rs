@@ -4,7 +4,8 @@
 //! UTC text (`YYYY-MM-DDTHH:MM:SS.ffffffZ`), so times compare correctly as
 //! text. Leasing is a single `UPDATE ... WHERE id = (SELECT ... LIMIT 1)
 //! RETURNING *`: SQLite takes the write lock when such a statement starts, so
-//! two leasers can never pick the same job.
+//! two leasers can never pick the same job. Multi-statement writes use
+//! `BEGIN IMMEDIATE`.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -178,6 +179,13 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// A write transaction that takes the write lock up front (BEGIN
+    /// IMMEDIATE), so it waits on busy_timeout instead of failing with
+    /// SQLITE_BUSY when it upgrades from a read.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     async fn fetch_job(&self, id: Uuid) -> Result<Option<Job>> {
         sqlx::query("SELECT * FROM stage_jobs WHERE id = ?")
             .bind(id.to_string())
@@ -280,7 +288,7 @@ impl MetadataStore for SqliteStore {
 
     async fn cancel_run(&self, id: Uuid) -> Result<Run> {
         let now = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let exists = sqlx::query("SELECT 1 FROM runs WHERE id = ?")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
@@ -545,7 +553,7 @@ impl MetadataStore for SqliteStore {
         for r in rows {
             r.validate()?;
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for r in rows {
             sqlx::query(
                 "INSERT INTO neuron_stats (run_id, layer, model, input, norm, channel, value) \
@@ -596,7 +604,7 @@ impl MetadataStore for SqliteStore {
         criterion: &str,
         points: &[CurvePoint],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for p in points {
             sqlx::query(
                 "INSERT INTO pruning_curves (run_id, criterion, k, acc, asr, ra) \

@@ -273,19 +273,28 @@ async fn lease_expiry_and_relase(s: Store) {
     let run = new_run(&s, "expiry").await;
     let job = enqueue(&s, run.id, &st, 3).await;
     let short = Duration::from_millis(300);
-    let a = s.lease_job("w1", &stages, short).await.unwrap().unwrap();
+    let a = s
+        .lease_job("w1", &stages, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(a.id, job.id);
     let tok_a = a.lease_token.unwrap();
     // Held: nobody else gets it.
     assert!(s.lease_job("w2", &stages, short).await.unwrap().is_none());
-    // Heartbeat extends and records progress.
+    // Heartbeat renews the lease (here: shortens it) and records progress.
+    let hb = s
+        .heartbeat(job.id, tok_a, Duration::from_secs(10), None)
+        .await
+        .unwrap();
+    assert!(hb.lease_expires_at.unwrap() > a.lease_expires_at.unwrap());
     let hb = s
         .heartbeat(job.id, tok_a, short, Some((0.25, "epoch 1/4".into())))
         .await
         .unwrap();
     assert_eq!(hb.progress, Some(0.25));
     assert_eq!(hb.progress_message.as_deref(), Some("epoch 1/4"));
-    assert!(hb.lease_expires_at.unwrap() >= a.lease_expires_at.unwrap());
+    assert_eq!(hb.lease_token, Some(tok_a));
     // Let the lease lapse: another worker takes the job with a new token.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let b = s
@@ -334,7 +343,7 @@ async fn retries_with_backoff_then_fail(s: Store) {
             job.id,
             a.lease_token.unwrap(),
             "oom",
-            Duration::from_millis(400),
+            Duration::from_secs(1),
         )
         .await
         .unwrap();
@@ -343,7 +352,7 @@ async fn retries_with_backoff_then_fail(s: Store) {
     assert!(f.lease_token.is_none());
     // Backing off: not runnable yet.
     assert!(s.lease_job("w", &stages, lease).await.unwrap().is_none());
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let b = s.lease_job("w", &stages, lease).await.unwrap().unwrap();
     assert_eq!(b.attempts, 2);
     let f = s
@@ -646,6 +655,58 @@ async fn cancel(s: Store) {
     );
 }
 
+async fn concurrent_writers(s: Store) {
+    // Many writers at once must neither fail (e.g. SQLITE_BUSY) nor lose rows.
+    let run = new_run(&s, "writers").await;
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for step in 0..10 {
+                    s.record_metric(run.id, "train", &format!("loss-{w}"), step, 0.5)
+                        .await
+                        .unwrap();
+                    s.append_event(run.id, "train", "progress", "step", None)
+                        .await
+                        .unwrap();
+                }
+                let stats: Vec<NeuronStat> = (0..8)
+                    .map(|c| NeuronStat {
+                        layer: format!("layer-{w}"),
+                        model: "clean".into(),
+                        input: "clean".into(),
+                        norm: "l2".into(),
+                        channel: c,
+                        value: 1.0,
+                    })
+                    .collect();
+                s.put_neuron_stats(run.id, &stats).await.unwrap();
+                let pts: Vec<CurvePoint> = (0..8)
+                    .map(|k| CurvePoint {
+                        k,
+                        acc: 0.9,
+                        asr: 0.1,
+                        ra: 0.5,
+                    })
+                    .collect();
+                s.put_pruning_curve(run.id, &format!("c{w}"), &pts)
+                    .await
+                    .unwrap();
+                s.cancel_run(run.id).await.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.list_metrics(run.id).await.unwrap().len(), 80);
+    assert_eq!(s.list_neuron_stats(run.id).await.unwrap().len(), 64);
+    assert_eq!(s.list_pruning_curves(run.id).await.unwrap().len(), 8);
+    let events = s.list_events(run.id, 0).await.unwrap();
+    assert_eq!(events.len(), 80);
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
 /// Runs every case against one store.
 async fn run_suite(s: Store) {
     macro_rules! case {
@@ -673,6 +734,7 @@ async fn run_suite(s: Store) {
     case!(events_are_ordered);
     case!(api_keys);
     case!(cancel);
+    case!(concurrent_writers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
