@@ -10,6 +10,23 @@
 //!   verified on read.
 //!
 //! No libtorch here: services link this crate without the science.
+//!
+//! Conventions the dashboards rely on:
+//! - the `run_summary` view reads metrics named [`metric_names::CLEAN_ACC`],
+//!   [`metric_names::BACKDOORED_ACC`] and [`metric_names::BACKDOORED_ASR`]
+//!   (any stage, highest step wins) and the chosen point of criterion
+//!   [`HEADLINE_CRITERION`] (`linf`);
+//! - criterion names are the spec's (`linf`, `l1`, `l2`, `linf-diff`,
+//!   `fine-pruning`, `random`);
+//! - a worker that must resume after a crash records its latest checkpoint
+//!   as an artifact (upsert on (run, name)) and reads it back when it leases
+//!   the job again (`attempts > 1`).
+//!
+//! Tests: `cargo test -p deadbolt-store` runs the metadata suite on SQLite
+//! (file and in-memory) and on a fresh Postgres database
+//! (`DEADBOLT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! and the artifact suite on the filesystem and on `moto_server`
+//! (`scripts/setup-test-deps.sh` installs it).
 
 pub mod artifacts;
 pub mod error;
