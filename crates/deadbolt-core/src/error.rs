@@ -36,6 +36,16 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<deadbolt_spec::Error> for Error {
+    fn from(e: deadbolt_spec::Error) -> Self {
+        match e {
+            deadbolt_spec::Error::Io { path, source } => Error::Io { path, source },
+            deadbolt_spec::Error::Spec(m) => Error::Spec(m),
+            deadbolt_spec::Error::Invalid { field, message } => Error::Invalid { field, message },
+        }
+    }
+}
+
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {

@@ -13,9 +13,11 @@ pub mod paths;
 pub mod poison;
 pub mod prune;
 pub mod progress;
-pub mod spec;
+
 pub mod train;
 pub mod trigger;
 pub mod workflow;
 
 pub use error::{Error, Result};
+/// Experiment specifications (re-exported from `deadbolt-spec`).
+pub use deadbolt_spec as spec;

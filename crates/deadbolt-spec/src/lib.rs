@@ -1,4 +1,6 @@
 //! Experiment specifications: the TOML files users write (`examples/*.toml`).
+//! A crate of its own so that services which only validate specs (the
+//! gateway) do not link libtorch.
 //!
 //! Every struct denies unknown keys, and [`ExperimentSpec::validate`] checks
 //! values, so a bad spec is rejected with the name of the offending key.
@@ -6,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+pub mod error;
+
+pub use error::{Error, Result};
 
 /// A whole experiment: data, model, attack, training and defense.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
