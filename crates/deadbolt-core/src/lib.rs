@@ -8,16 +8,18 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod model;
 pub mod paths;
+pub mod plot;
 pub mod poison;
-pub mod prune;
 pub mod progress;
-
+pub mod prune;
+pub mod report;
 pub mod train;
 pub mod trigger;
 pub mod workflow;
 
-pub use error::{Error, Result};
 /// Experiment specifications (re-exported from `deadbolt-spec`).
 pub use deadbolt_spec as spec;
+pub use error::{Error, Result};

@@ -337,7 +337,11 @@ pub struct OperatingPoint {
 
 /// Chooses `k` on a validation curve (see the module docs). The curve must
 /// contain `k = 0`.
-pub fn choose_k(curve: &[CurvePoint], target_asr: f64, max_acc_drop: f64) -> Result<OperatingPoint> {
+pub fn choose_k(
+    curve: &[CurvePoint],
+    target_asr: f64,
+    max_acc_drop: f64,
+) -> Result<OperatingPoint> {
     let base = curve
         .iter()
         .find(|p| p.k == 0)
@@ -417,13 +421,20 @@ mod tests {
         rnd.sort();
         assert_eq!(rnd, [0, 1, 2, 3]);
         let other = stats("m", vec![1.0; 4], vec![0.0; 4]);
-        let e = rank(Criterion::Linf, &clean, &other, 0).unwrap_err().to_string();
+        let e = rank(Criterion::Linf, &clean, &other, 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("layer l") && e.contains("layer m"), "{e}");
     }
 
     #[test]
     fn choose_k_rules() {
-        let p = |k, acc, asr| CurvePoint { k, acc, asr, ra: 0.0 };
+        let p = |k, acc, asr| CurvePoint {
+            k,
+            acc,
+            asr,
+            ra: 0.0,
+        };
         let curve = vec![
             p(0, 0.98, 1.0),
             p(1, 0.98, 0.5),
@@ -484,7 +495,8 @@ mod tests {
         // the pruned copy saved and reloaded gives the same output without a mask
         let p = pruned_model(&m, "conv2", &order, 0).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        p.save(dir.path(), &crate::model::CheckpointMeta::new(&p.info)).unwrap();
+        p.save(dir.path(), &crate::model::CheckpointMeta::new(&p.info))
+            .unwrap();
         let (back, _) = Model::load(dir.path(), Device::Cpu).unwrap();
         assert!(back.mask("conv2").is_none());
         let again = tch::no_grad(|| back.forward_t(&d.images, false));
@@ -498,16 +510,26 @@ mod tests {
         let e = cache_features(&m, "conv9", &d, &t).unwrap_err().to_string();
         assert!(e.contains("conv9"), "{e}");
         let cache = cache_features(&m, "conv2", &d, &t).unwrap();
-        let e = sweep_cached(&m, &cache, &order, &[33]).unwrap_err().to_string();
+        let e = sweep_cached(&m, &cache, &order, &[33])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("33") && e.contains("conv2"), "{e}");
-        let e = sweep_cached(&m, &cache, &[0, 40], &[1]).unwrap_err().to_string();
+        let e = sweep_cached(&m, &cache, &[0, 40], &[1])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("40"), "{e}");
-        let e = sweep_cached(&m, &cache, &[3, 3], &[1]).unwrap_err().to_string();
+        let e = sweep_cached(&m, &cache, &[3, 3], &[1])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("twice"), "{e}");
-        let e = pruned_model(&m, "conv2", &order, 40).unwrap_err().to_string();
+        let e = pruned_model(&m, "conv2", &order, 40)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("40"), "{e}");
         let empty = d.select_vec(&[]);
-        let e = cache_features(&m, "conv2", &empty, &t).unwrap_err().to_string();
+        let e = cache_features(&m, "conv2", &empty, &t)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
         let e = sweep_naive(&mut m, "conv2", &empty, &t, &order, &[0]).unwrap_err();
         assert!(matches!(e, Error::EmptyDataset(_)), "{e}");

@@ -26,7 +26,12 @@ pub struct GradCam {
 
 /// Grad-CAM of `layer` for `images` (`[N, C, H, W]`), explaining `classes`
 /// (`[N]`) or, when `None`, the predicted class.
-pub fn gradcam(model: &Model, layer: &str, images: &Tensor, classes: Option<&Tensor>) -> Result<GradCam> {
+pub fn gradcam(
+    model: &Model,
+    layer: &str,
+    images: &Tensor,
+    classes: Option<&Tensor>,
+) -> Result<GradCam> {
     model.layer(layer)?;
     let dims = images.size();
     if dims.len() != 4 {
@@ -37,7 +42,9 @@ pub fn gradcam(model: &Model, layer: &str, images: &Tensor, classes: Option<&Ten
     }
     let (n, h, w) = (dims[0], dims[2], dims[3]);
     if n == 0 {
-        return Err(Error::EmptyDataset(format!("no images for the Grad-CAM of layer {layer}")));
+        return Err(Error::EmptyDataset(format!(
+            "no images for the Grad-CAM of layer {layer}"
+        )));
     }
     if let Some(c) = classes {
         if c.size() != [n] {
@@ -50,7 +57,10 @@ pub fn gradcam(model: &Model, layer: &str, images: &Tensor, classes: Option<&Ten
         if lo < 0 || hi >= model.info.classes {
             return Err(Error::invalid(
                 "classes",
-                format!("class out of range {lo}..={hi} ({} classes)", model.info.classes),
+                format!(
+                    "class out of range {lo}..={hi} ({} classes)",
+                    model.info.classes
+                ),
             ));
         }
     }
@@ -64,7 +74,10 @@ pub fn gradcam(model: &Model, layer: &str, images: &Tensor, classes: Option<&Ten
         if feats.dim() != 4 {
             return Err(Error::invalid(
                 "layer",
-                format!("Grad-CAM needs a spatial layer; {layer} gives {:?}", feats.size()),
+                format!(
+                    "Grad-CAM needs a spatial layer; {layer} gives {:?}",
+                    feats.size()
+                ),
             ));
         }
         let a = feats.detach().set_requires_grad(true);
@@ -102,7 +115,10 @@ pub fn mass_in_region(heat: &Tensor, region: (i64, i64, i64, i64)) -> Result<Vec
     let (r, c, rh, rw) = region;
     let d = heat.size();
     if d.len() != 3 {
-        return Err(Error::invalid("heat", format!("expected [N, H, W], got {d:?}")));
+        return Err(Error::invalid(
+            "heat",
+            format!("expected [N, H, W], got {d:?}"),
+        ));
     }
     if r < 0 || c < 0 || rh < 1 || rw < 1 || r + rh > d[1] || c + rw > d[2] {
         return Err(Error::invalid(
@@ -111,10 +127,11 @@ pub fn mass_in_region(heat: &Tensor, region: (i64, i64, i64, i64)) -> Result<Vec
         ));
     }
     let total = heat.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double);
-    let inside = heat
-        .narrow(1, r, rh)
-        .narrow(2, c, rw)
-        .sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double);
+    let inside = heat.narrow(1, r, rh).narrow(2, c, rw).sum_dim_intlist(
+        [1i64, 2].as_slice(),
+        false,
+        Kind::Double,
+    );
     let t = Vec::<f64>::try_from(total.to_device(Device::Cpu))?;
     let i = Vec::<f64>::try_from(inside.to_device(Device::Cpu))?;
     Ok(t.iter()
@@ -135,7 +152,10 @@ pub struct RegionMass {
 }
 
 pub fn mean_mass_in_region(heat: &Tensor, region: (i64, i64, i64, i64)) -> Result<RegionMass> {
-    let shares: Vec<f64> = mass_in_region(heat, region)?.into_iter().flatten().collect();
+    let shares: Vec<f64> = mass_in_region(heat, region)?
+        .into_iter()
+        .flatten()
+        .collect();
     let d = heat.size();
     Ok(RegionMass {
         mass_in_region: if shares.is_empty() {
@@ -205,9 +225,15 @@ mod tests {
         )
         .unwrap();
         let x = Tensor::rand([2, 1, 16, 16], (Kind::Float, Device::Cpu));
-        assert!(gradcam(&m, "nope", &x, None).unwrap_err().to_string().contains("nope"));
+        assert!(gradcam(&m, "nope", &x, None)
+            .unwrap_err()
+            .to_string()
+            .contains("nope"));
         let bad = Tensor::from_slice(&[0i64, 7]);
-        assert!(gradcam(&m, "conv2", &x, Some(&bad)).unwrap_err().to_string().contains("classes"));
+        assert!(gradcam(&m, "conv2", &x, Some(&bad))
+            .unwrap_err()
+            .to_string()
+            .contains("classes"));
         assert!(gradcam(&m, "conv2", &x.narrow(0, 0, 0), None).is_err());
         let h = Tensor::ones([1, 4, 4], (Kind::Float, Device::Cpu));
         assert!(mass_in_region(&h, (3, 3, 2, 2)).is_err());

@@ -84,7 +84,13 @@ impl Reversed {
                 .anomaly_index
                 .iter()
                 .enumerate()
-                .fold((0usize, f64::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b })
+                .fold((0usize, f64::NEG_INFINITY), |b, (i, v)| {
+                    if *v > b.1 {
+                        (i, *v)
+                    } else {
+                        b
+                    }
+                })
                 .0 as i64
         });
         (label, &self.triggers[label as usize])
@@ -321,7 +327,10 @@ pub fn save_trigger(trigger: &Trigger, path: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     Tensor::write_safetensors(
-        &[("mask", &trigger.mask.to_device(Device::Cpu)), ("pattern", &trigger.pattern.to_device(Device::Cpu))],
+        &[
+            ("mask", &trigger.mask.to_device(Device::Cpu)),
+            ("pattern", &trigger.pattern.to_device(Device::Cpu)),
+        ],
         path,
     )
     .map_err(|e| Error::checkpoint(path, e.to_string()))
@@ -329,7 +338,8 @@ pub fn save_trigger(trigger: &Trigger, path: &std::path::Path) -> Result<()> {
 
 /// Loads a trigger written by [`save_trigger`].
 pub fn load_trigger(path: &std::path::Path) -> Result<Trigger> {
-    let named = Tensor::read_safetensors(path).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let named =
+        Tensor::read_safetensors(path).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     let find = |name: &str| {
         named
             .iter()
@@ -360,7 +370,10 @@ mod tests {
         let norms = [40.0, 42.0, 38.0, 41.0, 5.0, 39.0, 43.0, 40.0];
         let a = anomaly_indices(&norms);
         assert!(a[4] > 5.0, "{a:?}");
-        assert!(a.iter().enumerate().all(|(i, v)| i == 4 || *v < 2.0), "{a:?}");
+        assert!(
+            a.iter().enumerate().all(|(i, v)| i == 4 || *v < 2.0),
+            "{a:?}"
+        );
         assert_eq!(a[6], 0.0, "above the median is never anomalous");
         assert_eq!(anomaly_indices(&[3.0, 3.0, 3.0]), [0.0, 0.0, 0.0]);
     }
@@ -375,7 +388,11 @@ mod tests {
         let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
         for i in 0..n {
             let q = i % classes;
-            let _ = x.get(i).narrow(1, 2 + (q / 2) * 6, 5).narrow(2, 2 + (q % 2) * 6, 5).g_add_scalar_(0.7);
+            let _ = x
+                .get(i)
+                .narrow(1, 2 + (q / 2) * 6, 5)
+                .narrow(2, 2 + (q % 2) * 6, 5)
+                .g_add_scalar_(0.7);
         }
         let clean = Dataset::new(x, y, classes, "blobs").unwrap();
         let attack = Attack::for_dataset(
@@ -412,7 +429,10 @@ mod tests {
         };
         crate::train::train(&mut m, &poisoned.data, &ts, 0, 0, &Silent, |_, _| Ok(())).unwrap();
         let metrics = crate::eval::evaluate(&m, &clean, Some(&attack)).unwrap();
-        assert!(metrics.acc > 0.9 && metrics.asr.unwrap() > 0.9, "{metrics:?}");
+        assert!(
+            metrics.acc > 0.9 && metrics.asr.unwrap() > 0.9,
+            "{metrics:?}"
+        );
         let spec = SyntheticSpec {
             steps: 200,
             images: 64,
@@ -429,7 +449,10 @@ mod tests {
         save_trigger(&r.triggers[2], &p).unwrap();
         let back = load_trigger(&p).unwrap();
         assert!(back.mask.equal(&r.triggers[2].mask));
-        assert!(load_trigger(&dir.path().join("none")).unwrap_err().to_string().contains("none"));
+        assert!(load_trigger(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string()
+            .contains("none"));
     }
 
     #[test]
@@ -453,7 +476,8 @@ mod tests {
         .unwrap();
         let e = reverse_engineer(&m, &d, &SyntheticSpec::default(), &Silent).unwrap_err();
         assert!(e.to_string().contains("images"), "{e}");
-        let e = reverse_engineer(&m, &d.select_vec(&[]), &SyntheticSpec::default(), &Silent).unwrap_err();
+        let e = reverse_engineer(&m, &d.select_vec(&[]), &SyntheticSpec::default(), &Silent)
+            .unwrap_err();
         assert!(matches!(e, Error::EmptyDataset(_)), "{e}");
     }
 }

@@ -132,7 +132,12 @@ impl ActivationStats {
 
 /// Streams `images` through `model` up to `layer` in batches (no_grad, eval
 /// mode) and keeps the per-image, per-channel norms.
-pub fn collect(model: &Model, layer: &str, images: &Tensor, batch: usize) -> Result<ActivationStats> {
+pub fn collect(
+    model: &Model,
+    layer: &str,
+    images: &Tensor,
+    batch: usize,
+) -> Result<ActivationStats> {
     let info = model.layer(layer)?;
     let n = images.size().first().copied().unwrap_or(0);
     if n == 0 {
@@ -241,7 +246,10 @@ impl FourSettings {
             .map(|(s, st)| {
                 (
                     *s,
-                    Norm::ALL.into_iter().map(|n| (n, st.channel_means(n))).collect(),
+                    Norm::ALL
+                        .into_iter()
+                        .map(|n| (n, st.channel_means(n)))
+                        .collect(),
                 )
             })
             .collect()
@@ -266,7 +274,11 @@ pub struct Separation {
 
 /// Compares the channel means of a norm on triggered vs clean inputs.
 pub fn separation(clean: &ActivationStats, triggered: &ActivationStats, norm: Norm) -> Separation {
-    separation_of_means(&clean.channel_means(norm), &triggered.channel_means(norm), norm)
+    separation_of_means(
+        &clean.channel_means(norm),
+        &triggered.channel_means(norm),
+        norm,
+    )
 }
 
 /// [`separation`] from channel means.
@@ -278,11 +290,18 @@ pub fn separation_of_means(clean: &[f64], triggered: &[f64], norm: Norm) -> Sepa
         .zip(triggered)
         .map(|(c, t)| (t + eps) / (c + eps))
         .collect();
-    let (top_channel, max_ratio) = ratios
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, r)| if r > best.1 { (i, r) } else { best });
+    let (top_channel, max_ratio) =
+        ratios
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |best, (i, r)| {
+                if r > best.1 {
+                    (i, r)
+                } else {
+                    best
+                }
+            });
     let med = median(&ratios);
     let spread = 1.4826 * mad(&ratios);
     let outliers = ratios
@@ -365,7 +384,9 @@ mod tests {
         assert_eq!(s.channel_values(Norm::Linf, 2).len(), 7);
         let e = collect(&m, "fc9", &x, 3).unwrap_err().to_string();
         assert!(e.contains("fc9") && e.contains("conv2"), "{e}");
-        let e = collect(&m, "conv2", &x.narrow(0, 0, 0), 3).unwrap_err().to_string();
+        let e = collect(&m, "conv2", &x.narrow(0, 0, 0), 3)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
     }
 }
