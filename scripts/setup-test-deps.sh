@@ -15,3 +15,9 @@ if [ ! -x "$DEADBOLT_VENV/bin/moto_server" ]; then
   fi
   "$DEADBOLT_VENV/bin/pip" install --quiet "moto[server]>=5,<6"
 fi
+
+# kubernetes-validate (+ PyYAML) checks deploy/ offline (scripts/validate-deploy.sh).
+if [ ! -x "$DEADBOLT_VENV/bin/kubernetes-validate" ]; then
+  echo "setup-test-deps: installing kubernetes-validate into $DEADBOLT_VENV" >&2
+  "$DEADBOLT_VENV/bin/pip" install --quiet "kubernetes-validate>=1.30" pyyaml
+fi

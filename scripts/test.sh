@@ -10,5 +10,6 @@ cd "$root"
 scripts/setup.sh
 scripts/setup-test-deps.sh
 source scripts/env.sh
+scripts/validate-deploy.sh
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads "${DEADBOLT_TEST_THREADS:-2}"
