@@ -73,6 +73,9 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
         error: &str,
         backoff: Duration,
     ) -> Result<Job>;
+    /// Marks the job failed now, whatever attempts remain (errors that a
+    /// retry cannot fix, e.g. a corrupted input artifact).
+    async fn abort_job(&self, job_id: Uuid, lease_token: Uuid, error: &str) -> Result<Job>;
     async fn get_job(&self, id: Uuid) -> Result<Job>;
     /// Oldest first.
     async fn list_jobs(&self, run_id: Uuid) -> Result<Vec<Job>>;

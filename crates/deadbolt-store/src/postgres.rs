@@ -399,6 +399,27 @@ impl MetadataStore for PgStore {
         }
     }
 
+    async fn abort_job(&self, job_id: Uuid, lease_token: Uuid, error: &str) -> Result<Job> {
+        let row = sqlx::query(
+            "UPDATE stage_jobs SET status = 'failed', error = $1, lease_token = NULL, \
+             lease_expires_at = NULL, updated_at = now() \
+             WHERE id = $2 AND lease_token = $3 AND status = 'leased' RETURNING *",
+        )
+        .bind(error)
+        .bind(job_id)
+        .bind(lease_token)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => {
+                let j = job_from_row(&r)?;
+                tracing::warn!(job_id = %job_id, attempt = j.attempts, error, "job aborted");
+                Ok(j)
+            }
+            None => Err(self.lease_lost(job_id).await),
+        }
+    }
+
     async fn get_job(&self, id: Uuid) -> Result<Job> {
         self.fetch_job(id)
             .await?

@@ -489,6 +489,28 @@ impl MetadataStore for SqliteStore {
         }
     }
 
+    async fn abort_job(&self, job_id: Uuid, lease_token: Uuid, error: &str) -> Result<Job> {
+        let row = sqlx::query(
+            "UPDATE stage_jobs SET status = 'failed', error = ?, lease_token = NULL, \
+             lease_expires_at = NULL, updated_at = ? \
+             WHERE id = ? AND lease_token = ? AND status = 'leased' RETURNING *",
+        )
+        .bind(error)
+        .bind(now())
+        .bind(job_id.to_string())
+        .bind(lease_token.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => {
+                let j = job_from_row(&r)?;
+                tracing::warn!(job_id = %job_id, attempt = j.attempts, error, "job aborted");
+                Ok(j)
+            }
+            None => Err(self.lease_lost(job_id).await),
+        }
+    }
+
     async fn get_job(&self, id: Uuid) -> Result<Job> {
         self.fetch_job(id)
             .await?

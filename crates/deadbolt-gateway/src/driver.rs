@@ -1,0 +1,286 @@
+//! The per-run driver: calls the stage services in order, with retries.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use deadbolt_proto::v1 as pb;
+use deadbolt_proto::v1::analyzer_service_client::AnalyzerServiceClient;
+use deadbolt_proto::v1::poisoner_service_client::PoisonerServiceClient;
+use deadbolt_proto::v1::pruner_service_client::PrunerServiceClient;
+use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
+use deadbolt_runtime::config::ServiceKind;
+use deadbolt_runtime::server::balanced_channel;
+use deadbolt_runtime::{convert, stages, Shared};
+use deadbolt_spec::ExperimentSpec;
+use deadbolt_store::RunStatus;
+use tonic::transport::Channel;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::error::{retryable, GatewayError};
+
+/// Give up on a stage whose calls keep failing transiently for this long.
+pub const STAGE_RETRY_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// Clients of the four stage services (each over all configured addresses).
+#[derive(Clone)]
+pub struct Clients {
+    pub poisoner: PoisonerServiceClient<Channel>,
+    pub trainer: TrainerServiceClient<Channel>,
+    pub analyzer: AnalyzerServiceClient<Channel>,
+    pub pruner: PrunerServiceClient<Channel>,
+}
+
+impl Clients {
+    /// Must be called inside a tokio runtime.
+    pub fn from_config(c: &deadbolt_runtime::Config) -> anyhow::Result<Clients> {
+        let ch = |k: ServiceKind| balanced_channel(&c.peer_urls(k));
+        Ok(Clients {
+            poisoner: PoisonerServiceClient::new(ch(ServiceKind::Poisoner)?),
+            trainer: TrainerServiceClient::new(ch(ServiceKind::Trainer)?),
+            analyzer: AnalyzerServiceClient::new(ch(ServiceKind::Analyzer)?),
+            pruner: PrunerServiceClient::new(ch(ServiceKind::Pruner)?),
+        })
+    }
+}
+
+pub struct Driver {
+    pub shared: Shared,
+    pub clients: Clients,
+    pub run_id: Uuid,
+}
+
+impl Driver {
+    async fn event(&self, stage: &str, kind: &str, message: &str) {
+        if let Err(e) = self
+            .shared
+            .store
+            .append_event(self.run_id, stage, kind, message, None)
+            .await
+        {
+            tracing::warn!(run_id = %self.run_id, error = %e, "could not record event");
+        }
+    }
+
+    async fn check_cancelled(&self) -> Result<(), GatewayError> {
+        let run = self.shared.store.get_run(self.run_id).await?;
+        if run.status == RunStatus::Cancelled {
+            return Err(GatewayError::Cancelled(self.run_id));
+        }
+        Ok(())
+    }
+
+    /// Calls a stage until it succeeds, fails for good, or the run is cancelled.
+    async fn stage<T, F, Fut>(&self, stage: &str, mut call: F) -> Result<T, GatewayError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.check_cancelled().await?;
+        self.event(stage, "started", "").await;
+        let t0 = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match call().await {
+                Ok(r) => {
+                    let secs = t0.elapsed().as_secs_f64();
+                    tracing::info!(run_id = %self.run_id, stage, attempt, seconds = secs, "stage done");
+                    self.event(stage, "finished", &format!("{secs:.1} s")).await;
+                    return Ok(r.into_inner());
+                }
+                Err(s) => {
+                    self.check_cancelled().await?;
+                    if retryable(s.code()) && t0.elapsed() < STAGE_RETRY_WINDOW {
+                        let wait = Duration::from_millis((250u64 << attempt.min(4)).min(3000));
+                        tracing::warn!(run_id = %self.run_id, stage, attempt, code = ?s.code(), error = %s.message(), "stage call failed; retrying");
+                        self.event(stage, "retry", &format!("{:?}: {}", s.code(), s.message()))
+                            .await;
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    self.event(stage, "failed", &format!("{:?}: {}", s.code(), s.message()))
+                        .await;
+                    return Err(GatewayError::Stage {
+                        stage: stage.to_string(),
+                        status: s,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Drives the run to its end and records the outcome.
+    pub async fn run(self) {
+        let outcome = self.drive().await;
+        let store = &self.shared.store;
+        match outcome {
+            Ok(()) => {
+                self.event("run", "finished", "succeeded").await;
+                if let Err(e) = store.set_run_status(self.run_id, RunStatus::Succeeded, None).await {
+                    tracing::error!(run_id = %self.run_id, error = %e, "could not mark the run succeeded");
+                }
+                tracing::info!(run_id = %self.run_id, "run succeeded");
+            }
+            Err(GatewayError::Cancelled(_)) => {
+                self.event("run", "cancelled", "").await;
+                tracing::info!(run_id = %self.run_id, "run cancelled");
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.event("run", "failed", &msg).await;
+                if let Err(e) = store
+                    .set_run_status(self.run_id, RunStatus::Failed, Some(msg.clone()))
+                    .await
+                {
+                    tracing::error!(run_id = %self.run_id, error = %e, "could not mark the run failed");
+                }
+                tracing::warn!(run_id = %self.run_id, error = %msg, "run failed");
+            }
+        }
+    }
+
+    async fn drive(&self) -> Result<(), GatewayError> {
+        let store = &self.shared.store;
+        let run = store.get_run(self.run_id).await?;
+        if run.status.is_terminal() {
+            return Ok(());
+        }
+        let spec: ExperimentSpec = serde_json::from_value(run.spec_json)
+            .map_err(|e| GatewayError::BadSpec(e.to_string()))?;
+        if run.status != RunStatus::Running {
+            store
+                .set_run_status(self.run_id, RunStatus::Running, None)
+                .await?;
+            self.event("run", "status", "running").await;
+        }
+        let id = self.run_id.to_string();
+        let attack = spec.attack.as_ref().map(convert::attack_to_proto);
+        let c = &self.clients;
+
+        let poisoned = self
+            .stage(stages::DATA, || {
+                let mut cl = c.poisoner.clone();
+                let req = pb::PoisonRequest {
+                    run_id: id.clone(),
+                    dataset: Some(convert::dataset_ref(&spec.dataset)),
+                    attack: attack.clone(),
+                    seed: spec.attack.as_ref().map(|a| a.seed).unwrap_or_default(),
+                    ..Default::default()
+                };
+                async move { cl.poison(req).await }
+            })
+            .await?;
+        let dataset = poisoned.poisoned_dataset.clone();
+
+        let mut checkpoints = Vec::new();
+        for (stage, tag) in [
+            (stages::TRAIN_CLEAN, pb::ModelTag::Clean),
+            (stages::TRAIN_BACKDOORED, pb::ModelTag::Backdoored),
+        ] {
+            let r = self
+                .stage(stage, || {
+                    let mut cl = c.trainer.clone();
+                    let req = pb::TrainRequest {
+                        run_id: id.clone(),
+                        dataset: dataset.clone(),
+                        model: Some(convert::model_to_proto(&spec.model)),
+                        training: Some(convert::training_to_proto(&spec.training)),
+                        tag: tag as i32,
+                        seed: spec.seed,
+                        attack: attack.clone(),
+                        ..Default::default()
+                    };
+                    async move { cl.train(req).await }
+                })
+                .await?;
+            checkpoints.push(r.checkpoint);
+        }
+        let (clean_ckpt, bd_ckpt) = (checkpoints[0].clone(), checkpoints[1].clone());
+        let model = Some(convert::model_to_proto(&spec.model));
+        let layer = spec.defense.layer.clone().unwrap_or_default();
+
+        let reversed = self
+            .stage(stages::ANALYZE, || {
+                let mut cl = c.analyzer.clone();
+                let req = pb::ReverseEngineerRequest {
+                    run_id: id.clone(),
+                    model: model.clone(),
+                    checkpoint: bd_ckpt.clone(),
+                    dataset: dataset.clone(),
+                    seed: spec.seed,
+                    ..Default::default()
+                };
+                async move { cl.reverse_engineer(req).await }
+            })
+            .await?;
+        let synthetic = pb::TriggerSource {
+            source: reversed.best.clone().map(pb::trigger_source::Source::Synthetic),
+        };
+        let trigger = match &attack {
+            Some(a) if spec.defense.use_real_trigger => pb::TriggerSource {
+                source: Some(pb::trigger_source::Source::Real(a.clone())),
+            },
+            _ => synthetic,
+        };
+        // statistics and grad-cam come from the same analysis job
+        self.stage("analyze-statistics", || {
+            let mut cl = c.analyzer.clone();
+            let req = pb::StatisticsRequest {
+                run_id: id.clone(),
+                model: model.clone(),
+                clean_checkpoint: clean_ckpt.clone(),
+                backdoored_checkpoint: bd_ckpt.clone(),
+                dataset: dataset.clone(),
+                layer: layer.clone(),
+                trigger: Some(trigger.clone()),
+                images: spec.defense.stats_images as u32,
+                seed: spec.seed,
+                ..Default::default()
+            };
+            async move { cl.statistics(req).await }
+        })
+        .await?;
+        self.stage("analyze-gradcam", || {
+            let mut cl = c.analyzer.clone();
+            let req = pb::GradCamRequest {
+                run_id: id.clone(),
+                model: model.clone(),
+                checkpoint: bd_ckpt.clone(),
+                dataset: dataset.clone(),
+                layer: layer.clone(),
+                attack: attack.clone(),
+                seed: spec.seed,
+                ..Default::default()
+            };
+            async move { cl.grad_cam(req).await }
+        })
+        .await?;
+
+        for criterion in &spec.defense.criteria {
+            let stage = format!("{}-{}", stages::PRUNE, criterion.as_str());
+            self.stage(&stage, || {
+                let mut cl = c.pruner.clone();
+                let req = pb::PruneRequest {
+                    run_id: id.clone(),
+                    model: model.clone(),
+                    checkpoint: bd_ckpt.clone(),
+                    dataset: dataset.clone(),
+                    layer: layer.clone(),
+                    criterion: convert::criterion_to_proto(*criterion) as i32,
+                    trigger: Some(trigger.clone()),
+                    attack: attack.clone(),
+                    target_asr: Some(spec.defense.target_asr),
+                    max_acc_drop: Some(spec.defense.max_acc_drop),
+                    fine_tune_epochs: spec.defense.fine_tune_epochs as u32,
+                    stats_images: spec.defense.stats_images as u32,
+                    seed: spec.defense.seed,
+                    ..Default::default()
+                };
+                async move { cl.prune(req).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}

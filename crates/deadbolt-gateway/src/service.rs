@@ -1,0 +1,235 @@
+//! `ExperimentService`: the thin tonic adapter over the metadata store plus
+//! the run drivers.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use deadbolt_proto::v1 as pb;
+use deadbolt_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
+use deadbolt_runtime::{convert, stage, Shared};
+use deadbolt_store::NewRun;
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::driver::{Clients, Driver};
+
+/// The gateway: the service plus its run drivers.
+#[derive(Clone)]
+pub struct Gateway {
+    pub shared: Shared,
+    pub clients: Clients,
+    driving: Arc<Mutex<HashSet<Uuid>>>,
+}
+
+pub fn routes(g: Gateway) -> tonic::service::Routes {
+    tonic::service::Routes::new(ExperimentServiceServer::new(g))
+}
+
+impl Gateway {
+    /// Must be called inside a tokio runtime (the stage channels spawn).
+    pub fn new(shared: Shared) -> anyhow::Result<Gateway> {
+        let clients = Clients::from_config(&shared.config)?;
+        Ok(Gateway {
+            shared,
+            clients,
+            driving: Arc::default(),
+        })
+    }
+
+    /// Starts a driver for the run unless this gateway already drives it.
+    pub fn drive(&self, run_id: Uuid) {
+        if !self.driving.lock().expect("lock").insert(run_id) {
+            return;
+        }
+        let d = Driver {
+            shared: self.shared.clone(),
+            clients: self.clients.clone(),
+            run_id,
+        };
+        let driving = self.driving.clone();
+        tokio::spawn(async move {
+            d.run().await;
+            driving.lock().expect("lock").remove(&run_id);
+        });
+    }
+
+    /// Resumes every run that is still queued or running (after a restart).
+    pub async fn resume_runs(&self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        let mut offset = 0;
+        loop {
+            let page = self.shared.store.list_runs(500, offset).await?;
+            for r in &page {
+                if !r.status.is_terminal() {
+                    tracing::info!(run_id = %r.id, status = %r.status, "resuming run");
+                    self.drive(r.id);
+                    n += 1;
+                }
+            }
+            if page.len() < 500 {
+                break;
+            }
+            offset += 500;
+        }
+        Ok(n)
+    }
+
+    async fn run_proto(&self, id: Uuid) -> Result<pb::Run, Status> {
+        let s = &self.shared.store;
+        let run = s.get_run(id).await?;
+        let summary = s.run_summary(id).await.ok();
+        let choices = s.list_pruning_choices(id).await?;
+        let artifacts = s.list_artifacts(id).await?;
+        let jobs = s.list_jobs(id).await?;
+        Ok(convert::run_to_proto(
+            &run,
+            summary.as_ref(),
+            &choices,
+            &artifacts,
+            &jobs,
+        ))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExperimentService for Gateway {
+    async fn submit_experiment(
+        &self,
+        req: Request<pb::SubmitExperimentRequest>,
+    ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
+        let req = req.into_inner();
+        let spec = convert::spec_from_submit(req.spec.as_ref())?;
+        let spec_json = serde_json::to_value(&spec)
+            .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;
+        let crid = req.client_request_id.trim();
+        let (run, created) = self
+            .shared
+            .store
+            .create_run(NewRun {
+                client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
+                name: spec.name.clone(),
+                spec_json,
+            })
+            .await?;
+        if created {
+            tracing::info!(run_id = %run.id, name = %run.name, "run submitted");
+            let _ = self
+                .shared
+                .store
+                .append_event(run.id, "run", "submitted", &run.name, None)
+                .await;
+        }
+        if !run.status.is_terminal() {
+            self.drive(run.id);
+        }
+        Ok(Response::new(pb::SubmitExperimentResponse {
+            run_id: run.id.to_string(),
+            created,
+        }))
+    }
+
+    async fn get_experiment(
+        &self,
+        req: Request<pb::GetExperimentRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        Ok(Response::new(self.run_proto(id).await?))
+    }
+
+    async fn list_experiments(
+        &self,
+        req: Request<pb::ListExperimentsRequest>,
+    ) -> Result<Response<pb::ListExperimentsResponse>, Status> {
+        let req = req.into_inner();
+        let size = match req.page_size {
+            0 => 50,
+            n => n.min(500),
+        } as i64;
+        let offset: i64 = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| {
+                deadbolt_proto::validate::invalid_argument("page_token", "not a token from a previous response")
+            })?
+        };
+        let runs = self.shared.store.list_runs(size, offset).await?;
+        let next = if runs.len() as i64 == size {
+            (offset + size).to_string()
+        } else {
+            String::new()
+        };
+        let mut out = Vec::with_capacity(runs.len());
+        for r in &runs {
+            out.push(self.run_proto(r.id).await?);
+        }
+        Ok(Response::new(pb::ListExperimentsResponse {
+            runs: out,
+            next_page_token: next,
+        }))
+    }
+
+    type WatchExperimentStream = EventStream;
+
+    async fn watch_experiment(
+        &self,
+        req: Request<pb::WatchExperimentRequest>,
+    ) -> Result<Response<Self::WatchExperimentStream>, Status> {
+        let req = req.into_inner();
+        let id = stage::parse_run_id("run_id", &req.run_id)?;
+        let store = self.shared.store.clone();
+        store.get_run(id).await?;
+        let poll = self.shared.config.poll();
+        let (tx, rx) = tokio::sync::mpsc::channel(128);
+        tokio::spawn(async move {
+            let mut after = req.after_seq;
+            loop {
+                // status first: events recorded before a final status are
+                // all listed below, so the stream ends with them
+                let run = match store.get_run(id).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let events = match store.list_events(id, after).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                for e in &events {
+                    after = e.seq;
+                    if tx.send(Ok(convert::event_to_proto(e, run.status))).await.is_err() {
+                        return;
+                    }
+                }
+                if run.status.is_terminal() {
+                    return;
+                }
+                tokio::time::sleep(poll).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_experiment(
+        &self,
+        req: Request<pb::CancelExperimentRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        self.shared.store.cancel_run(id).await?;
+        let _ = self
+            .shared
+            .store
+            .append_event(id, "run", "cancelled", "cancelled by request", None)
+            .await;
+        Ok(Response::new(self.run_proto(id).await?))
+    }
+}

@@ -1,0 +1,252 @@
+//! The pruner service: the run's `prune` stage job runs
+//! [`deadbolt_core::experiment::stage_prune`] for every criterion of the
+//! spec on the backdoored model (ranking with the real and/or the synthetic
+//! trigger), records each criterion's test curve (`put_pruning_curve`) and
+//! operating point (`set_pruning_choice`), stores the pruned checkpoints
+//! (`pruned/<criterion>[-synthetic]/model.safetensors`) and figures, and
+//! finally assembles the run's report with the core's
+//! [`deadbolt_core::experiment::assemble_report`] (`report/report.json`,
+//! `report/report.md`, next to the figures under `report/`).
+//!
+//! The core sweeps all criteria together (they share cached activations),
+//! so `Prune`/`Sweep` for any criterion wait on that one job and return the
+//! criterion's part.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use deadbolt_analyzer::{upload_figures, AnalyzeResult};
+use deadbolt_core::analysis::reverse;
+use deadbolt_core::experiment::{self, PruneOutcome};
+use deadbolt_core::report::CriterionReport;
+use deadbolt_core::spec::{Criterion, ExperimentSpec};
+use deadbolt_poisoner::dataset::Bundle;
+use deadbolt_poisoner::error::{core, io};
+use deadbolt_poisoner::progress::JobProgress;
+use deadbolt_poisoner::DataResult;
+use deadbolt_proto::v1 as pb;
+use deadbolt_proto::v1::pruner_service_server::{PrunerService, PrunerServiceServer};
+use deadbolt_proto::validate::invalid_argument;
+use deadbolt_runtime::{convert, stage, stages, JobContext, JobError, Shared, StageHandler};
+use deadbolt_store::{ArtifactRef, CurvePoint};
+use deadbolt_trainer::{fetch_model, TrainResult};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+/// The result of the `prune` stage job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneResult {
+    pub pruning: BTreeMap<Criterion, CriterionReport>,
+    pub pruning_synthetic: BTreeMap<Criterion, CriterionReport>,
+    /// Pruned checkpoints by relative folder (`pruned/linf`).
+    pub checkpoints: BTreeMap<String, ArtifactRef>,
+    pub report_json: ArtifactRef,
+    pub report_md: ArtifactRef,
+    pub seconds: f64,
+}
+
+fn store_point(p: &deadbolt_core::prune::CurvePoint) -> CurvePoint {
+    CurvePoint {
+        k: p.k as i64,
+        acc: p.acc,
+        asr: p.asr,
+        ra: p.ra,
+    }
+}
+
+fn rel(out: &Path, p: &Path) -> PathBuf {
+    p.strip_prefix(out).unwrap_or(p).to_path_buf()
+}
+
+/// Runs the `prune` stage and assembles the report.
+pub struct PruneHandler;
+
+impl StageHandler for PruneHandler {
+    fn run(&self, ctx: &JobContext) -> Result<Value, JobError> {
+        let t = Instant::now();
+        let run_id = ctx.run_id();
+        let spec: ExperimentSpec = ctx.spec()?;
+        let bundle = Bundle::fetch(ctx)?;
+        let attack = bundle.attack(&spec)?;
+        let bd_dir = ctx.work_dir.join("backdoored");
+        let backdoored = fetch_model(ctx, stages::TRAIN_BACKDOORED, &bd_dir)?;
+        let clean: TrainResult = ctx.stage_result(stages::TRAIN_CLEAN)?;
+        let analysis: AnalyzeResult = ctx.stage_result(stages::ANALYZE)?;
+        let data: DataResult = ctx.stage_result(stages::DATA)?;
+        let trig_path = ctx.work_dir.join("trigger.safetensors");
+        ctx.download(&analysis.trigger, &trig_path)?;
+        let trig = core(reverse::load_trigger(&trig_path))?.to_device(tch::Device::Cpu);
+        let synthetic =
+            reverse::synthetic_attack(&trig, analysis.synthetic.suspect_label, bundle.train.classes);
+        let out = ctx.work_dir.join("prune");
+        let p = core(experiment::stage_prune(
+            &spec,
+            &bd_dir,
+            &bundle.val,
+            &bundle.test,
+            attack.as_ref(),
+            &synthetic,
+            &out,
+            &JobProgress::new(ctx),
+        ))?;
+        let prune_seconds = t.elapsed().as_secs_f64();
+        for (c, r) in &p.pruning {
+            let points: Vec<CurvePoint> = r.curve.iter().map(store_point).collect();
+            ctx.block_on(async {
+                ctx.store.put_pruning_curve(run_id, c.as_str(), &points).await?;
+                ctx.store
+                    .set_pruning_choice(run_id, c.as_str(), store_point(&r.chosen))
+                    .await
+            })?;
+            ctx.block_on(ctx.store.record_metric(
+                run_id,
+                stages::PRUNE,
+                &format!("der_{}", c.as_str()),
+                0,
+                r.der,
+            ))?;
+        }
+        // pruned checkpoints, stored once each, paths made relative
+        let mut checkpoints = BTreeMap::new();
+        let mut tables = [p.pruning.clone(), p.pruning_synthetic.clone()];
+        for table in tables.iter_mut() {
+            for r in table.values_mut() {
+                let Some(dir) = r.checkpoint.clone() else { continue };
+                let name = rel(&out, &dir).to_string_lossy().replace('\\', "/");
+                if !checkpoints.contains_key(&name) {
+                    let w = ctx.put_file(
+                        &format!("{name}/model.safetensors"),
+                        &dir.join("model.safetensors"),
+                        "application/octet-stream",
+                    )?;
+                    ctx.put_file(&format!("{name}/model.json"), &dir.join("model.json"), "application/json")?;
+                    checkpoints.insert(name.clone(), w);
+                }
+                r.checkpoint = Some(PathBuf::from(name));
+            }
+        }
+        let [pruning, pruning_synthetic] = tables;
+        let (figures, _) = upload_figures(ctx, &out, &p.figures)?;
+        let run = ctx.block_on(ctx.store.get_run(run_id))?;
+        let total = (chrono_now_secs() - run.created_at.timestamp_millis() as f64 / 1000.0).max(0.0);
+        let timings = BTreeMap::from([
+            ("data".to_string(), data.seconds),
+            ("train_clean".to_string(), clean.seconds),
+            ("train_backdoored".to_string(), backdoored.seconds),
+            ("analyze".to_string(), analysis.seconds),
+            ("prune".to_string(), prune_seconds),
+            ("total".to_string(), total),
+        ]);
+        let report = experiment::assemble_report(
+            &spec,
+            data.summary.clone(),
+            &clean.outcome(Path::new("clean")),
+            &backdoored.outcome(Path::new("backdoored")),
+            analysis.outcome(),
+            PruneOutcome {
+                pruning: pruning.clone(),
+                pruning_synthetic: pruning_synthetic.clone(),
+                figures,
+                timings: p.timings.clone(),
+            },
+            timings,
+        );
+        let dir = ctx.work_dir.join("report");
+        core(report.write(&dir))?;
+        let report_json = ctx.put_file("report/report.json", &dir.join("report.json"), "application/json")?;
+        let report_md = ctx.put_file("report/report.md", &dir.join("report.md"), "text/markdown")?;
+        tracing::info!(run_id = %run_id, criteria = pruning.len(), "pruning done, report stored");
+        let r = PruneResult {
+            pruning,
+            pruning_synthetic,
+            checkpoints,
+            report_json,
+            report_md,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        serde_json::to_value(r).map_err(|e| io("prune result", e))
+    }
+}
+
+fn chrono_now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub fn handler() -> Arc<dyn StageHandler> {
+    Arc::new(PruneHandler)
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Pruner {
+    pub shared: Shared,
+}
+
+pub fn routes(shared: Shared) -> tonic::service::Routes {
+    tonic::service::Routes::new(PrunerServiceServer::new(Pruner { shared }))
+}
+
+fn point_to_proto(p: &deadbolt_core::prune::CurvePoint) -> pb::CurvePoint {
+    convert::curve_point_to_proto(&store_point(p))
+}
+
+impl Pruner {
+    async fn prune_job(&self, req: &pb::PruneRequest) -> Result<pb::PruneResponse, Status> {
+        let run_id = stage::parse_run_id("run_id", &req.run_id)?;
+        let criterion = convert::criterion_from_proto("criterion", req.criterion)
+            .map_err(|_| invalid_argument("criterion", "must name a criterion"))?;
+        let job = self
+            .shared
+            .run_stage(run_id, stages::PRUNE, serde_json::json!({}))
+            .await?;
+        let r: PruneResult = stage::decode_result(&job)?;
+        let c = r.pruning.get(&criterion).ok_or_else(|| {
+            invalid_argument(
+                "criterion",
+                format!("{} is not among the run's spec.defense.criteria", criterion.as_str()),
+            )
+        })?;
+        let ckpt = c
+            .checkpoint
+            .as_ref()
+            .and_then(|p| r.checkpoints.get(&p.to_string_lossy().to_string()));
+        Ok(pb::PruneResponse {
+            criterion: convert::criterion_to_proto(criterion) as i32,
+            curve: c.validation_curve.iter().map(point_to_proto).collect(),
+            chosen: Some(point_to_proto(&c.chosen)),
+            pruned_channels: c.pruned_channels.iter().map(|&k| k as u32).collect(),
+            pruned_checkpoint: ckpt.map(convert::artifact_to_proto),
+            test_metrics: Some(pb::Metrics {
+                acc: c.chosen.acc,
+                asr: Some(c.chosen.asr),
+                ra: Some(c.chosen.ra),
+                ..Default::default()
+            }),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl PrunerService for Pruner {
+    async fn sweep(
+        &self,
+        req: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let mut r = self.prune_job(req.get_ref()).await?;
+        r.pruned_checkpoint = None;
+        Ok(Response::new(r))
+    }
+
+    async fn prune(
+        &self,
+        req: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        Ok(Response::new(self.prune_job(req.get_ref()).await?))
+    }
+}

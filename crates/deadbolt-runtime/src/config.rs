@@ -1,0 +1,374 @@
+//! Service configuration: a TOML file, then `DEADBOLT_*` environment
+//! variables on top.
+//!
+//! ```toml
+//! database_url = "postgres://postgres@127.0.0.1:5432/deadbolt"
+//! artifact_url = "s3://deadbolt/artifacts"
+//! lease_secs = 30.0
+//! heartbeat_secs = 5.0
+//! max_attempts = 3
+//! [s3]
+//! endpoint = "http://127.0.0.1:9000"
+//! allow_http = true
+//! [listen]
+//! trainer = "0.0.0.0:50062"
+//! [peers]
+//! trainer = ["http://trainer-0:50062", "http://trainer-1:50062"]
+//! ```
+//!
+//! Environment: `DEADBOLT_DATABASE_URL`, `DEADBOLT_ARTIFACT_URL`,
+//! `DEADBOLT_WORK_DIR`, `DEADBOLT_LEASE_SECS`, `DEADBOLT_HEARTBEAT_SECS`,
+//! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_S3_ENDPOINT`,
+//! `DEADBOLT_S3_ALLOW_HTTP`, `DEADBOLT_S3_REGION`,
+//! `DEADBOLT_S3_ACCESS_KEY_ID`, `DEADBOLT_S3_SECRET_ACCESS_KEY`, and per
+//! service `DEADBOLT_<SERVICE>_LISTEN` and `DEADBOLT_<SERVICE>_PEERS`
+//! (comma-separated URLs), e.g. `DEADBOLT_TRAINER_PEERS`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The five services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    Poisoner,
+    Trainer,
+    Analyzer,
+    Pruner,
+    Gateway,
+}
+
+impl ServiceKind {
+    pub const ALL: [ServiceKind; 5] = [
+        ServiceKind::Poisoner,
+        ServiceKind::Trainer,
+        ServiceKind::Analyzer,
+        ServiceKind::Pruner,
+        ServiceKind::Gateway,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServiceKind::Poisoner => "poisoner",
+            ServiceKind::Trainer => "trainer",
+            ServiceKind::Analyzer => "analyzer",
+            ServiceKind::Pruner => "pruner",
+            ServiceKind::Gateway => "gateway",
+        }
+    }
+
+    fn default_port(&self) -> u16 {
+        match self {
+            ServiceKind::Gateway => 50060,
+            ServiceKind::Poisoner => 50061,
+            ServiceKind::Trainer => 50062,
+            ServiceKind::Analyzer => 50063,
+            ServiceKind::Pruner => 50064,
+        }
+    }
+}
+
+impl std::str::FromStr for ServiceKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ServiceKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s.trim())
+            .with_context(|| {
+                format!("unknown service {s:?} (poisoner, trainer, analyzer, pruner, gateway)")
+            })
+    }
+}
+
+/// S3 settings (anything unset comes from the standard AWS_* variables).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub allow_http: Option<bool>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl S3Config {
+    pub fn to_options(&self) -> deadbolt_store::S3Options {
+        deadbolt_store::S3Options {
+            endpoint: self.endpoint.clone(),
+            allow_http: self.allow_http,
+            region: self.region.clone(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+        }
+    }
+}
+
+/// A value per service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerService<T> {
+    pub poisoner: Option<T>,
+    pub trainer: Option<T>,
+    pub analyzer: Option<T>,
+    pub pruner: Option<T>,
+    pub gateway: Option<T>,
+}
+
+impl<T> PerService<T> {
+    pub fn get(&self, k: ServiceKind) -> Option<&T> {
+        match k {
+            ServiceKind::Poisoner => self.poisoner.as_ref(),
+            ServiceKind::Trainer => self.trainer.as_ref(),
+            ServiceKind::Analyzer => self.analyzer.as_ref(),
+            ServiceKind::Pruner => self.pruner.as_ref(),
+            ServiceKind::Gateway => self.gateway.as_ref(),
+        }
+    }
+    pub fn set(&mut self, k: ServiceKind, v: T) {
+        let slot = match k {
+            ServiceKind::Poisoner => &mut self.poisoner,
+            ServiceKind::Trainer => &mut self.trainer,
+            ServiceKind::Analyzer => &mut self.analyzer,
+            ServiceKind::Pruner => &mut self.pruner,
+            ServiceKind::Gateway => &mut self.gateway,
+        };
+        *slot = Some(v);
+    }
+}
+
+/// Everything a `deadbolt serve` process needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://...` or `sqlite://path`.
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    /// A path, `file:///abs/path` or `s3://bucket/prefix`.
+    #[serde(default = "default_artifact_url")]
+    pub artifact_url: String,
+    #[serde(default)]
+    pub s3: S3Config,
+    /// Scratch space of the workers (a fresh folder per job attempt).
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    /// A job lease lasts this long unless renewed.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: f64,
+    /// Workers renew their lease (and report progress) this often.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: f64,
+    /// Leases a job may take before it fails for good.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+    /// How often idle workers and waiting RPCs poll the store.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// Listen address per service (`host:port`).
+    #[serde(default)]
+    pub listen: PerService<String>,
+    /// Addresses (`http://host:port`) of the stage services the gateway
+    /// calls; several per service are load-balanced and retried.
+    #[serde(default)]
+    pub peers: PerService<Vec<String>>,
+}
+
+fn default_database_url() -> String {
+    "sqlite://deadbolt.db".into()
+}
+fn default_artifact_url() -> String {
+    "artifacts".into()
+}
+fn default_lease_secs() -> f64 {
+    30.0
+}
+fn default_heartbeat_secs() -> f64 {
+    5.0
+}
+fn default_max_attempts() -> i32 {
+    3
+}
+fn default_poll_ms() -> u64 {
+    200
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    env(name)
+        .map(|v| {
+            v.trim()
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}"))
+        })
+        .transpose()
+}
+
+impl Config {
+    /// Reads the file (when given), then applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let mut c = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
+                Self::from_toml_str(&text).with_context(|| format!("config {}", p.display()))?
+            }
+            None => Config::default(),
+        };
+        c.apply_env()?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+
+    /// `DEADBOLT_*` variables override the file.
+    pub fn apply_env(&mut self) -> Result<()> {
+        if let Some(v) = env("DEADBOLT_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = env("DEADBOLT_ARTIFACT_URL") {
+            self.artifact_url = v;
+        }
+        if let Some(v) = env("DEADBOLT_WORK_DIR") {
+            self.work_dir = Some(v.into());
+        }
+        if let Some(v) = parse_env("DEADBOLT_LEASE_SECS")? {
+            self.lease_secs = v;
+        }
+        if let Some(v) = parse_env("DEADBOLT_HEARTBEAT_SECS")? {
+            self.heartbeat_secs = v;
+        }
+        if let Some(v) = parse_env("DEADBOLT_MAX_ATTEMPTS")? {
+            self.max_attempts = v;
+        }
+        if let Some(v) = parse_env("DEADBOLT_POLL_MS")? {
+            self.poll_ms = v;
+        }
+        if let Some(v) = env("DEADBOLT_S3_ENDPOINT") {
+            self.s3.endpoint = Some(v);
+        }
+        if let Some(v) = parse_env("DEADBOLT_S3_ALLOW_HTTP")? {
+            self.s3.allow_http = Some(v);
+        }
+        if let Some(v) = env("DEADBOLT_S3_REGION") {
+            self.s3.region = Some(v);
+        }
+        if let Some(v) = env("DEADBOLT_S3_ACCESS_KEY_ID") {
+            self.s3.access_key_id = Some(v);
+        }
+        if let Some(v) = env("DEADBOLT_S3_SECRET_ACCESS_KEY") {
+            self.s3.secret_access_key = Some(v);
+        }
+        for k in ServiceKind::ALL {
+            let up = k.as_str().to_uppercase();
+            if let Some(v) = env(&format!("DEADBOLT_{up}_LISTEN")) {
+                self.listen.set(k, v);
+            }
+            if let Some(v) = env(&format!("DEADBOLT_{up}_PEERS")) {
+                let list = v
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty());
+                self.peers.set(k, list.collect());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lease_secs > 0.0) {
+            bail!("lease_secs must be > 0");
+        }
+        if !(self.heartbeat_secs > 0.0 && self.heartbeat_secs < self.lease_secs) {
+            bail!("heartbeat_secs must be > 0 and below lease_secs");
+        }
+        if self.max_attempts < 1 {
+            bail!("max_attempts must be >= 1");
+        }
+        Ok(())
+    }
+
+    /// Where a service listens (its configured address, else
+    /// `127.0.0.1:<default port>`).
+    pub fn listen_addr(&self, k: ServiceKind) -> String {
+        self.listen
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", k.default_port()))
+    }
+
+    /// The addresses the gateway calls for a stage service: the configured
+    /// peers, else the service's own listen address.
+    pub fn peer_urls(&self, k: ServiceKind) -> Vec<String> {
+        match self.peers.get(k) {
+            Some(v) if !v.is_empty() => v.clone(),
+            _ => vec![format!("http://{}", self.listen_addr(k))],
+        }
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_secs)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs_f64(self.heartbeat_secs)
+    }
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms.max(10))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_defaults() {
+        let c = Config::from_toml_str(
+            "database_url = \"postgres://x/y\"\nlease_secs = 3.0\nheartbeat_secs = 1.0\n[listen]\ntrainer = \"127.0.0.1:7000\"\n[peers]\ntrainer = [\"http://a:1\", \"http://b:2\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.database_url, "postgres://x/y");
+        assert_eq!(c.lease(), Duration::from_secs(3));
+        assert_eq!(c.listen_addr(ServiceKind::Trainer), "127.0.0.1:7000");
+        assert_eq!(c.listen_addr(ServiceKind::Pruner), "127.0.0.1:50064");
+        assert_eq!(c.peer_urls(ServiceKind::Trainer).len(), 2);
+        assert_eq!(
+            c.peer_urls(ServiceKind::Pruner),
+            ["http://127.0.0.1:50064"]
+        );
+        assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
+        assert!(Config::from_toml_str("nope = 1").is_err());
+        let bad = Config {
+            heartbeat_secs: 5.0,
+            lease_secs: 3.0,
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+        assert_eq!(
+            "trainer".parse::<ServiceKind>().unwrap(),
+            ServiceKind::Trainer
+        );
+        assert!("x".parse::<ServiceKind>().is_err());
+    }
+}
