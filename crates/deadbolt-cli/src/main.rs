@@ -1,6 +1,7 @@
 //! `deadbolt`: plant, find and remove backdoors in image classifiers.
 
 mod progress;
+mod services;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,6 +15,8 @@ use deadbolt_core::model::Model;
 use deadbolt_core::poison::Attack;
 use deadbolt_core::spec::{AttackSpec, DatasetKind, DatasetSpec, DeviceSpec, ExperimentSpec};
 use deadbolt_core::workflow::{self, Prepared, TrainJob};
+use deadbolt_runtime::config::ServiceKind;
+use deadbolt_runtime::Config;
 
 #[derive(Parser)]
 #[command(name = "deadbolt", version, about = "Plant, find and remove backdoors in image classifiers")]
@@ -66,7 +69,66 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DeviceSpec,
     },
+    /// Run an experiment end to end on this machine: every service
+    /// in-process (SQLite + local artifact store under OUT/.deadbolt),
+    /// driven over gRPC; writes report.json, report.md and figures into OUT.
+    Experiment {
+        spec: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Call the core pipeline directly instead (no services).
+        #[arg(long)]
+        direct: bool,
+    },
+    /// Run services (all by default): gRPC servers with health and
+    /// reflection, plus the stage-job workers.
+    Serve {
+        /// TOML config (DEADBOLT_* environment variables override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Comma-separated subset of poisoner,trainer,analyzer,pruner,gateway.
+        #[arg(long, value_delimiter = ',', default_value = "poisoner,trainer,analyzer,pruner,gateway")]
+        services: Vec<String>,
+    },
+    /// Submit a spec to a gateway; prints the run id.
+    Submit {
+        spec: PathBuf,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+        /// Idempotency key: the same id returns the same run.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Stream a run's progress until it ends.
+    Watch {
+        run: String,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+    },
+    /// List runs, newest first.
+    Runs {
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Download a run's report (report.json, report.md, figures) into OUT.
+    Report {
+        run: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+        /// Config naming the artifact store (DEADBOLT_* variables override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also download the final, pruned models and the synthetic trigger.
+        #[arg(long)]
+        models: bool,
+    },
 }
+
+const DEFAULT_GATEWAY: &str = "http://127.0.0.1:50060";
 
 #[derive(Subcommand)]
 enum DataCommand {
@@ -79,10 +141,15 @@ enum DataCommand {
 
 fn main() {
     let cli = Cli::parse();
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -197,8 +264,121 @@ fn run(cli: Cli) -> Result<()> {
             let m = eval::evaluate(&model, &splits.test, attack.as_ref())?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
+        Command::Experiment { spec, out, direct } => {
+            let t0 = std::time::Instant::now();
+            let report = if direct {
+                let spec = ExperimentSpec::from_file(&spec)?;
+                deadbolt_core::experiment::run(&spec, &out, &bars)?
+            } else {
+                tokio_rt()?.block_on(services::experiment(&spec, &out, cli.quiet))?
+            };
+            print_summary(&report);
+            eprintln!(
+                "report written to {} in {:.1} s",
+                out.join("report.md").display(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        Command::Serve { config, services: names } => {
+            let kinds = names
+                .iter()
+                .map(|n| n.parse::<ServiceKind>())
+                .collect::<Result<Vec<_>>>()?;
+            let config = Config::load(config.as_deref())?;
+            tokio_rt()?.block_on(services::serve(config, kinds))?;
+        }
+        Command::Submit {
+            spec,
+            gateway,
+            request_id,
+        } => {
+            let r = tokio_rt()?.block_on(async {
+                let mut c = services::client(&gateway).await?;
+                services::submit(&mut c, &spec, request_id).await
+            })?;
+            println!(
+                "{}",
+                serde_json::json!({ "run_id": r.run_id, "created": r.created })
+            );
+        }
+        Command::Watch { run, gateway } => {
+            let r = tokio_rt()?.block_on(async {
+                let mut c = services::client(&gateway).await?;
+                services::watch(&mut c, &run, cli.quiet).await
+            })?;
+            println!("{}", services::run_line(&r));
+            if r.status != deadbolt_proto::v1::JobStatus::Succeeded as i32 {
+                anyhow::bail!("run {} did not succeed: {}", r.id, r.error);
+            }
+        }
+        Command::Runs { gateway, limit } => {
+            let runs = tokio_rt()?.block_on(async {
+                let mut c = services::client(&gateway).await?;
+                let r = c
+                    .list_experiments(deadbolt_proto::v1::ListExperimentsRequest {
+                        page_size: limit,
+                        page_token: String::new(),
+                    })
+                    .await
+                    .map_err(services::status_error)?;
+                anyhow::Ok(r.into_inner().runs)
+            })?;
+            for r in &runs {
+                println!("{}", services::run_line(r));
+            }
+        }
+        Command::Report {
+            run,
+            out,
+            gateway,
+            config,
+            models,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let report = tokio_rt()?.block_on(async {
+                let artifacts = deadbolt_store::ArtifactStore::from_url_with(
+                    &config.artifact_url,
+                    &config.s3.to_options(),
+                )?;
+                let mut c = services::client(&gateway).await?;
+                let r = c
+                    .get_experiment(deadbolt_proto::v1::GetExperimentRequest { run_id: run.clone() })
+                    .await
+                    .map_err(services::status_error)?
+                    .into_inner();
+                services::download_report(&artifacts, &r, &out, models).await
+            })?;
+            print_summary(&report);
+        }
     }
     Ok(())
+}
+
+fn tokio_rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The headline figures of a report on stdout.
+fn print_summary(r: &deadbolt_core::report::Report) {
+    let pct = |v: Option<f64>| v.map(|v| format!("{:.2}%", 100.0 * v)).unwrap_or_else(|| "-".into());
+    println!(
+        "clean model: acc {}; backdoored model: acc {} asr {}",
+        pct(Some(r.clean_model.acc)),
+        pct(Some(r.backdoored_model.acc)),
+        pct(r.backdoored_model.asr)
+    );
+    for (c, p) in &r.pruning {
+        println!(
+            "  {:<13} k {:>3}  acc {:>7}  asr {:>7}  der {:.3}",
+            c.as_str(),
+            p.chosen.k,
+            pct(Some(p.chosen.acc)),
+            pct(Some(p.chosen.asr)),
+            p.der
+        );
+    }
 }
 
 /// An attack from a TOML file: a whole spec with `[attack]`, or the attack
