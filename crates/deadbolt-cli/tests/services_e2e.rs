@@ -1,0 +1,161 @@
+//! End to end over separate processes: poisoner, trainer, analyzer, pruner
+//! and gateway each as its own `deadbolt serve --services X` on loopback,
+//! Postgres (a fresh database) + S3 (moto_server). A tiny MNIST experiment
+//! is submitted over gRPC; its figures read back from the Postgres views
+//! (`run_summary`, `pruning_curves_v`) and its report read back from S3
+//! must equal what `deadbolt experiment` (in-process services, SQLite +
+//! local files) reports for the same spec and seed.
+//!
+//! Tolerance: exact equality. Same seeds, same CPU kernels, and the dataset
+//! artifact carries the float32 tensors bit for bit, so nothing differs.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use deadbolt_proto::v1 as pb;
+use deadbolt_store::{ArtifactStore, HEADLINE_CRITERION};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = tiny_spec(d, 1, 1200);
+
+    // the in-process reference, run alongside
+    let inproc_out = d.join("inproc");
+    let mut inproc = Command::new(bin())
+        .args(["experiment", "--quiet"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&inproc_out)
+        .stderr(std::fs::File::create(d.join("inproc.log")).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let pg = Pg::fresh().await;
+    let moto = Moto::start("deadbolt");
+    let art_url = "s3://deadbolt/e2e";
+    let base = |name: &str, extra: &str| {
+        let work = d.join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        config(&pg.url, art_url, &work, &format!("{}\n{extra}", moto.config()))
+    };
+    let stages: Vec<Proc> = ["poisoner", "trainer", "analyzer", "pruner"]
+        .iter()
+        .map(|s| serve(d, s, s, &base(s, "")))
+        .collect();
+    let peer_list: Vec<(&str, Vec<String>)> = stages
+        .iter()
+        .map(|p| (p.name.as_str(), vec![p.url(&p.name)]))
+        .collect();
+    let gw = serve(d, "gateway", "gateway", &base("gateway", &peers(&peer_list)));
+
+    let mut c = gateway(&gw.url("gateway")).await;
+    let sub = submit_toml(&mut c, &spec, "e2e-1").await;
+    assert!(sub.created);
+    // idempotent per client_request_id
+    assert_eq!(submit_toml(&mut c, &spec, "e2e-1").await.run_id, sub.run_id);
+    let (events, run) = watch(&mut c, &sub.run_id, Duration::from_secs(240)).await;
+    assert_eq!(
+        run.status,
+        pb::JobStatus::Succeeded as i32,
+        "run failed: {}\n{}",
+        run.error,
+        stages.iter().map(|p| p.log_tail()).collect::<Vec<_>>().join("\n---\n")
+    );
+    assert!(events.iter().any(|e| e.kind == "progress"), "progress events are streamed");
+    assert!(events.iter().any(|e| e.stage == "train-backdoored" && e.kind == "finished"));
+
+    // figures from the Postgres views
+    let run_id: uuid::Uuid = sub.run_id.parse().unwrap();
+    let store = deadbolt_store::connect(&pg.url).await.unwrap();
+    let summary = store.run_summary(run_id).await.unwrap();
+    let curves = store.list_pruning_curves(run_id).await.unwrap();
+    // the report from S3
+    let s3 = ArtifactStore::from_url_with(art_url, &moto.options()).unwrap();
+    let rec = store.get_artifact(run_id, "report/report.json").await.unwrap();
+    let s3_report: Value =
+        serde_json::from_slice(&s3.get(&s3.ref_from_record(&rec).unwrap()).await.unwrap()).unwrap();
+
+    let status = inproc.wait().unwrap();
+    assert!(
+        status.success(),
+        "deadbolt experiment failed: {}",
+        std::fs::read_to_string(d.join("inproc.log")).unwrap_or_default()
+    );
+    let local: Value =
+        serde_json::from_str(&std::fs::read_to_string(inproc_out.join("report.json")).unwrap())
+            .unwrap();
+
+    let f = |v: &Value| v.as_f64().unwrap();
+    assert_eq!(summary.clean_acc, Some(f(&local["clean_model"]["acc"])));
+    assert_eq!(summary.backdoored_acc, Some(f(&local["backdoored_model"]["acc"])));
+    assert_eq!(summary.backdoored_asr, Some(f(&local["backdoored_model"]["asr"])));
+    let linf = summary.linf.expect("linf operating point in run_summary");
+    let want = &local["pruning"][HEADLINE_CRITERION]["chosen"];
+    assert_eq!(
+        (linf.k, linf.acc, linf.asr, linf.ra),
+        (want["k"].as_i64().unwrap(), f(&want["acc"]), f(&want["asr"]), f(&want["ra"]))
+    );
+    let criteria = local["pruning"].as_object().unwrap();
+    assert_eq!(curves.len(), criteria.len());
+    for c in &curves {
+        let want = criteria[&c.criterion]["curve"].as_array().unwrap();
+        assert_eq!(c.points.len(), want.len(), "{}", c.criterion);
+        for (p, w) in c.points.iter().zip(want) {
+            assert_eq!(
+                (p.k, p.acc, p.asr, p.ra),
+                (w["k"].as_i64().unwrap(), f(&w["acc"]), f(&w["asr"]), f(&w["ra"])),
+                "{} curve",
+                c.criterion
+            );
+        }
+        assert_eq!(c.chosen_k, criteria[&c.criterion]["chosen"]["k"].as_i64());
+    }
+    // the whole science part of the report agrees
+    for key in [
+        "clean_model",
+        "backdoored_model",
+        "separation",
+        "channel_means",
+        "gradcam",
+        "data",
+        "layer",
+        "channels",
+    ] {
+        let (mut a, mut b) = (s3_report[key].clone(), local[key].clone());
+        for v in [&mut a, &mut b] {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("checkpoint");
+                o.remove("train_seconds");
+            }
+        }
+        assert_eq!(a, b, "report.{key}");
+    }
+    for table in ["pruning", "pruning_synthetic"] {
+        for (c, r) in local[table].as_object().unwrap() {
+            for key in ["order", "curve", "validation_curve", "chosen", "der", "pruned_channels"] {
+                assert_eq!(s3_report[table][c][key], r[key], "{table}.{c}.{key}");
+            }
+        }
+    }
+    let syn = &s3_report["synthetic_trigger"];
+    assert_eq!(syn["flagged_labels"], local["synthetic_trigger"]["flagged_labels"]);
+    assert_eq!(syn["suspect_label"], local["synthetic_trigger"]["suspect_label"]);
+    // the same figures: the PNGs in S3 are byte-identical to the local ones
+    for fig in ["hist_linf.png", "gradcam.png", "pruning_curves.png"] {
+        let rec = store.get_artifact(run_id, &format!("report/{fig}")).await.unwrap();
+        let bytes = s3.get(&s3.ref_from_record(&rec).unwrap()).await.unwrap();
+        assert_eq!(&bytes[..], &std::fs::read(inproc_out.join(fig)).unwrap()[..], "{fig}");
+    }
+    drop(gw);
+    drop(stages);
+    pg.drop_db().await;
+    eprintln!("e2e took {:.1} s", t0.elapsed().as_secs_f64());
+}
