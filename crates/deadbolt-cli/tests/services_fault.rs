@@ -1,0 +1,133 @@
+//! A trainer dies mid-training (SIGKILL after epoch 1's checkpoint is
+//! recorded); a second trainer, already running, leases the job once the
+//! 3 s lease expires, resumes from the last epoch checkpoint, and the run
+//! completes with no lost or duplicated rows.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use deadbolt_proto::v1 as pb;
+use deadbolt_store::JobStatus;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = tiny_spec(d, 3, 3000);
+    let pg = Pg::fresh().await;
+    let art = d.join("artifacts");
+    let art_url = art.display().to_string();
+    let base = |name: &str, extra: &str| {
+        let work = d.join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        config(&pg.url, &art_url, &work, extra)
+    };
+    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
+    let mut trainers = vec![
+        serve(d, "trainer-a", "trainer", &base("trainer-a", "")),
+        serve(d, "trainer-b", "trainer", &base("trainer-b", "")),
+    ];
+    let peer_list = vec![
+        ("poisoner", vec![others.url("poisoner")]),
+        ("analyzer", vec![others.url("analyzer")]),
+        ("pruner", vec![others.url("pruner")]),
+        ("trainer", trainers.iter().map(|t| t.url("trainer")).collect()),
+    ];
+    let gw = serve(d, "gateway", "gateway", &base("gateway", &peers(&peer_list)));
+    let mut c = gateway(&gw.url("gateway")).await;
+    let run_id = submit_toml(&mut c, &spec, "fault-1").await.run_id;
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    let store = deadbolt_store::connect(&pg.url).await.unwrap();
+
+    // wait for epoch 1's checkpoint of the clean model, then kill its trainer
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        assert!(Instant::now() < deadline, "epoch 1 checkpoint never recorded");
+        let recorded = store.get_artifact(id, "clean/epoch-1/model.safetensors").await.is_ok();
+        let job = store
+            .list_jobs(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|j| j.stage == "train-clean");
+        if let (true, Some(j)) = (recorded, job) {
+            assert_eq!(j.status, JobStatus::Leased, "killed too late: {j:?}");
+            let holder = j.leased_by.clone().unwrap();
+            let pid: u32 = holder.split('-').nth(1).unwrap().parse().unwrap();
+            break trainers.iter().position(|t| t.pid() == pid).expect("holder is a trainer");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    trainers[victim].kill();
+    let survivor = trainers[1 - victim].pid();
+    eprintln!("killed {} after {:.1} s", trainers[victim].name, t0.elapsed().as_secs_f64());
+
+    let (_events, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
+    assert_eq!(
+        run.status,
+        pb::JobStatus::Succeeded as i32,
+        "run failed: {}\n{}",
+        run.error,
+        trainers[1 - victim].log_tail()
+    );
+    let job = store
+        .list_jobs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.stage == "train-clean")
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job.attempts, 2, "{job:?}");
+    assert!(job.leased_by.as_ref().unwrap().contains(&format!("-{survivor}-")));
+    let result = job.result.unwrap();
+    assert!(result["resumed_from"].as_u64().unwrap() >= 1, "{result}");
+    assert_eq!(result["attempt"], 2);
+    assert!(result["epochs"].as_array().unwrap().len() <= 2, "{result}");
+
+    // no lost or duplicated rows
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let dup_metrics: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT stage, name, step FROM metrics WHERE run_id = $1 \
+         GROUP BY stage, name, step HAVING count(*) > 1) d",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dup_metrics, 0);
+    let steps: Vec<i64> = sqlx::query_scalar(
+        "SELECT step FROM metrics WHERE run_id = $1 AND stage = 'train-clean' AND name = 'train_loss' ORDER BY step",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(steps, [1, 2, 3], "one loss row per epoch, none lost");
+    let dup_points: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT criterion, k FROM pruning_curves_v WHERE run_id = $1 \
+         GROUP BY criterion, k HAVING count(*) > 1) d",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dup_points, 0);
+    let curves = store.list_pruning_curves(id).await.unwrap();
+    assert_eq!(curves.len(), 3);
+    for c in &curves {
+        let ks: Vec<i64> = c.points.iter().map(|p| p.k).collect();
+        assert_eq!(ks, (0..ks.len() as i64).collect::<Vec<_>>(), "{}", c.criterion);
+    }
+    let summary = store.run_summary(id).await.unwrap();
+    assert!(summary.clean_acc.is_some() && summary.linf.is_some());
+    pool.close().await;
+    drop(gw);
+    drop(trainers);
+    drop(others);
+    pg.drop_db().await;
+    eprintln!("fault test took {:.1} s", t0.elapsed().as_secs_f64());
+}
