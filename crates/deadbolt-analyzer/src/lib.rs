@@ -97,8 +97,18 @@ fn neuron_rows(a: &AnalysisOutcome) -> Vec<NeuronStat> {
             for (c, v) in values.iter().enumerate() {
                 rows.push(NeuronStat {
                     layer: a.layer.clone(),
-                    model: if s.backdoored_model() { "backdoored" } else { "clean" }.into(),
-                    input: if s.triggered_input() { "triggered" } else { "clean" }.into(),
+                    model: if s.backdoored_model() {
+                        "backdoored"
+                    } else {
+                        "clean"
+                    }
+                    .into(),
+                    input: if s.triggered_input() {
+                        "triggered"
+                    } else {
+                        "clean"
+                    }
+                    .into(),
                     norm: n.as_str().into(),
                     channel: c as i32,
                     value: *v,
@@ -223,10 +233,20 @@ impl AnalyzerService for Analyzer {
             .channel_means
             .iter()
             .map(|(s, norms)| {
-                let get = |n: Norm, c: usize| norms.get(&n).and_then(|v| v.get(c)).copied().unwrap_or(0.0);
+                let get = |n: Norm, c: usize| {
+                    norms.get(&n).and_then(|v| v.get(c)).copied().unwrap_or(0.0)
+                };
                 pb::SettingStats {
-                    model: if s.backdoored_model() { pb::ModelTag::Backdoored } else { pb::ModelTag::Clean } as i32,
-                    input: if s.triggered_input() { pb::InputKind::Triggered } else { pb::InputKind::Clean } as i32,
+                    model: if s.backdoored_model() {
+                        pb::ModelTag::Backdoored
+                    } else {
+                        pb::ModelTag::Clean
+                    } as i32,
+                    input: if s.triggered_input() {
+                        pb::InputKind::Triggered
+                    } else {
+                        pb::InputKind::Clean
+                    } as i32,
                     channels: (0..a.channels.max(0) as usize)
                         .map(|c| pb::ChannelStat {
                             channel: c as u32,
@@ -273,7 +293,10 @@ impl AnalyzerService for Analyzer {
             heatmaps: vec![],
             clean_trigger_share: share(Setting::BackdooredModelCleanInput),
             triggered_trigger_share: share(Setting::BackdooredModelTriggeredInput),
-            montage: a.figure_refs.get("gradcam.png").map(convert::artifact_to_proto),
+            montage: a
+                .figure_refs
+                .get("gradcam.png")
+                .map(convert::artifact_to_proto),
         }))
     }
 

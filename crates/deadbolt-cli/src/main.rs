@@ -19,7 +19,11 @@ use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::Config;
 
 #[derive(Parser)]
-#[command(name = "deadbolt", version, about = "Plant, find and remove backdoors in image classifiers")]
+#[command(
+    name = "deadbolt",
+    version,
+    about = "Plant, find and remove backdoors in image classifiers"
+)]
 struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
@@ -87,7 +91,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Comma-separated subset of poisoner,trainer,analyzer,pruner,gateway.
-        #[arg(long, value_delimiter = ',', default_value = "poisoner,trainer,analyzer,pruner,gateway")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "poisoner,trainer,analyzer,pruner,gateway"
+        )]
         services: Vec<String>,
     },
     /// Submit a spec to a gateway; prints the run id.
@@ -194,7 +202,11 @@ fn run(cli: Cli) -> Result<()> {
                 "training {} on {} images ({} poisoned) on {}",
                 spec.model.arch.as_str(),
                 data.len(),
-                if clean { 0 } else { prep.poisoned.poisoned.len() },
+                if clean {
+                    0
+                } else {
+                    prep.poisoned.poisoned.len()
+                },
                 device::describe(dev)
             );
             let trained = workflow::train_checkpointed(
@@ -279,7 +291,10 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
-        Command::Serve { config, services: names } => {
+        Command::Serve {
+            config,
+            services: names,
+        } => {
             let kinds = names
                 .iter()
                 .map(|n| n.parse::<ServiceKind>())
@@ -342,7 +357,9 @@ fn run(cli: Cli) -> Result<()> {
                 )?;
                 let mut c = services::client(&gateway).await?;
                 let r = c
-                    .get_experiment(deadbolt_proto::v1::GetExperimentRequest { run_id: run.clone() })
+                    .get_experiment(deadbolt_proto::v1::GetExperimentRequest {
+                        run_id: run.clone(),
+                    })
                     .await
                     .map_err(services::status_error)?
                     .into_inner();
@@ -362,7 +379,10 @@ fn tokio_rt() -> Result<tokio::runtime::Runtime> {
 
 /// The headline figures of a report on stdout.
 fn print_summary(r: &deadbolt_core::report::Report) {
-    let pct = |v: Option<f64>| v.map(|v| format!("{:.2}%", 100.0 * v)).unwrap_or_else(|| "-".into());
+    let pct = |v: Option<f64>| {
+        v.map(|v| format!("{:.2}%", 100.0 * v))
+            .unwrap_or_else(|| "-".into())
+    };
     println!(
         "clean model: acc {}; backdoored model: acc {} asr {}",
         pct(Some(r.clean_model.acc)),

@@ -26,11 +26,9 @@ impl Progress for Bars {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
         bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>22} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         bar.set_message(phase.to_string());
         if let Some(old) = self.bar.lock().expect("bar lock").replace(bar) {

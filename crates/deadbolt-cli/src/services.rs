@@ -256,7 +256,9 @@ pub async fn download_report(
     let run_id: uuid::Uuid = run.id.parse()?;
     let mut n = 0;
     for a in &run.artifacts {
-        let Some(rel) = local_path(&a.name, with_models) else { continue };
+        let Some(rel) = local_path(&a.name, with_models) else {
+            continue;
+        };
         let r = a.r#ref.clone().unwrap_or_default();
         let rec = ArtifactRecord {
             run_id,
@@ -287,7 +289,13 @@ pub async fn download_report(
 /// Makes the report's relative paths (as the services store them) relative
 /// to `out`, as the core writes them.
 fn rebase(r: &mut Report, out: &Path) {
-    let j = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { out.join(p) };
+    let j = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            out.join(p)
+        }
+    };
     r.clean_model.checkpoint = j(&r.clean_model.checkpoint);
     r.backdoored_model.checkpoint = j(&r.backdoored_model.checkpoint);
     r.synthetic_trigger.trigger_file = j(&r.synthetic_trigger.trigger_file);
@@ -340,7 +348,12 @@ pub async fn experiment(spec: &Path, out: &Path, quiet: bool) -> Result<Report> 
     tracing::info!(run_id = %submitted.run_id, gateway = %url, "experiment submitted");
     let run = watch(&mut c, &submitted.run_id, quiet).await?;
     if run.status != pb::JobStatus::Succeeded as i32 {
-        bail!("run {} ended {:?}: {}", run.id, pb::JobStatus::try_from(run.status).unwrap_or_default(), run.error);
+        bail!(
+            "run {} ended {:?}: {}",
+            run.id,
+            pb::JobStatus::try_from(run.status).unwrap_or_default(),
+            run.error
+        );
     }
     let report = download_report(&shared.artifacts, &run, out, true).await?;
     drop(running);
@@ -351,12 +364,18 @@ pub async fn experiment(spec: &Path, out: &Path, quiet: bool) -> Result<Report> 
 /// One line per run for `deadbolt runs`.
 pub fn run_line(r: &pb::Run) -> String {
     let f = r.figures.clone().unwrap_or_default();
-    let pct = |v: Option<f64>| v.map(|v| format!("{:.2}%", 100.0 * v)).unwrap_or_else(|| "-".into());
+    let pct = |v: Option<f64>| {
+        v.map(|v| format!("{:.2}%", 100.0 * v))
+            .unwrap_or_else(|| "-".into())
+    };
     format!(
         "{}  {:<10} {:<24} clean_acc {:>7}  backdoored_acc {:>7}  asr {:>7}",
         r.id,
         pb::JobStatus::try_from(r.status)
-            .map(|s| s.as_str_name().trim_start_matches("JOB_STATUS_").to_lowercase())
+            .map(|s| s
+                .as_str_name()
+                .trim_start_matches("JOB_STATUS_")
+                .to_lowercase())
             .unwrap_or_default(),
         r.name,
         pct(f.clean_acc),

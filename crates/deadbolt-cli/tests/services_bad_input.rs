@@ -22,7 +22,10 @@ use tonic_health::pb::HealthCheckRequest;
 
 fn field_of(s: &tonic::Status) -> String {
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    field_violations(s).first().map(|f| f.0.clone()).unwrap_or_default()
+    field_violations(s)
+        .first()
+        .map(|f| f.0.clone())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +54,9 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         spec: Some(s),
     };
     let e = c
-        .submit_experiment(submit(pb::submit_experiment_request::Spec::Structured(p.clone())))
+        .submit_experiment(submit(pb::submit_experiment_request::Spec::Structured(
+            p.clone(),
+        )))
         .await
         .unwrap_err();
     assert_eq!(field_of(&e), "spec.attack.rate");
@@ -86,32 +91,46 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     // ---- unknown and malformed run ids ----
     let unknown = uuid::Uuid::new_v4().to_string();
     let e = c
-        .get_experiment(pb::GetExperimentRequest { run_id: unknown.clone() })
+        .get_experiment(pb::GetExperimentRequest {
+            run_id: unknown.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = c
-        .watch_experiment(pb::WatchExperimentRequest { run_id: unknown.clone(), after_seq: 0 })
+        .watch_experiment(pb::WatchExperimentRequest {
+            run_id: unknown.clone(),
+            after_seq: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = c
-        .cancel_experiment(pb::CancelExperimentRequest { run_id: unknown.clone() })
+        .cancel_experiment(pb::CancelExperimentRequest {
+            run_id: unknown.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = c
-        .get_experiment(pb::GetExperimentRequest { run_id: "nope".into() })
+        .get_experiment(pb::GetExperimentRequest {
+            run_id: "nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(field_of(&e), "run_id");
-    let mut trainer = TrainerServiceClient::connect(all.url("trainer")).await.unwrap();
+    let mut trainer = TrainerServiceClient::connect(all.url("trainer"))
+        .await
+        .unwrap();
     let train = |run_id: &str, tag: pb::ModelTag| pb::TrainRequest {
         run_id: run_id.into(),
         tag: tag as i32,
         ..Default::default()
     };
-    let e = trainer.train(train(&unknown, pb::ModelTag::Clean)).await.unwrap_err();
+    let e = trainer
+        .train(train(&unknown, pb::ModelTag::Clean))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // ---- a corrupted checkpoint ----
@@ -126,28 +145,50 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .await
         .unwrap();
     let id = run.id.to_string();
-    let e = trainer.train(train(&id, pb::ModelTag::Unspecified)).await.unwrap_err();
+    let e = trainer
+        .train(train(&id, pb::ModelTag::Unspecified))
+        .await
+        .unwrap_err();
     assert_eq!(field_of(&e), "tag");
-    let mut poisoner = PoisonerServiceClient::connect(all.url("poisoner")).await.unwrap();
+    let mut poisoner = PoisonerServiceClient::connect(all.url("poisoner"))
+        .await
+        .unwrap();
     let r = poisoner
-        .poison(pb::PoisonRequest { run_id: id.clone(), ..Default::default() })
+        .poison(pb::PoisonRequest {
+            run_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(r.poisoned_count > 0);
-    trainer.train(train(&id, pb::ModelTag::Clean)).await.unwrap();
-    trainer.train(train(&id, pb::ModelTag::Backdoored)).await.unwrap();
+    trainer
+        .train(train(&id, pb::ModelTag::Clean))
+        .await
+        .unwrap();
+    trainer
+        .train(train(&id, pb::ModelTag::Backdoored))
+        .await
+        .unwrap();
     // overwrite the clean model's bytes in the artifact store
-    let rec = store.get_artifact(run.id, "clean/model.safetensors").await.unwrap();
+    let rec = store
+        .get_artifact(run.id, "clean/model.safetensors")
+        .await
+        .unwrap();
     let key = rec.uri.split(&format!("runs/{}/", run.id)).nth(1).unwrap();
     let file = art.join("runs").join(run.id.to_string()).join(key);
     let mut bytes = std::fs::read(&file).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
     std::fs::write(&file, bytes).unwrap();
-    let mut analyzer = AnalyzerServiceClient::connect(all.url("analyzer")).await.unwrap();
+    let mut analyzer = AnalyzerServiceClient::connect(all.url("analyzer"))
+        .await
+        .unwrap();
     let e = analyzer
-        .statistics(pb::StatisticsRequest { run_id: id.clone(), ..Default::default() })
+        .statistics(pb::StatisticsRequest {
+            run_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
@@ -170,10 +211,16 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         ("gateway", "deadbolt.v1.ExperimentService"),
         ("gateway", ""),
     ] {
-        let ch = tonic::transport::Endpoint::from_shared(all.url(svc)).unwrap().connect().await.unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(all.url(svc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut h = HealthClient::new(ch);
         let s = h
-            .check(HealthCheckRequest { service: name.into() })
+            .check(HealthCheckRequest {
+                service: name.into(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -188,6 +235,9 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         done.error,
         all.log_tail()
     );
-    assert!(done.artifacts.iter().any(|a| a.name == "report/report.json"));
+    assert!(done
+        .artifacts
+        .iter()
+        .any(|a| a.name == "report/report.json"));
     eprintln!("bad-input test took {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -44,7 +44,12 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     let base = |name: &str, extra: &str| {
         let work = d.join(format!("work-{name}"));
         std::fs::create_dir_all(&work).unwrap();
-        config(&pg.url, art_url, &work, &format!("{}\n{extra}", moto.config()))
+        config(
+            &pg.url,
+            art_url,
+            &work,
+            &format!("{}\n{extra}", moto.config()),
+        )
     };
     let stages: Vec<Proc> = ["poisoner", "trainer", "analyzer", "pruner"]
         .iter()
@@ -54,7 +59,12 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
         .iter()
         .map(|p| (p.name.as_str(), vec![p.url(&p.name)]))
         .collect();
-    let gw = serve(d, "gateway", "gateway", &base("gateway", &peers(&peer_list)));
+    let gw = serve(
+        d,
+        "gateway",
+        "gateway",
+        &base("gateway", &peers(&peer_list)),
+    );
 
     let mut c = gateway(&gw.url("gateway")).await;
     let sub = submit_toml(&mut c, &spec, "e2e-1").await;
@@ -67,10 +77,19 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
         pb::JobStatus::Succeeded as i32,
         "run failed: {}\n{}",
         run.error,
-        stages.iter().map(|p| p.log_tail()).collect::<Vec<_>>().join("\n---\n")
+        stages
+            .iter()
+            .map(|p| p.log_tail())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
-    assert!(events.iter().any(|e| e.kind == "progress"), "progress events are streamed");
-    assert!(events.iter().any(|e| e.stage == "train-backdoored" && e.kind == "finished"));
+    assert!(
+        events.iter().any(|e| e.kind == "progress"),
+        "progress events are streamed"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e.stage == "train-backdoored" && e.kind == "finished"));
 
     // figures from the Postgres views
     let run_id: uuid::Uuid = sub.run_id.parse().unwrap();
@@ -79,7 +98,10 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     let curves = store.list_pruning_curves(run_id).await.unwrap();
     // the report from S3
     let s3 = ArtifactStore::from_url_with(art_url, &moto.options()).unwrap();
-    let rec = store.get_artifact(run_id, "report/report.json").await.unwrap();
+    let rec = store
+        .get_artifact(run_id, "report/report.json")
+        .await
+        .unwrap();
     let s3_report: Value =
         serde_json::from_slice(&s3.get(&s3.ref_from_record(&rec).unwrap()).await.unwrap()).unwrap();
 
@@ -95,13 +117,24 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
 
     let f = |v: &Value| v.as_f64().unwrap();
     assert_eq!(summary.clean_acc, Some(f(&local["clean_model"]["acc"])));
-    assert_eq!(summary.backdoored_acc, Some(f(&local["backdoored_model"]["acc"])));
-    assert_eq!(summary.backdoored_asr, Some(f(&local["backdoored_model"]["asr"])));
+    assert_eq!(
+        summary.backdoored_acc,
+        Some(f(&local["backdoored_model"]["acc"]))
+    );
+    assert_eq!(
+        summary.backdoored_asr,
+        Some(f(&local["backdoored_model"]["asr"]))
+    );
     let linf = summary.linf.expect("linf operating point in run_summary");
     let want = &local["pruning"][HEADLINE_CRITERION]["chosen"];
     assert_eq!(
         (linf.k, linf.acc, linf.asr, linf.ra),
-        (want["k"].as_i64().unwrap(), f(&want["acc"]), f(&want["asr"]), f(&want["ra"]))
+        (
+            want["k"].as_i64().unwrap(),
+            f(&want["acc"]),
+            f(&want["asr"]),
+            f(&want["ra"])
+        )
     );
     let criteria = local["pruning"].as_object().unwrap();
     assert_eq!(curves.len(), criteria.len());
@@ -111,7 +144,12 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
         for (p, w) in c.points.iter().zip(want) {
             assert_eq!(
                 (p.k, p.acc, p.asr, p.ra),
-                (w["k"].as_i64().unwrap(), f(&w["acc"]), f(&w["asr"]), f(&w["ra"])),
+                (
+                    w["k"].as_i64().unwrap(),
+                    f(&w["acc"]),
+                    f(&w["asr"]),
+                    f(&w["ra"])
+                ),
                 "{} curve",
                 c.criterion
             );
@@ -140,19 +178,39 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     }
     for table in ["pruning", "pruning_synthetic"] {
         for (c, r) in local[table].as_object().unwrap() {
-            for key in ["order", "curve", "validation_curve", "chosen", "der", "pruned_channels"] {
+            for key in [
+                "order",
+                "curve",
+                "validation_curve",
+                "chosen",
+                "der",
+                "pruned_channels",
+            ] {
                 assert_eq!(s3_report[table][c][key], r[key], "{table}.{c}.{key}");
             }
         }
     }
     let syn = &s3_report["synthetic_trigger"];
-    assert_eq!(syn["flagged_labels"], local["synthetic_trigger"]["flagged_labels"]);
-    assert_eq!(syn["suspect_label"], local["synthetic_trigger"]["suspect_label"]);
+    assert_eq!(
+        syn["flagged_labels"],
+        local["synthetic_trigger"]["flagged_labels"]
+    );
+    assert_eq!(
+        syn["suspect_label"],
+        local["synthetic_trigger"]["suspect_label"]
+    );
     // the same figures: the PNGs in S3 are byte-identical to the local ones
     for fig in ["hist_linf.png", "gradcam.png", "pruning_curves.png"] {
-        let rec = store.get_artifact(run_id, &format!("report/{fig}")).await.unwrap();
+        let rec = store
+            .get_artifact(run_id, &format!("report/{fig}"))
+            .await
+            .unwrap();
         let bytes = s3.get(&s3.ref_from_record(&rec).unwrap()).await.unwrap();
-        assert_eq!(&bytes[..], &std::fs::read(inproc_out.join(fig)).unwrap()[..], "{fig}");
+        assert_eq!(
+            &bytes[..],
+            &std::fs::read(inproc_out.join(fig)).unwrap()[..],
+            "{fig}"
+        );
     }
     drop(gw);
     drop(stages);

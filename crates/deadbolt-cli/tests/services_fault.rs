@@ -34,9 +34,17 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
         ("poisoner", vec![others.url("poisoner")]),
         ("analyzer", vec![others.url("analyzer")]),
         ("pruner", vec![others.url("pruner")]),
-        ("trainer", trainers.iter().map(|t| t.url("trainer")).collect()),
+        (
+            "trainer",
+            trainers.iter().map(|t| t.url("trainer")).collect(),
+        ),
     ];
-    let gw = serve(d, "gateway", "gateway", &base("gateway", &peers(&peer_list)));
+    let gw = serve(
+        d,
+        "gateway",
+        "gateway",
+        &base("gateway", &peers(&peer_list)),
+    );
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "fault-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
@@ -45,8 +53,14 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     // wait for epoch 1's checkpoint of the clean model, then kill its trainer
     let deadline = Instant::now() + Duration::from_secs(120);
     let victim = loop {
-        assert!(Instant::now() < deadline, "epoch 1 checkpoint never recorded");
-        let recorded = store.get_artifact(id, "clean/epoch-1/model.safetensors").await.is_ok();
+        assert!(
+            Instant::now() < deadline,
+            "epoch 1 checkpoint never recorded"
+        );
+        let recorded = store
+            .get_artifact(id, "clean/epoch-1/model.safetensors")
+            .await
+            .is_ok();
         let job = store
             .list_jobs(id)
             .await
@@ -57,13 +71,20 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
             assert_eq!(j.status, JobStatus::Leased, "killed too late: {j:?}");
             let holder = j.leased_by.clone().unwrap();
             let pid: u32 = holder.split('-').nth(1).unwrap().parse().unwrap();
-            break trainers.iter().position(|t| t.pid() == pid).expect("holder is a trainer");
+            break trainers
+                .iter()
+                .position(|t| t.pid() == pid)
+                .expect("holder is a trainer");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     trainers[victim].kill();
     let survivor = trainers[1 - victim].pid();
-    eprintln!("killed {} after {:.1} s", trainers[victim].name, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "killed {} after {:.1} s",
+        trainers[victim].name,
+        t0.elapsed().as_secs_f64()
+    );
 
     let (_events, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
     assert_eq!(
@@ -82,7 +103,11 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
         .unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(job.attempts, 2, "{job:?}");
-    assert!(job.leased_by.as_ref().unwrap().contains(&format!("-{survivor}-")));
+    assert!(job
+        .leased_by
+        .as_ref()
+        .unwrap()
+        .contains(&format!("-{survivor}-")));
     let result = job.result.unwrap();
     assert!(result["resumed_from"].as_u64().unwrap() >= 1, "{result}");
     assert_eq!(result["attempt"], 2);
@@ -120,7 +145,12 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     assert_eq!(curves.len(), 3);
     for c in &curves {
         let ks: Vec<i64> = c.points.iter().map(|p| p.k).collect();
-        assert_eq!(ks, (0..ks.len() as i64).collect::<Vec<_>>(), "{}", c.criterion);
+        assert_eq!(
+            ks,
+            (0..ks.len() as i64).collect::<Vec<_>>(),
+            "{}",
+            c.criterion
+        );
     }
     let summary = store.run_summary(id).await.unwrap();
     assert!(summary.clean_acc.is_some() && summary.linf.is_some());

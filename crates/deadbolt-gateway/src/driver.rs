@@ -117,7 +117,10 @@ impl Driver {
         match outcome {
             Ok(()) => {
                 self.event("run", "finished", "succeeded").await;
-                if let Err(e) = store.set_run_status(self.run_id, RunStatus::Succeeded, None).await {
+                if let Err(e) = store
+                    .set_run_status(self.run_id, RunStatus::Succeeded, None)
+                    .await
+                {
                     tracing::error!(run_id = %self.run_id, error = %e, "could not mark the run succeeded");
                 }
                 tracing::info!(run_id = %self.run_id, "run succeeded");
@@ -205,7 +208,7 @@ impl Driver {
                 let mut cl = c.analyzer.clone();
                 let req = pb::ReverseEngineerRequest {
                     run_id: id.clone(),
-                    model: model.clone(),
+                    model,
                     checkpoint: bd_ckpt.clone(),
                     dataset: dataset.clone(),
                     seed: spec.seed,
@@ -215,7 +218,10 @@ impl Driver {
             })
             .await?;
         let synthetic = pb::TriggerSource {
-            source: reversed.best.clone().map(pb::trigger_source::Source::Synthetic),
+            source: reversed
+                .best
+                .clone()
+                .map(pb::trigger_source::Source::Synthetic),
         };
         let trigger = match &attack {
             Some(a) if spec.defense.use_real_trigger => pb::TriggerSource {
@@ -228,7 +234,7 @@ impl Driver {
             let mut cl = c.analyzer.clone();
             let req = pb::StatisticsRequest {
                 run_id: id.clone(),
-                model: model.clone(),
+                model,
                 clean_checkpoint: clean_ckpt.clone(),
                 backdoored_checkpoint: bd_ckpt.clone(),
                 dataset: dataset.clone(),
@@ -245,7 +251,7 @@ impl Driver {
             let mut cl = c.analyzer.clone();
             let req = pb::GradCamRequest {
                 run_id: id.clone(),
-                model: model.clone(),
+                model,
                 checkpoint: bd_ckpt.clone(),
                 dataset: dataset.clone(),
                 layer: layer.clone(),
@@ -263,7 +269,7 @@ impl Driver {
                 let mut cl = c.pruner.clone();
                 let req = pb::PruneRequest {
                     run_id: id.clone(),
-                    model: model.clone(),
+                    model,
                     checkpoint: bd_ckpt.clone(),
                     dataset: dataset.clone(),
                     layer: layer.clone(),

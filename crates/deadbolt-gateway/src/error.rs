@@ -20,9 +20,10 @@ impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
         match e {
             GatewayError::Store(s) => s.into(),
-            GatewayError::Stage { stage, status } => {
-                Status::new(status.code(), format!("stage {stage}: {}", status.message()))
-            }
+            GatewayError::Stage { stage, status } => Status::new(
+                status.code(),
+                format!("stage {stage}: {}", status.message()),
+            ),
             GatewayError::Cancelled(id) => Status::cancelled(format!("run {id} was cancelled")),
             GatewayError::BadSpec(m) => Status::new(Code::FailedPrecondition, m),
         }

@@ -154,7 +154,10 @@ impl ExperimentService for Gateway {
             0
         } else {
             req.page_token.parse().map_err(|_| {
-                deadbolt_proto::validate::invalid_argument("page_token", "not a token from a previous response")
+                deadbolt_proto::validate::invalid_argument(
+                    "page_token",
+                    "not a token from a previous response",
+                )
             })?
         };
         let runs = self.shared.store.list_runs(size, offset).await?;
@@ -206,7 +209,11 @@ impl ExperimentService for Gateway {
                 };
                 for e in &events {
                     after = e.seq;
-                    if tx.send(Ok(convert::event_to_proto(e, run.status))).await.is_err() {
+                    if tx
+                        .send(Ok(convert::event_to_proto(e, run.status)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -52,8 +52,14 @@ impl Bundle {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for s in SPLITS {
             let d = self.split(s);
-            tensors.push((format!("{s}.images"), d.images.to_kind(Kind::Float).contiguous()));
-            tensors.push((format!("{s}.labels"), d.labels.to_kind(Kind::Int64).contiguous()));
+            tensors.push((
+                format!("{s}.images"),
+                d.images.to_kind(Kind::Float).contiguous(),
+            ));
+            tensors.push((
+                format!("{s}.labels"),
+                d.labels.to_kind(Kind::Int64).contiguous(),
+            ));
         }
         tensors.push(("classes".into(), Tensor::from_slice(&[self.train.classes])));
         tensors.push((

@@ -31,7 +31,11 @@ impl Progress for JobProgress<'_> {
     fn inc(&self, n: u64) {
         if let Ok(mut p) = self.phase.lock() {
             p.2 += n;
-            let f = if p.1 > 0 { p.2 as f64 / p.1 as f64 } else { 0.0 };
+            let f = if p.1 > 0 {
+                p.2 as f64 / p.1 as f64
+            } else {
+                0.0
+            };
             self.ctx.set_progress(f, &p.0);
         }
     }

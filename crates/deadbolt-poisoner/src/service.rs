@@ -41,10 +41,17 @@ impl StageHandler for PoisonHandler {
         let bundle = Bundle::from_prepared(&prepared);
         let path = ctx.work_dir.join("dataset.safetensors");
         bundle.write(&path)?;
-        let dataset = ctx.put_file("data/dataset.safetensors", &path, "application/octet-stream")?;
+        let dataset = ctx.put_file(
+            "data/dataset.safetensors",
+            &path,
+            "application/octet-stream",
+        )?;
         let indices = serde_json::to_vec(&bundle.poisoned_indices).expect("indices serialize");
-        let poisoned_indices =
-            ctx.put_artifact("data/poisoned_indices.json", Bytes::from(indices), "application/json")?;
+        let poisoned_indices = ctx.put_artifact(
+            "data/poisoned_indices.json",
+            Bytes::from(indices),
+            "application/json",
+        )?;
         ctx.block_on(ctx.store.record_metric(
             ctx.run_id(),
             stages::DATA,

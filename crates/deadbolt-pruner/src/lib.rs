@@ -79,8 +79,11 @@ impl StageHandler for PruneHandler {
         let trig_path = ctx.work_dir.join("trigger.safetensors");
         ctx.download(&analysis.trigger, &trig_path)?;
         let trig = core(reverse::load_trigger(&trig_path))?.to_device(tch::Device::Cpu);
-        let synthetic =
-            reverse::synthetic_attack(&trig, analysis.synthetic.suspect_label, bundle.train.classes);
+        let synthetic = reverse::synthetic_attack(
+            &trig,
+            analysis.synthetic.suspect_label,
+            bundle.train.classes,
+        );
         let out = ctx.work_dir.join("prune");
         let p = core(experiment::stage_prune(
             &spec,
@@ -96,7 +99,9 @@ impl StageHandler for PruneHandler {
         for (c, r) in &p.pruning {
             let points: Vec<CurvePoint> = r.curve.iter().map(store_point).collect();
             ctx.block_on(async {
-                ctx.store.put_pruning_curve(run_id, c.as_str(), &points).await?;
+                ctx.store
+                    .put_pruning_curve(run_id, c.as_str(), &points)
+                    .await?;
                 ctx.store
                     .set_pruning_choice(run_id, c.as_str(), store_point(&r.chosen))
                     .await
@@ -114,7 +119,9 @@ impl StageHandler for PruneHandler {
         let mut tables = [p.pruning.clone(), p.pruning_synthetic.clone()];
         for table in tables.iter_mut() {
             for r in table.values_mut() {
-                let Some(dir) = r.checkpoint.clone() else { continue };
+                let Some(dir) = r.checkpoint.clone() else {
+                    continue;
+                };
                 let name = rel(&out, &dir).to_string_lossy().replace('\\', "/");
                 if !checkpoints.contains_key(&name) {
                     let w = ctx.put_file(
@@ -122,7 +129,11 @@ impl StageHandler for PruneHandler {
                         &dir.join("model.safetensors"),
                         "application/octet-stream",
                     )?;
-                    ctx.put_file(&format!("{name}/model.json"), &dir.join("model.json"), "application/json")?;
+                    ctx.put_file(
+                        &format!("{name}/model.json"),
+                        &dir.join("model.json"),
+                        "application/json",
+                    )?;
                     checkpoints.insert(name.clone(), w);
                 }
                 r.checkpoint = Some(PathBuf::from(name));
@@ -131,7 +142,8 @@ impl StageHandler for PruneHandler {
         let [pruning, pruning_synthetic] = tables;
         let (figures, _) = upload_figures(ctx, &out, &p.figures)?;
         let run = ctx.block_on(ctx.store.get_run(run_id))?;
-        let total = (chrono_now_secs() - run.created_at.timestamp_millis() as f64 / 1000.0).max(0.0);
+        let total =
+            (chrono_now_secs() - run.created_at.timestamp_millis() as f64 / 1000.0).max(0.0);
         let timings = BTreeMap::from([
             ("data".to_string(), data.seconds),
             ("train_clean".to_string(), clean.seconds),
@@ -156,8 +168,13 @@ impl StageHandler for PruneHandler {
         );
         let dir = ctx.work_dir.join("report");
         core(report.write(&dir))?;
-        let report_json = ctx.put_file("report/report.json", &dir.join("report.json"), "application/json")?;
-        let report_md = ctx.put_file("report/report.md", &dir.join("report.md"), "text/markdown")?;
+        let report_json = ctx.put_file(
+            "report/report.json",
+            &dir.join("report.json"),
+            "application/json",
+        )?;
+        let report_md =
+            ctx.put_file("report/report.md", &dir.join("report.md"), "text/markdown")?;
         tracing::info!(run_id = %run_id, criteria = pruning.len(), "pruning done, report stored");
         let r = PruneResult {
             pruning,
@@ -209,7 +226,10 @@ impl Pruner {
         let c = r.pruning.get(&criterion).ok_or_else(|| {
             invalid_argument(
                 "criterion",
-                format!("{} is not among the run's spec.defense.criteria", criterion.as_str()),
+                format!(
+                    "{} is not among the run's spec.defense.criteria",
+                    criterion.as_str()
+                ),
             )
         })?;
         let ckpt = c

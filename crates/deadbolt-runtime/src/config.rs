@@ -296,7 +296,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !(self.lease_secs > 0.0) {
+        if self.lease_secs.is_nan() || self.lease_secs <= 0.0 {
             bail!("lease_secs must be > 0");
         }
         if !(self.heartbeat_secs > 0.0 && self.heartbeat_secs < self.lease_secs) {
@@ -353,10 +353,7 @@ mod tests {
         assert_eq!(c.listen_addr(ServiceKind::Trainer), "127.0.0.1:7000");
         assert_eq!(c.listen_addr(ServiceKind::Pruner), "127.0.0.1:50064");
         assert_eq!(c.peer_urls(ServiceKind::Trainer).len(), 2);
-        assert_eq!(
-            c.peer_urls(ServiceKind::Pruner),
-            ["http://127.0.0.1:50064"]
-        );
+        assert_eq!(c.peer_urls(ServiceKind::Pruner), ["http://127.0.0.1:50064"]);
         assert_eq!(Config::from_toml_str(&c.to_toml_string()).unwrap(), c);
         assert!(Config::from_toml_str("nope = 1").is_err());
         let bad = Config {

@@ -43,7 +43,10 @@ pub fn spec_from_submit(
 ) -> Result<spec::ExperimentSpec, Status> {
     use pb::submit_experiment_request::Spec;
     match s {
-        None => Err(invalid_argument(SPEC, "is required (structured or spec_toml)")),
+        None => Err(invalid_argument(
+            SPEC,
+            "is required (structured or spec_toml)",
+        )),
         Some(Spec::Structured(p)) => spec_from_proto(p),
         Some(Spec::SpecToml(t)) => {
             spec::ExperimentSpec::from_toml_str(t).map_err(|e| spec_error_status(&e))
@@ -73,7 +76,7 @@ pub fn spec_from_proto(p: &pb::ExperimentSpec) -> Result<spec::ExperimentSpec, S
         pb::Arch::PreactResnet18 => spec::Arch::PreactResnet18,
     };
     let attack = p.attack.as_ref().map(attack_from_proto).transpose()?;
-    let t = p.training.clone().unwrap_or_default();
+    let t = p.training.unwrap_or_default();
     let dt = spec::TrainingSpec::default();
     let training = spec::TrainingSpec {
         optimizer: match enum_of::<pb::Optimizer>("training.optimizer", t.optimizer)? {
@@ -110,7 +113,7 @@ pub fn spec_from_proto(p: &pb::ExperimentSpec) -> Result<spec::ExperimentSpec, S
             .map(|c| criterion_from_proto("defense.criteria", *c))
             .collect::<Result<Vec<_>, _>>()?
     };
-    let s = f.synthetic.clone().unwrap_or_default();
+    let s = f.synthetic.unwrap_or_default();
     let ds = spec::SyntheticSpec::default();
     let defense = spec::DefenseSpec {
         layer: f.layer.clone().filter(|l| !l.is_empty()),
@@ -118,7 +121,10 @@ pub fn spec_from_proto(p: &pb::ExperimentSpec) -> Result<spec::ExperimentSpec, S
         target_asr: f.target_asr.unwrap_or(dd.target_asr),
         max_acc_drop: f.max_acc_drop.unwrap_or(dd.max_acc_drop),
         fine_tune_epochs: f.fine_tune_epochs as usize,
-        stats_images: f.stats_images.map(|v| v as usize).unwrap_or(dd.stats_images),
+        stats_images: f
+            .stats_images
+            .map(|v| v as usize)
+            .unwrap_or(dd.stats_images),
         seed: f.seed,
         synthetic: spec::SyntheticSpec {
             steps: s.steps.map(|v| v as usize).unwrap_or(ds.steps),
@@ -182,14 +188,16 @@ pub fn attack_from_proto(a: &pb::AttackSpec) -> Result<spec::AttackSpec, Status>
                     row: rc.row,
                     col: rc.col,
                 },
-                Some(pb::patch_trigger::Position::Corner(c)) => {
-                    spec::PatchPosition::Corner(match enum_of::<pb::Corner>("attack.trigger.position", *c)? {
-                        pb::Corner::Unspecified | pb::Corner::BottomRight => spec::Corner::BottomRight,
+                Some(pb::patch_trigger::Position::Corner(c)) => spec::PatchPosition::Corner(
+                    match enum_of::<pb::Corner>("attack.trigger.position", *c)? {
+                        pb::Corner::Unspecified | pb::Corner::BottomRight => {
+                            spec::Corner::BottomRight
+                        }
                         pb::Corner::TopLeft => spec::Corner::TopLeft,
                         pb::Corner::TopRight => spec::Corner::TopRight,
                         pb::Corner::BottomLeft => spec::Corner::BottomLeft,
-                    })
-                }
+                    },
+                ),
             };
             let pattern = match &p.pattern {
                 None => spec::PatchPattern::Solid,
@@ -251,16 +259,18 @@ pub fn attack_to_proto(a: &spec::AttackSpec) -> pb::AttackSpec {
             size: *size,
             position: Some(match position {
                 spec::PatchPosition::At { row, col } => {
-                    pb::patch_trigger::Position::At(pb::RowCol { row: *row, col: *col })
+                    pb::patch_trigger::Position::At(pb::RowCol {
+                        row: *row,
+                        col: *col,
+                    })
                 }
-                spec::PatchPosition::Corner(c) => pb::patch_trigger::Position::Corner(
-                    match c {
-                        spec::Corner::TopLeft => pb::Corner::TopLeft,
-                        spec::Corner::TopRight => pb::Corner::TopRight,
-                        spec::Corner::BottomLeft => pb::Corner::BottomLeft,
-                        spec::Corner::BottomRight => pb::Corner::BottomRight,
-                    } as i32,
-                ),
+                spec::PatchPosition::Corner(c) => pb::patch_trigger::Position::Corner(match c {
+                    spec::Corner::TopLeft => pb::Corner::TopLeft,
+                    spec::Corner::TopRight => pb::Corner::TopRight,
+                    spec::Corner::BottomLeft => pb::Corner::BottomLeft,
+                    spec::Corner::BottomRight => pb::Corner::BottomRight,
+                }
+                    as i32),
             }),
             pattern: Some(match pattern {
                 spec::PatchPattern::Solid => {
@@ -336,7 +346,11 @@ pub fn training_to_proto(t: &spec::TrainingSpec) -> pb::TrainingSpec {
 pub fn dataset_to_proto(d: &spec::DatasetSpec) -> pb::DatasetSpec {
     pb::DatasetSpec {
         kind: dataset_kind_to_proto(d.kind) as i32,
-        path: d.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        path: d
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         validation_fraction: Some(d.validation_fraction),
         train_limit: d.train_limit as u64,
         test_limit: d.test_limit as u64,
@@ -384,7 +398,11 @@ pub fn spec_to_proto(s: &spec::ExperimentSpec) -> pb::ExperimentSpec {
         training: Some(training_to_proto(&s.training)),
         defense: Some(pb::DefenseSpec {
             layer: f.layer.clone(),
-            criteria: f.criteria.iter().map(|c| criterion_to_proto(*c) as i32).collect(),
+            criteria: f
+                .criteria
+                .iter()
+                .map(|c| criterion_to_proto(*c) as i32)
+                .collect(),
             target_asr: Some(f.target_asr),
             max_acc_drop: Some(f.max_acc_drop),
             fine_tune_epochs: f.fine_tune_epochs as u32,
@@ -571,14 +589,22 @@ steps = 5
         assert_eq!(field(spec_from_proto(&p).unwrap_err()), "spec.training.lr");
         p.training.as_mut().unwrap().lr = Some(0.1);
         p.defense.as_mut().unwrap().criteria = vec![99];
-        assert_eq!(field(spec_from_proto(&p).unwrap_err()), "spec.defense.criteria");
+        assert_eq!(
+            field(spec_from_proto(&p).unwrap_err()),
+            "spec.defense.criteria"
+        );
         p.defense.as_mut().unwrap().criteria = vec![];
         p.attack.as_mut().unwrap().trigger = None;
-        assert_eq!(field(spec_from_proto(&p).unwrap_err()), "spec.attack.trigger");
-        let toml = pb::submit_experiment_request::Spec::SpecToml(
-            TOML.replace("rate = 0.2", "rate = 2.0"),
+        assert_eq!(
+            field(spec_from_proto(&p).unwrap_err()),
+            "spec.attack.trigger"
         );
-        assert_eq!(field(spec_from_submit(Some(&toml)).unwrap_err()), "spec.attack.rate");
+        let toml =
+            pb::submit_experiment_request::Spec::SpecToml(TOML.replace("rate = 0.2", "rate = 2.0"));
+        assert_eq!(
+            field(spec_from_submit(Some(&toml)).unwrap_err()),
+            "spec.attack.rate"
+        );
         assert_eq!(field(spec_from_submit(None).unwrap_err()), "spec");
     }
 }

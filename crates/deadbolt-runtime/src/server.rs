@@ -30,7 +30,9 @@ pub async fn spawn(
     reporter
         .set_service_status(service_name, ServingStatus::Serving)
         .await;
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(deadbolt_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -65,5 +67,7 @@ pub fn balanced_channel(urls: &[String]) -> Result<tonic::transport::Channel> {
         })
         .collect::<Result<Vec<_>>>()?;
     anyhow::ensure!(!endpoints.is_empty(), "no peer addresses");
-    Ok(tonic::transport::Channel::balance_list(endpoints.into_iter()))
+    Ok(tonic::transport::Channel::balance_list(
+        endpoints.into_iter(),
+    ))
 }

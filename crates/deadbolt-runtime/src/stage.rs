@@ -45,7 +45,11 @@ pub async fn run_stage(
 }
 
 /// Waits until a job succeeded (Ok) or failed/was cancelled (its error).
-pub async fn wait_job(store: &dyn MetadataStore, job_id: Uuid, poll: Duration) -> Result<Job, Status> {
+pub async fn wait_job(
+    store: &dyn MetadataStore,
+    job_id: Uuid,
+    poll: Duration,
+) -> Result<Job, Status> {
     loop {
         let j = store.get_job(job_id).await?;
         match j.status {
@@ -65,7 +69,6 @@ pub async fn wait_job(store: &dyn MetadataStore, job_id: Uuid, poll: Duration) -
 
 /// Decodes a job result into a stage's result type.
 pub fn decode_result<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, Status> {
-    serde_json::from_value(job.result.clone().unwrap_or(Value::Null)).map_err(|e| {
-        Status::internal(format!("result of job {} ({}): {e}", job.id, job.stage))
-    })
+    serde_json::from_value(job.result.clone().unwrap_or(Value::Null))
+        .map_err(|e| Status::internal(format!("result of job {} ({}): {e}", job.id, job.stage)))
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadbolt_store::{ArtifactRef, ArtifactStore, Job, JobStatus, MetadataStore, RunStatus, StoreError};
+use deadbolt_store::{
+    ArtifactRef, ArtifactStore, Job, JobStatus, MetadataStore, RunStatus, StoreError,
+};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tonic::Code;
@@ -146,9 +148,8 @@ impl JobContext {
     /// The run's spec (its `spec_json`).
     pub fn spec<T: DeserializeOwned>(&self) -> Result<T, JobError> {
         let run = self.block_on(self.store.get_run(self.run_id()))?;
-        serde_json::from_value(run.spec_json).map_err(|e| {
-            JobError::permanent(Code::FailedPrecondition, format!("run spec: {e}"))
-        })
+        serde_json::from_value(run.spec_json)
+            .map_err(|e| JobError::permanent(Code::FailedPrecondition, format!("run spec: {e}")))
     }
 
     /// The result of this run's succeeded job of `stage`.
@@ -192,9 +193,8 @@ impl JobContext {
         path: &Path,
         content_type: &str,
     ) -> Result<ArtifactRef, JobError> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            JobError::transient(format!("reading {}: {e}", path.display()))
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| JobError::transient(format!("reading {}: {e}", path.display())))?;
         self.put_artifact(name, Bytes::from(bytes), content_type)
     }
 
@@ -270,11 +270,18 @@ impl Worker {
             tracing::error!(job_id = %job.id, "leased job without a lease token");
             return;
         };
-        let (job_id, run_id, stage, attempt) = (job.id, job.run_id, job.stage.clone(), job.attempts);
+        let (job_id, run_id, stage, attempt) =
+            (job.id, job.run_id, job.stage.clone(), job.attempts);
         tracing::info!(service = self.service, job_id = %job_id, run_id = %run_id, stage = %stage, attempt, "job leased");
         let _ = self
             .store
-            .append_event(run_id, &stage, "leased", &format!("attempt {attempt} on {}", self.worker_id), None)
+            .append_event(
+                run_id,
+                &stage,
+                "leased",
+                &format!("attempt {attempt} on {}", self.worker_id),
+                None,
+            )
             .await;
         let work_dir = match tempfile::Builder::new()
             .prefix(&format!("{stage}-"))
@@ -282,7 +289,10 @@ impl Worker {
         {
             Ok(d) => d,
             Err(e) => {
-                let err = JobError::transient(format!("work dir under {}: {e}", self.work_root.display()));
+                let err = JobError::transient(format!(
+                    "work dir under {}: {e}",
+                    self.work_root.display()
+                ));
                 self.finish(job_id, token, &stage, Err(err), attempt).await;
                 return;
             }
@@ -386,7 +396,9 @@ async fn heartbeat_loop(
                 .as_ref()
                 .is_none_or(|(lf, lm)| lm != m || (f - lf).abs() >= 0.05);
             if changed {
-                let _ = store.append_event(run_id, &stage, "progress", m, Some(*f)).await;
+                let _ = store
+                    .append_event(run_id, &stage, "progress", m, Some(*f))
+                    .await;
                 last = p.clone();
             }
         }

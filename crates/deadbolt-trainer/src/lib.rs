@@ -237,7 +237,8 @@ impl deadbolt_runtime::StageHandler for TrainHandler {
             uploaded: Mutex::new(uploaded),
             error: Mutex::new(None),
         };
-        let trained = experiment::stage_train(&spec, data, &bundle.test, attack.as_ref(), &out, &progress);
+        let trained =
+            experiment::stage_train(&spec, data, &bundle.test, attack.as_ref(), &out, &progress);
         if let Some(e) = progress.error.lock().expect("lock").take() {
             return Err(e);
         }
@@ -315,17 +316,30 @@ impl Trainer {
         let stage = match pb::ModelTag::try_from(req.tag) {
             Ok(pb::ModelTag::Clean) => stages::TRAIN_CLEAN,
             Ok(pb::ModelTag::Backdoored) => stages::TRAIN_BACKDOORED,
-            _ => return Err(invalid_argument("tag", "must be MODEL_TAG_CLEAN or MODEL_TAG_BACKDOORED")),
+            _ => {
+                return Err(invalid_argument(
+                    "tag",
+                    "must be MODEL_TAG_CLEAN or MODEL_TAG_BACKDOORED",
+                ))
+            }
         };
         let job = self
             .shared
-            .run_stage(run_id, stage, serde_json::json!({ "tag": tag_of_stage(stage) }))
+            .run_stage(
+                run_id,
+                stage,
+                serde_json::json!({ "tag": tag_of_stage(stage) }),
+            )
             .await?;
         let r: TrainResult = stage::decode_result(&job)?;
         Ok(pb::TrainResponse {
             checkpoint: Some(convert::artifact_to_proto(&r.checkpoint)),
             metrics: Some(metrics_to_proto(&r.metrics)),
-            epochs_done: r.epochs.last().map(|e| e.epoch as u32).unwrap_or(r.resumed_from as u32),
+            epochs_done: r
+                .epochs
+                .last()
+                .map(|e| e.epoch as u32)
+                .unwrap_or(r.resumed_from as u32),
         })
     }
 }

@@ -21,20 +21,30 @@ pub fn bin() -> &'static str {
 }
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// The tiny spec (tests/tiny.toml) with the absolute data path, `epochs`
 /// and `train_limit`, written into `dir`.
 pub fn tiny_spec(dir: &Path, epochs: usize, train_limit: usize) -> PathBuf {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tiny.toml"))
-        .unwrap()
-        .replace(
-            "kind = \"mnist\"",
-            &format!("kind = \"mnist\"\npath = \"{}\"", repo().join("data/mnist").display()),
-        )
-        .replace("epochs = 1", &format!("epochs = {epochs}"))
-        .replace("train_limit = 1200", &format!("train_limit = {train_limit}"));
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tiny.toml"))
+            .unwrap()
+            .replace(
+                "kind = \"mnist\"",
+                &format!(
+                    "kind = \"mnist\"\npath = \"{}\"",
+                    repo().join("data/mnist").display()
+                ),
+            )
+            .replace("epochs = 1", &format!("epochs = {epochs}"))
+            .replace(
+                "train_limit = 1200",
+                &format!("train_limit = {train_limit}"),
+            );
     let p = dir.join(format!("spec-{epochs}-{train_limit}.toml"));
     std::fs::write(&p, text).unwrap();
     p
@@ -205,25 +215,40 @@ fn http(port: u16, req: &str) -> std::io::Result<String> {
 impl Moto {
     /// Starts moto_server ($DEADBOLT_VENV/bin or PATH) and creates `bucket`.
     pub fn start(bucket: &str) -> Moto {
-        let venv = std::env::var_os("DEADBOLT_VENV").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deadbolt/venv-torch-2.13.0")
-        });
+        let venv = std::env::var_os("DEADBOLT_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap())
+                    .join(".cache/deadbolt/venv-torch-2.13.0")
+            });
         let bin = [venv.join("bin/moto_server")]
             .into_iter()
             .find(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from("moto_server"));
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} ({e}); run scripts/setup-test-deps.sh", bin.display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}); run scripts/setup-test-deps.sh",
+                    bin.display()
+                )
+            });
         let m = Moto { child, port };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http(port, &format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"))
-            .map(|r| !r.starts_with("HTTP/1."))
-            .unwrap_or(true)
+        while http(
+            port,
+            &format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"),
+        )
+        .map(|r| !r.starts_with("HTTP/1."))
+        .unwrap_or(true)
         {
             assert!(Instant::now() < deadline, "moto_server did not start");
             std::thread::sleep(Duration::from_millis(100));
@@ -261,7 +286,9 @@ impl Moto {
 }
 
 pub async fn gateway(url: &str) -> ExperimentServiceClient<Channel> {
-    ExperimentServiceClient::connect(url.to_string()).await.unwrap()
+    ExperimentServiceClient::connect(url.to_string())
+        .await
+        .unwrap()
 }
 
 pub async fn submit_toml(
@@ -303,7 +330,9 @@ pub async fn watch(
     .await
     .unwrap_or_else(|_| panic!("run {run_id} did not finish within {timeout:?}"));
     let run = c
-        .get_experiment(pb::GetExperimentRequest { run_id: run_id.into() })
+        .get_experiment(pb::GetExperimentRequest {
+            run_id: run_id.into(),
+        })
         .await
         .unwrap()
         .into_inner();
