@@ -22,7 +22,7 @@ use tch::{Device, Tensor};
 use crate::analysis::gradcam::{self, RegionMass};
 use crate::analysis::reverse::{self, Reversed};
 use crate::analysis::stats::{self, Norm};
-use crate::analysis::Setting;
+use crate::analysis::{shuffled_subset, Setting};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
@@ -234,6 +234,13 @@ pub fn stage_reverse(
     Ok((rev, summary, figures))
 }
 
+/// The validation images the statistics are computed on: a seeded random
+/// subset of `defense.stats_images` (the validation split is sorted by
+/// class).
+pub fn stats_sample(spec: &ExperimentSpec, val: &Dataset) -> Dataset {
+    shuffled_subset(val, spec.defense.stats_images, spec.seed ^ 0x57a7)
+}
+
 /// Bounding box of a trigger: its mask's support, or for a mask that is
 /// non-zero everywhere (synthetic, blend), of the pixels at >= half its max.
 pub fn trigger_region(t: &Trigger) -> (i64, i64, i64, i64) {
@@ -281,7 +288,7 @@ pub fn stage_analyze(
         Some(a) => (TriggerSource::Real, a.trigger.clone()),
         None => (TriggerSource::Synthetic, rev.suspect().1.clone()),
     };
-    let imgs = val.take(spec.defense.stats_images).images;
+    let imgs = stats_sample(spec, val).images;
     let trig_imgs = trig.apply(&imgs);
     let four = stats::four_settings(&clean, &backdoored, &layer, &imgs, &trig_imgs, STATS_BATCH)?;
     let separation = four.separations();
@@ -313,7 +320,8 @@ pub fn stage_analyze(
 
     let t = Instant::now();
     let target = attack.map(|a| a.spec.target).unwrap_or(rev.suspect().0);
-    let keep: Vec<i64> = val
+    let shuffled = shuffled_subset(val, 0, spec.seed ^ 0x6c61);
+    let keep: Vec<i64> = shuffled
         .labels_vec()
         .iter()
         .enumerate()
@@ -322,7 +330,7 @@ pub fn stage_analyze(
         .take(GRADCAM_IMAGES)
         .collect();
     let region = trigger_region(&trig);
-    let cam_clean = val.select_vec(&keep).images;
+    let cam_clean = shuffled.select_vec(&keep).images;
     let cam_trig = trig.apply(&cam_clean);
     let mut mass = BTreeMap::new();
     let mut rows = Vec::new();
@@ -447,7 +455,7 @@ pub fn stage_prune(
     let mut figures = Vec::new();
     for (i, (source, attack)) in sources.iter().enumerate() {
         let t = Instant::now();
-        let imgs = val.take(spec.defense.stats_images).images;
+        let imgs = stats_sample(spec, val).images;
         let clean_stats = stats::collect(&model, &layer, &imgs, STATS_BATCH)?;
         let trig_stats = stats::collect(&model, &layer, &attack.trigger.apply(&imgs), STATS_BATCH)?;
         let val_trig = attack.triggered(val);

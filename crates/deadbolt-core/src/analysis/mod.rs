@@ -7,7 +7,24 @@ pub mod gradcam;
 pub mod reverse;
 pub mod stats;
 
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+
+/// A seeded random subset of `n` samples in random order (all samples,
+/// shuffled, when `n` is 0 or at least the set's size). Datasets are often
+/// sorted by class (the MNIST IDX files are), so "the first n" would see
+/// only a few classes.
+pub fn shuffled_subset(ds: &Dataset, n: usize, seed: u64) -> Dataset {
+    let mut idx: Vec<i64> = (0..ds.len()).collect();
+    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    if n > 0 && n < idx.len() {
+        idx.truncate(n);
+    }
+    ds.select_vec(&idx)
+}
 
 /// The paper's four settings: {clean, backdoored} model x {clean, triggered} input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -86,6 +103,22 @@ pub fn mad(values: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shuffled_subset_mixes_classes() {
+        let y = tch::Tensor::arange(100, (tch::Kind::Int64, tch::Device::Cpu))
+            .divide_scalar_mode(10, "floor");
+        let x = tch::Tensor::zeros([100, 1, 2, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let ds = Dataset::new(x, y, 10, "sorted").unwrap();
+        let s = shuffled_subset(&ds, 20, 1);
+        assert_eq!(s.len(), 20);
+        let mut classes = s.labels_vec();
+        classes.sort();
+        classes.dedup();
+        assert!(classes.len() >= 6, "{classes:?}");
+        assert_eq!(s.labels_vec(), shuffled_subset(&ds, 20, 1).labels_vec());
+        assert_eq!(shuffled_subset(&ds, 0, 1).len(), 100);
+    }
 
     #[test]
     fn median_and_mad() {

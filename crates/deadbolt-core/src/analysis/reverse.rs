@@ -6,9 +6,9 @@
 //!
 //! All labels are optimised together: one batched forward of
 //! `labels x minibatch` stamped images per step, gradients only for the
-//! mask/pattern parameters (the model is untouched). A label stops early
-//! once its stamped minibatch is classified as the label (>= 95%) and its
-//! mask norm has not improved by 1% for [`PATIENCE`] steps.
+//! mask/pattern parameters (the model is untouched). The images are a
+//! seeded random subset of `spec.images` clean images, cycled in
+//! minibatches of [`MINIBATCH`]; masks start small ([`MASK_INIT`]).
 //!
 //! Anomaly index per label: `(median - norm) / (1.4826 * MAD)` of the mask
 //! L1 norms for labels below the median (0 otherwise). A label is flagged
@@ -30,8 +30,13 @@ use crate::trigger::Trigger;
 
 /// Stamped images per label and step.
 pub const MINIBATCH: i64 = 12;
-/// Steps without a 1% mask-norm improvement before a label stops.
-pub const PATIENCE: usize = 40;
+/// Seed of the image subset.
+pub const SUBSET_SEED: u64 = 0x4e43;
+/// Initial mask parameter: masks start small (sigmoid(-3) = 0.047 per
+/// pixel) and grow where the label's loss wants them. Starting at 0.5
+/// everywhere lets the optimiser settle on large, digit-shaped masks and
+/// miss a small corner trigger.
+pub const MASK_INIT: f64 = -3.0;
 /// Minimum attack success of a reversed trigger for its label to be flagged.
 pub const MIN_SUCCESS: f64 = 0.5;
 
@@ -46,7 +51,7 @@ pub struct LabelResult {
     pub attack_success: f64,
     pub anomaly_index: f64,
     pub flagged: bool,
-    /// Optimisation steps run for this label.
+    /// Optimisation steps run.
     pub steps: usize,
 }
 
@@ -128,15 +133,15 @@ impl Adam {
             t: 0,
         }
     }
-    /// One Adam step on `param` rows where `active` (`[L, 1, 1, 1]`) is 1.
-    fn step(&mut self, param: &mut Tensor, grad: &Tensor, lr: f64, active: &Tensor) {
+    /// One Adam step.
+    fn step(&mut self, param: &mut Tensor, grad: &Tensor, lr: f64) {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.t += 1;
         self.m = &self.m * b1 + grad * (1.0 - b1);
         self.v = &self.v * b2 + grad.square() * (1.0 - b2);
         let mh = &self.m / (1.0 - b1.powi(self.t));
         let vh = &self.v / (1.0 - b2.powi(self.t));
-        let upd = mh / (vh.sqrt() + eps) * lr * active;
+        let upd = mh / (vh.sqrt() + eps) * lr;
         let _ = param.g_sub_(&upd);
     }
 }
@@ -151,7 +156,7 @@ pub fn reverse_engineer(
     progress: &dyn Progress,
 ) -> Result<Reversed> {
     let t0 = Instant::now();
-    let data = data.take(spec.images);
+    let data = super::shuffled_subset(data, spec.images, SUBSET_SEED);
     if data.is_empty() {
         return Err(Error::EmptyDataset(
             "no clean images for trigger reverse engineering".into(),
@@ -173,23 +178,16 @@ pub fn reverse_engineer(
     let images = data.images.to_device(dev);
     let n = data.len();
     let l = classes;
-    let mut mask_p = Tensor::zeros([l, 1, h, w], (Kind::Float, dev));
+    let mut mask_p = Tensor::full([l, 1, h, w], MASK_INIT, (Kind::Float, dev));
     let mut pat_p = Tensor::zeros([l, c, h, w], (Kind::Float, dev));
     let (mut adam_m, mut adam_p) = (Adam::new(&mask_p), Adam::new(&pat_p));
     let b = MINIBATCH.min(n);
     let targets = Tensor::arange(l, (Kind::Int64, dev)).repeat_interleave_self_int(b, 0, None);
-    let mut active = vec![true; l as usize];
-    let mut steps = vec![0usize; l as usize];
-    let mut best = vec![f64::INFINITY; l as usize];
-    let mut since = vec![0usize; l as usize];
     progress.start("reverse-engineering triggers", spec.steps as u64);
     let mut offset = 0i64;
     for _step in 0..spec.steps {
         if progress.cancelled() {
             return Err(Error::Cancelled);
-        }
-        if !active.iter().any(|a| *a) {
-            break;
         }
         let idx: Vec<i64> = (0..b).map(|i| (offset + i) % n).collect();
         offset = (offset + b) % n;
@@ -209,39 +207,10 @@ pub fn reverse_engineer(
         let l1 = m.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
         let loss = (&ce + &l1 * spec.lambda).sum(Kind::Float);
         let grads = Tensor::f_run_backward(&[loss], &[&mp, &pp], false, false)?;
-        let act = Tensor::from_slice(&active.iter().map(|a| *a as i64 as f32).collect::<Vec<_>>())
-            .to_device(dev)
-            .view([l, 1, 1, 1]);
         tch::no_grad(|| {
-            adam_m.step(&mut mask_p, &grads[0], spec.lr, &act);
-            adam_p.step(&mut pat_p, &grads[1], spec.lr, &act);
+            adam_m.step(&mut mask_p, &grads[0], spec.lr);
+            adam_p.step(&mut pat_p, &grads[1], spec.lr);
         });
-        // early stopping bookkeeping
-        let hits = tch::no_grad(|| {
-            logits
-                .argmax(1, false)
-                .eq_tensor(&targets)
-                .to_kind(Kind::Float)
-                .view([l, b])
-                .mean_dim(1, false, Kind::Float)
-        });
-        let hits = Vec::<f32>::try_from(hits.to_device(Device::Cpu))?;
-        let norms = Vec::<f32>::try_from(l1.detach().to_device(Device::Cpu))?;
-        for i in 0..l as usize {
-            if !active[i] {
-                continue;
-            }
-            steps[i] += 1;
-            if hits[i] >= 0.95 && (norms[i] as f64) < best[i] * 0.99 {
-                best[i] = norms[i] as f64;
-                since[i] = 0;
-            } else {
-                since[i] += 1;
-            }
-            if best[i].is_finite() && since[i] >= PATIENCE {
-                active[i] = false;
-            }
-        }
         progress.inc(1);
     }
     // final triggers and their attack success on all the images
@@ -269,7 +238,7 @@ pub fn reverse_engineer(
             attack_success: success,
             anomaly_index: 0.0,
             flagged: false,
-            steps: steps[label as usize],
+            steps: spec.steps,
         });
         triggers.push(trig);
     }
