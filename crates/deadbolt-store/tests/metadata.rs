@@ -383,6 +383,27 @@ async fn retries_with_backoff_then_fail(s: Store) {
     assert!(j.error.unwrap().contains("lease expired"));
 }
 
+async fn abort_fails_at_once(s: Store) {
+    let st = stage("analyze");
+    let stages = vec![st.clone()];
+    let run = new_run(&s, "abort").await;
+    let job = enqueue(&s, run.id, &st, 3).await;
+    let lease = Duration::from_secs(30);
+    let a = s.lease_job("w", &stages, lease).await.unwrap().unwrap();
+    let tok = a.lease_token.unwrap();
+    // A stale token cannot abort.
+    assert!(matches!(
+        s.abort_job(job.id, Uuid::new_v4(), "x").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    let f = s.abort_job(job.id, tok, "checksum mismatch").await.unwrap();
+    assert_eq!((f.status, f.attempts), (JobStatus::Failed, 1));
+    assert_eq!(f.error.as_deref(), Some("checksum mismatch"));
+    assert!(f.lease_token.is_none());
+    // Attempts were left, but the job is not leased again.
+    assert!(s.lease_job("w", &stages, lease).await.unwrap().is_none());
+}
+
 async fn upserts_do_not_duplicate(s: Store) {
     let run = new_run(&s, "upserts").await;
     for v in [0.5, 0.9] {
@@ -729,6 +750,7 @@ async fn run_suite(s: Store) {
     case!(oldest_job_first);
     case!(lease_expiry_and_relase);
     case!(retries_with_backoff_then_fail);
+    case!(abort_fails_at_once);
     case!(upserts_do_not_duplicate);
     case!(views_report_figures);
     case!(events_are_ordered);

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The MNIST experiment through separate service processes (poisoner, trainer,
+# analyzer, pruner, gateway: one `deadbolt serve` each, Postgres + the local
+# artifact store, or S3 on moto_server with --s3) vs `deadbolt experiment`
+# (all services in-process, SQLite + local files) vs `deadbolt experiment
+# --direct` (the core pipeline, no services), one after the other in one
+# run. Prints the wall times and the overhead of the services.
+#   bench/services.sh [--spec FILE] [--s3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+spec=bench/services-bench.toml; s3=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --spec) spec=$2; shift 2;;
+    --s3) s3=1; shift;;
+    *) echo "unknown argument $1" >&2; exit 2;;
+  esac
+done
+scripts/setup.sh
+source scripts/env.sh
+cargo build --quiet -p deadbolt-cli
+bin=$PWD/target/debug/deadbolt
+$bin data fetch-mnist --out data/mnist >/dev/null
+out=$(mktemp -d)
+pids=()
+db=deadbolt_bench_$$
+pg_admin=${DEADBOLT_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$out"
+}
+trap cleanup EXIT
+psql -q "$pg_admin" -c "CREATE DATABASE $db" >/dev/null
+pg_url=${pg_admin%/*}/$db
+artifacts=$out/artifacts
+s3_conf=""
+if [ "$s3" = 1 ]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$DEADBOLT_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >/dev/null 2>&1 & pids+=($!)
+  for _ in $(seq 100); do curl -s "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+  curl -s -X PUT "http://127.0.0.1:$port/deadbolt" >/dev/null
+  artifacts=s3://deadbolt/bench
+  s3_conf=$(printf '[s3]\nendpoint = "http://127.0.0.1:%s"\nallow_http = true\nregion = "us-east-1"\naccess_key_id = "x"\nsecret_access_key = "x"\n' "$port")
+fi
+
+# separate processes; stage services first, then the gateway with their addresses
+start() { # name services extra-config
+  local name=$1 svcs=$2 extra=${3:-}
+  mkdir -p "$out/work-$name"
+  cat >"$out/$name.toml" <<TOML
+database_url = "$pg_url"
+artifact_url = "$artifacts"
+work_dir = "$out/work-$name"
+lease_secs = 30.0
+heartbeat_secs = 2.0
+$extra
+$s3_conf
+[listen]
+poisoner = "127.0.0.1:0"
+trainer = "127.0.0.1:0"
+analyzer = "127.0.0.1:0"
+pruner = "127.0.0.1:0"
+gateway = "127.0.0.1:0"
+TOML
+  $bin serve --config "$out/$name.toml" --services "$svcs" >"$out/$name.out" 2>"$out/$name.log" &
+  pids+=($!)
+  for _ in $(seq 300); do grep -q "listening on" "$out/$name.out" 2>/dev/null && break; sleep 0.1; done
+  ADDR=$(grep "listening on" "$out/$name.out" | awk '{print $4}')
+  [ -n "$ADDR" ] || { echo "$name did not start:" >&2; tail -20 "$out/$name.log" >&2; exit 1; }
+}
+peers="[peers]"
+for s in poisoner trainer analyzer pruner; do
+  start "$s" "$s"
+  peers="$peers
+$s = [\"http://$ADDR\"]"
+done
+start gateway gateway "$peers"
+gw=$ADDR
+
+now() { python3 -c 'import time; print(time.time())'; }
+t0=$(now)
+run=$($bin submit "$spec" --gateway "http://$gw" | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
+$bin --quiet watch "$run" --gateway "http://$gw" >/dev/null
+t1=$(now)
+$bin --quiet experiment "$spec" --out "$out/inproc" >/dev/null
+t2=$(now)
+$bin --quiet experiment "$spec" --out "$out/direct" --direct >/dev/null
+t3=$(now)
+python3 - "$t0" "$t1" "$t2" "$t3" "$out" <<'PY'
+import json, sys
+t0, t1, t2, t3 = map(float, sys.argv[1:5])
+out = sys.argv[5]
+procs, inproc, direct = t1 - t0, t2 - t1, t3 - t2
+a = json.load(open(f"{out}/inproc/report.json"))
+b = json.load(open(f"{out}/direct/report.json"))
+print(f"separate service processes (postgres): {procs:8.1f} s  overhead vs in-process {100*(procs/inproc-1):+.1f}%  vs direct {100*(procs/direct-1):+.1f}%")
+print(f"deadbolt experiment (in-process)      : {inproc:8.1f} s  overhead vs direct {100*(inproc/direct-1):+.1f}%")
+print(f"deadbolt experiment --direct (no services): {direct:6.1f} s")
+print("figures in-process vs direct: clean acc", a["clean_model"]["acc"], b["clean_model"]["acc"],
+      "| linf chosen", a["pruning"]["linf"]["chosen"], b["pruning"]["linf"]["chosen"])
+PY
