@@ -233,7 +233,7 @@ fn head_predictions(model: &Model, layer: &str, feats: &Tensor, keep: &Tensor) -
     let n = feats.size()[0];
     let shape: Vec<i64> = std::iter::once(1)
         .chain(std::iter::once(-1))
-        .chain(std::iter::repeat(1).take(feats.dim().saturating_sub(2)))
+        .chain(std::iter::repeat_n(1, feats.dim().saturating_sub(2)))
         .collect();
     let keep = keep.view(shape.as_slice());
     tch::no_grad(|| {
@@ -299,7 +299,7 @@ pub fn sweep_naive(
         .map(|&k| {
             let mut keep = keep_mask(info.channels, order, k, dev);
             if let Some(m) = &own {
-                keep = keep * m;
+                keep *= m;
             }
             model.set_mask(layer, Some(keep))?;
             let p = eval::predict(model, &clean.images, EVAL_BATCH);
@@ -382,7 +382,7 @@ pub fn pruned_model(model: &Model, layer: &str, order: &[i64], k: usize) -> Resu
     let mut m = model.duplicate(model.device())?;
     let mut keep = keep_mask(info.channels, order, k, m.device());
     if let Some(own) = m.mask(layer) {
-        keep = keep * own;
+        keep *= own;
     }
     m.set_mask(layer, Some(keep))?;
     Ok(m)
