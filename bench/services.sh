@@ -88,10 +88,16 @@ $bin --quiet experiment "$spec" --out "$out/inproc" >/dev/null
 t2=$(now)
 $bin --quiet experiment "$spec" --out "$out/direct" --direct >/dev/null
 t3=$(now)
+$bin report "$run" --gateway "http://$gw" --config "$out/gateway.toml" --out "$out/procs" >/dev/null
 python3 - "$t0" "$t1" "$t2" "$t3" "$out" <<'PY'
 import json, sys
 t0, t1, t2, t3 = map(float, sys.argv[1:5])
 out = sys.argv[5]
+reps = {k: json.load(open(f"{out}/{k}/report.json")) for k in ("procs", "inproc", "direct")}
+keys = ["data", "train_clean", "train_backdoored", "analyze", "prune", "total"]
+print("stage seconds      " + " ".join(f"{k:>16}" for k in keys))
+for k, r in reps.items():
+    print(f"{k:<18} " + " ".join(f"{r['timings'].get(s, float('nan')):16.1f}" for s in keys))
 procs, inproc, direct = t1 - t0, t2 - t1, t3 - t2
 a = json.load(open(f"{out}/inproc/report.json"))
 b = json.load(open(f"{out}/direct/report.json"))
