@@ -16,6 +16,7 @@ pub mod poison;
 pub mod progress;
 pub mod prune;
 pub mod report;
+pub mod rng;
 pub mod train;
 pub mod trigger;
 pub mod workflow;

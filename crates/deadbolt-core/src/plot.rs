@@ -358,9 +358,9 @@ mod tests {
         )
         .unwrap();
         assert!(p.is_file());
-        let img = Rgb::from_tensor(&Tensor::rand([1, 5, 4], (Kind::Float, Device::Cpu))).unwrap();
+        let img = Rgb::from_tensor(&crate::rng::uniform(&[1, 5, 4], 101)).unwrap();
         assert_eq!((img.width, img.height, img.data.len()), (4, 5, 60));
-        let heat = Rgb::heat(&Tensor::rand([5, 4], (Kind::Float, Device::Cpu))).unwrap();
+        let heat = Rgb::heat(&crate::rng::uniform(&[5, 4], 102)).unwrap();
         let p = dir.path().join("g.png");
         image_grid(
             &p,
@@ -372,7 +372,7 @@ mod tests {
         .unwrap();
         assert!(p.is_file());
         img.save_png(&dir.path().join("i.png"), 2).unwrap();
-        assert!(Rgb::from_tensor(&Tensor::rand([2, 5, 4], (Kind::Float, Device::Cpu))).is_err());
+        assert!(Rgb::from_tensor(&crate::rng::uniform(&[2, 5, 4], 103)).is_err());
         assert_eq!(jet(0.0), [0, 0, 128]);
         assert_eq!(
             bin(&[0.0, 0.5, 1.0], 0.0, 1.0, 2)

@@ -159,15 +159,14 @@ impl TriggeredSet {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{PatchPosition, PatchPattern, TriggerSpec};
+    use crate::spec::{PatchPattern, PatchPosition, TriggerSpec};
     use tch::{Device, Kind};
 
     fn ds(n: i64) -> Dataset {
-        let x = Tensor::rand([n, 1, 6, 6], (Kind::Float, Device::Cpu)) * 0.5;
+        let x = crate::rng::uniform(&[n, 1, 6, 6], 101) * 0.5;
         let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(4);
         Dataset::new(x, y, 4, "t").unwrap()
     }
@@ -205,7 +204,11 @@ mod tests {
         // non-poisoned images untouched, poisoned ones stamped
         let clean: Vec<i64> = (0..40).filter(|i| !p1.poisoned.contains(i)).collect();
         let ci = Tensor::from_slice(&clean);
-        assert!(p1.data.images.index_select(0, &ci).equal(&d.images.index_select(0, &ci)));
+        assert!(p1
+            .data
+            .images
+            .index_select(0, &ci)
+            .equal(&d.images.index_select(0, &ci)));
         let pi = p1.poisoned[0];
         assert_eq!(p1.data.images.double_value(&[pi, 0, 5, 5]), 1.0);
         let other = Attack::for_dataset(&spec(TargetMode::AllToOne, 0.5, 10), &d).unwrap();

@@ -128,16 +128,30 @@ pub fn der(before: &CurvePoint, after: &CurvePoint) -> f64 {
 }
 
 /// The activations of a layer for a clean and a triggered evaluation set,
-/// computed once (no_grad, eval mode, on the model's device).
+/// computed once (no_grad, eval mode, on the model's device) and stored
+/// back to back, so each `k` runs the head once over both sets.
 #[derive(Debug)]
 pub struct FeatureCache {
     pub layer: String,
     pub channels: i64,
-    pub clean: Tensor,
+    /// Clean then triggered activations, `[n_clean + n_triggered, C, ...]`.
+    pub features: Tensor,
+    pub n_clean: i64,
     pub clean_labels: Tensor,
-    pub triggered: Tensor,
     pub triggered_labels: Tensor,
     pub triggered_targets: Tensor,
+}
+
+impl FeatureCache {
+    /// The clean images' activations.
+    pub fn clean(&self) -> Tensor {
+        self.features.narrow(0, 0, self.n_clean)
+    }
+    /// The triggered images' activations.
+    pub fn triggered(&self) -> Tensor {
+        let n = self.features.size()[0];
+        self.features.narrow(0, self.n_clean, n - self.n_clean)
+    }
 }
 
 fn features_batched(model: &Model, layer: &str, images: &Tensor) -> Result<Tensor> {
@@ -175,12 +189,19 @@ pub fn cache_features(
         )));
     }
     let dev = model.device();
+    let features = Tensor::cat(
+        &[
+            features_batched(model, layer, &clean.images)?,
+            features_batched(model, layer, &triggered.images)?,
+        ],
+        0,
+    );
     Ok(FeatureCache {
         layer: layer.to_string(),
         channels: info.channels,
-        clean: features_batched(model, layer, &clean.images)?,
+        features,
+        n_clean: clean.len(),
         clean_labels: clean.labels.to_device(dev),
-        triggered: features_batched(model, layer, &triggered.images)?,
         triggered_labels: triggered.labels.to_device(dev),
         triggered_targets: triggered.targets.to_device(dev),
     })
@@ -229,7 +250,16 @@ pub fn all_ks(channels: i64) -> Vec<usize> {
     (0..=channels.max(0) as usize).collect()
 }
 
-fn head_predictions(model: &Model, layer: &str, feats: &Tensor, keep: &Tensor) -> Result<Tensor> {
+/// Head predictions for masked cached features; `buf` (same shape as
+/// `feats`) receives the masked activations, so no per-k allocation of
+/// their size is made.
+fn head_predictions(
+    model: &Model,
+    layer: &str,
+    feats: &Tensor,
+    keep: &Tensor,
+    buf: &Tensor,
+) -> Result<Tensor> {
     let n = feats.size()[0];
     let shape: Vec<i64> = std::iter::once(1)
         .chain(std::iter::once(-1))
@@ -240,8 +270,9 @@ fn head_predictions(model: &Model, layer: &str, feats: &Tensor, keep: &Tensor) -
         let mut parts = Vec::new();
         let mut s = 0;
         while s < n {
-            let len = (4 * EVAL_BATCH as i64).min(n - s);
-            let f = feats.narrow(0, s, len) * &keep;
+            let len = (HEAD_BATCH).min(n - s);
+            let f = buf.narrow(0, s, len);
+            let _ = feats.narrow(0, s, len).f_mul_out(&f, &keep)?;
             parts.push(model.head_t(&f, layer, false)?.argmax(1, false));
             s += len;
         }
@@ -249,8 +280,11 @@ fn head_predictions(model: &Model, layer: &str, feats: &Tensor, keep: &Tensor) -
     })
 }
 
+/// Images per head call in the cached sweep.
+pub const HEAD_BATCH: i64 = 4096;
+
 /// ACC/ASR/RA for each `k` in `ks`, from cached activations: only the head
-/// runs per `k`.
+/// runs per `k`, once over the clean and triggered images together.
 pub fn sweep_cached(
     model: &Model,
     cache: &FeatureCache,
@@ -258,18 +292,20 @@ pub fn sweep_cached(
     ks: &[usize],
 ) -> Result<Vec<CurvePoint>> {
     check_order(&cache.layer, cache.channels, order, ks)?;
-    let dev = cache.clean.device();
+    let dev = cache.features.device();
+    let buf = cache.features.empty_like();
+    let n = cache.features.size()[0];
     ks.iter()
         .map(|&k| {
             let keep = keep_mask(cache.channels, order, k, dev);
-            let p = head_predictions(model, &cache.layer, &cache.clean, &keep)?;
-            let acc = eval::share_equal(&p, &cache.clean_labels);
-            let p = head_predictions(model, &cache.layer, &cache.triggered, &keep)?;
+            let p = head_predictions(model, &cache.layer, &cache.features, &keep, &buf)?;
+            let clean = p.narrow(0, 0, cache.n_clean);
+            let trig = p.narrow(0, cache.n_clean, n - cache.n_clean);
             Ok(CurvePoint {
                 k,
-                acc,
-                asr: eval::share_equal(&p, &cache.triggered_targets),
-                ra: eval::share_equal(&p, &cache.triggered_labels),
+                acc: eval::share_equal(&clean, &cache.clean_labels),
+                asr: eval::share_equal(&trig, &cache.triggered_targets),
+                ra: eval::share_equal(&trig, &cache.triggered_labels),
             })
         })
         .collect()
@@ -452,21 +488,21 @@ mod tests {
     }
 
     fn toy() -> (Model, Dataset, TriggeredSet) {
-        tch::manual_seed(0);
-        let m = Model::new(
+        let m = Model::seeded(
             ModelInfo {
                 arch: Arch::BadnetCnn,
                 classes: 3,
                 input_shape: (1, 16, 16),
             },
             Device::Cpu,
+            0,
         )
         .unwrap();
-        let x = Tensor::rand([20, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let x = crate::rng::uniform(&[20, 1, 16, 16], 101);
         let y = Tensor::arange(20, (Kind::Int64, Device::Cpu)).remainder(3);
         let d = Dataset::new(x, y, 3, "toy").unwrap();
         let t = TriggeredSet {
-            images: Tensor::rand([9, 1, 16, 16], (Kind::Float, Device::Cpu)),
+            images: crate::rng::uniform(&[9, 1, 16, 16], 102),
             labels: Tensor::from_slice(&[1i64, 2, 1, 2, 1, 2, 1, 2, 1]),
             targets: Tensor::zeros([9], (Kind::Int64, Device::Cpu)),
         };
@@ -486,7 +522,7 @@ mod tests {
         // logits agree to float tolerance too
         let keep = keep_mask(32, &order, 5, Device::Cpu);
         let via_head = tch::no_grad(|| {
-            m.head_t(&(&cache.clean * keep.view([1, -1, 1, 1])), "conv2", false)
+            m.head_t(&(cache.clean() * keep.view([1, -1, 1, 1])), "conv2", false)
                 .unwrap()
         });
         m.set_mask("conv2", Some(keep)).unwrap();

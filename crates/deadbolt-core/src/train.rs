@@ -41,7 +41,8 @@ pub fn lr_at(spec: &TrainingSpec, epoch: usize) -> f64 {
 /// only, so a resumed run sees the same batches.
 pub fn epoch_order(n: i64, seed: u64, epoch: usize) -> Vec<i64> {
     let mut v: Vec<i64> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     v.shuffle(&mut rng);
     v
 }
@@ -158,8 +159,7 @@ mod tests {
 
     /// Two classes: bright top half vs bright bottom half.
     pub(crate) fn toy(n: i64) -> Dataset {
-        tch::manual_seed(1);
-        let x = Tensor::rand([n, 1, 16, 16], (Kind::Float, Device::Cpu)) * 0.3;
+        let x = crate::rng::uniform(&[n, 1, 16, 16], 101) * 0.3;
         let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(2);
         for i in 0..n {
             let half = if i % 2 == 0 { 0 } else { 8 };
@@ -178,14 +178,14 @@ mod tests {
     }
 
     fn fresh() -> Model {
-        tch::manual_seed(3);
-        Model::new(
+        Model::seeded(
             ModelInfo {
                 arch: Arch::BadnetCnn,
                 classes: 2,
                 input_shape: (1, 16, 16),
             },
             Device::Cpu,
+            3,
         )
         .unwrap()
     }
@@ -233,9 +233,12 @@ mod tests {
         let (mut resumed, meta) = Model::load(dir.path(), Device::Cpu).unwrap();
         train(&mut resumed, &d, &s, 5, meta.epoch, &Silent, |_, _| Ok(())).unwrap();
         let x = d.images.narrow(0, 0, 8);
-        assert!(resumed
-            .forward_t(&x, false)
-            .allclose(&full.forward_t(&x, false), 1e-5, 1e-5, false));
+        assert!(resumed.forward_t(&x, false).allclose(
+            &full.forward_t(&x, false),
+            1e-5,
+            1e-5,
+            false
+        ));
         let _ = one;
     }
 
@@ -261,7 +264,15 @@ mod tests {
         s.optimizer = OptimizerKind::Adam;
         s.lr = 1e-3;
         train(&mut m, &d, &s, 0, 0, &Silent, |_, _| Ok(())).unwrap();
-        let e = train(&mut m, &d.take(0).select_vec(&[]), &s, 0, 0, &Silent, |_, _| Ok(()));
+        let e = train(
+            &mut m,
+            &d.take(0).select_vec(&[]),
+            &s,
+            0,
+            0,
+            &Silent,
+            |_, _| Ok(()),
+        );
         assert!(e.is_err());
     }
 }

@@ -50,7 +50,11 @@ impl Trigger {
                     PatchPattern::Checkerboard => {
                         let i = Tensor::arange(s, (Kind::Int64, Device::Cpu));
                         let board = (i.unsqueeze(1) + i.unsqueeze(0)).remainder(2).eq(0);
-                        board.to_kind(Kind::Float).unsqueeze(0).expand([c, s, s], true) * *value
+                        board
+                            .to_kind(Kind::Float)
+                            .unsqueeze(0)
+                            .expand([c, s, s], true)
+                            * *value
                     }
                     PatchPattern::Image(p) => load_png(p, c, s, s, "attack.trigger.pattern")?,
                 };
@@ -120,8 +124,8 @@ pub fn seeded_uniform(seed: u64, shape: &[i64]) -> Tensor {
 
 /// Loads a PNG as `[c, h, w]` floats in [0, 1], resized (nearest).
 pub fn load_png(path: &Path, c: i64, h: i64, w: i64, field: &str) -> Result<Tensor> {
-    let img = image::open(path)
-        .map_err(|e| Error::invalid(field, format!("{}: {e}", path.display())))?;
+    let img =
+        image::open(path).map_err(|e| Error::invalid(field, format!("{}: {e}", path.display())))?;
     let img = img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Nearest);
     let (data, ch): (Vec<u8>, i64) = match c {
         1 => (img.to_luma8().into_raw(), 1),
@@ -157,26 +161,32 @@ mod tests {
     #[test]
     fn patch_touches_only_its_pixels() {
         let t = Trigger::from_spec(
-            &patch(3, PatchPosition::Corner(Corner::BottomRight), PatchPattern::Solid),
+            &patch(
+                3,
+                PatchPosition::Corner(Corner::BottomRight),
+                PatchPattern::Solid,
+            ),
             (1, 8, 8),
         )
         .unwrap();
-        let x = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let x = crate::rng::uniform(&[4, 1, 8, 8], 101);
         let y = t.apply(&x);
         let inside = y.narrow(2, 5, 3).narrow(3, 5, 3);
         assert!(inside.eq(1.0).all().int64_value(&[]) == 1);
         // exactly equal outside
         let outside = t.mask.eq(0.0).unsqueeze(0).expand([4, 1, 8, 8], true);
-        assert!(y
-            .masked_select(&outside)
-            .equal(&x.masked_select(&outside)));
+        assert!(y.masked_select(&outside).equal(&x.masked_select(&outside)));
         assert_eq!(t.region(), (5, 5, 3, 3));
     }
 
     #[test]
     fn explicit_position_and_checkerboard() {
         let t = Trigger::from_spec(
-            &patch(2, PatchPosition::At { row: 1, col: 2 }, PatchPattern::Checkerboard),
+            &patch(
+                2,
+                PatchPosition::At { row: 1, col: 2 },
+                PatchPattern::Checkerboard,
+            ),
             (3, 6, 6),
         )
         .unwrap();
@@ -211,21 +221,33 @@ mod tests {
             .save(&p)
             .unwrap();
         let t = Trigger::from_spec(
-            &patch(2, PatchPosition::Corner(Corner::TopLeft), PatchPattern::Image(p)),
+            &patch(
+                2,
+                PatchPosition::Corner(Corner::TopLeft),
+                PatchPattern::Image(p),
+            ),
             (1, 5, 5),
         )
         .unwrap();
         assert_eq!(t.pattern.double_value(&[0, 0, 0]), 1.0);
         assert_eq!(t.pattern.double_value(&[0, 0, 1]), 0.0);
         let e = Trigger::from_spec(
-            &patch(2, PatchPosition::Corner(Corner::TopLeft), PatchPattern::Image("/no/such.png".into())),
+            &patch(
+                2,
+                PatchPosition::Corner(Corner::TopLeft),
+                PatchPattern::Image("/no/such.png".into()),
+            ),
             (1, 5, 5),
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("/no/such.png"), "{e}");
         let e = Trigger::from_spec(
-            &patch(6, PatchPosition::Corner(Corner::TopLeft), PatchPattern::Solid),
+            &patch(
+                6,
+                PatchPosition::Corner(Corner::TopLeft),
+                PatchPattern::Solid,
+            ),
             (1, 5, 5),
         )
         .unwrap_err()

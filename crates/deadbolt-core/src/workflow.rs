@@ -35,7 +35,9 @@ impl Prepared {
             .train
             .stratified_split(spec.dataset.validation_fraction, spec.seed);
         if train.is_empty() {
-            return Err(Error::EmptyDataset("training split after validation hold-out".into()));
+            return Err(Error::EmptyDataset(
+                "training split after validation hold-out".into(),
+            ));
         }
         let attack = spec
             .attack
@@ -115,17 +117,17 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
             if meta.model != info {
                 return Err(Error::checkpoint(
                     out,
-                    format!("checkpoint is for {:?}, spec asks for {:?}", meta.model, info),
+                    format!(
+                        "checkpoint is for {:?}, spec asks for {:?}",
+                        meta.model, info
+                    ),
                 ));
             }
             let (m, meta) = Model::load(out, device)?;
             tracing::info!(dir = %out.display(), epoch = meta.epoch, "resuming from checkpoint");
             (m, meta.epoch)
         }
-        None => {
-            tch::manual_seed(spec.seed as i64);
-            (Model::new(info, device)?, 0)
-        }
+        None => (Model::seeded(info, device, spec.seed)?, 0),
     };
     let mut history: Vec<EpochReport> = Vec::new();
     let epochs = train::train(

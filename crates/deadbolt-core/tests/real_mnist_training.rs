@@ -8,7 +8,10 @@ use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_core::workflow::{self, Prepared, TrainJob};
 
 fn spec(rate: f64) -> ExperimentSpec {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/mnist-badnets-train.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/mnist-badnets-train.toml"
+    );
     let mut s = ExperimentSpec::from_file(std::path::Path::new(path)).unwrap();
     s.attack.as_mut().unwrap().rate = rate;
     s
@@ -17,7 +20,11 @@ fn spec(rate: f64) -> ExperimentSpec {
 fn train(rate: f64) -> deadbolt_core::eval::Metrics {
     let spec = spec(rate);
     let prep = Prepared::from_spec(&spec).unwrap();
-    assert_eq!(prep.train.len() + prep.val.len(), 8000, "80% of the 10,000 digits");
+    assert_eq!(
+        prep.train.len() + prep.val.len(),
+        8000,
+        "80% of the 10,000 digits"
+    );
     assert_eq!(prep.test.len(), 2000);
     let dir = tempfile::tempdir().unwrap();
     let t = workflow::train_checkpointed(
@@ -52,5 +59,9 @@ fn real_mnist_badnets_backdoor_and_clean_control() {
     assert!(bd.asr.unwrap() >= 0.95, "ASR {} < 95%", bd.asr.unwrap());
     let clean = train(0.0);
     assert!(clean.acc >= 0.965, "clean ACC {} < 96.5%", clean.acc);
-    assert!(clean.asr.unwrap() <= 0.02, "clean-model ASR {} > 2%", clean.asr.unwrap());
+    assert!(
+        clean.asr.unwrap() <= 0.02,
+        "clean-model ASR {} > 2%",
+        clean.asr.unwrap()
+    );
 }

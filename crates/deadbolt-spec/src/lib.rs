@@ -684,7 +684,10 @@ mod tests {
 
     #[test]
     fn explicit_row_col_position() {
-        let t = MIN.replace("position = \"bottom-right\"", "position = { row = 2, col = 5 }");
+        let t = MIN.replace(
+            "position = \"bottom-right\"",
+            "position = { row = 2, col = 5 }",
+        );
         let s = ExperimentSpec::from_toml_str(&t).unwrap();
         match s.attack.unwrap().trigger {
             TriggerSpec::Patch { position, .. } => {

@@ -178,22 +178,37 @@ mod tests {
 
     #[test]
     fn heatmap_lands_on_the_region_the_answer_depends_on() {
-        // class 1 iff a bright 6x6 square sits in the top-left corner
-        tch::manual_seed(11);
-        let n = 256;
-        let x = Tensor::rand([n, 1, 28, 28], (Kind::Float, Device::Cpu)) * 0.4;
-        let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(2);
-        for i in (1..n).step_by(2) {
-            let _ = x.get(i).narrow(1, 0, 6).narrow(2, 0, 6).fill_(1.0);
+        // four classes, each told apart only by a 6x6 checkerboard in its
+        // own corner of otherwise noisy images: the Grad-CAM of the true
+        // class must sit in that corner
+        let (n, classes, side, size) = (384i64, 4i64, 6i64, 28i64);
+        let x = crate::rng::uniform(&[n, 1, size, size], 101) * 0.4;
+        let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
+        let checker = (Tensor::arange(side, (Kind::Float, Device::Cpu)).view([side, 1])
+            + Tensor::arange(side, (Kind::Float, Device::Cpu)).view([1, side]))
+        .remainder(2)
+        .view([1, side, side]);
+        let corner = |class: i64| {
+            let (r, c) = (class / 2 * (size - side), class % 2 * (size - side));
+            (r, c)
+        };
+        for i in 0..n {
+            let (r, c) = corner(i % classes);
+            let _ = x
+                .get(i)
+                .narrow(1, r, side)
+                .narrow(2, c, side)
+                .copy_(&checker);
         }
-        let d = Dataset::new(x, y, 2, "toy").unwrap();
-        let mut m = Model::new(
+        let d = Dataset::new(x, y, classes, "toy").unwrap();
+        let mut m = Model::seeded(
             ModelInfo {
                 arch: Arch::BadnetCnn,
-                classes: 2,
-                input_shape: (1, 28, 28),
+                classes,
+                input_shape: (1, size, size),
             },
             Device::Cpu,
+            11,
         )
         .unwrap();
         let spec = TrainingSpec {
@@ -203,28 +218,50 @@ mod tests {
             ..Default::default()
         };
         crate::train::train(&mut m, &d, &spec, 0, 0, &Silent, |_, _| Ok(())).unwrap();
-        let pos = d.select_vec(&(0..32).map(|i| 2 * i + 1).collect::<Vec<_>>());
-        let cam = gradcam(&m, "conv2", &pos.images, Some(&pos.labels)).unwrap();
-        assert_eq!(cam.heat.size(), [32, 28, 28]);
-        assert!(cam.heat.max().double_value(&[]) <= 1.0 + 1e-6);
-        let mass = mean_mass_in_region(&cam.heat, (0, 0, 10, 10)).unwrap();
-        // the 10x10 corner is 13% of the image
-        assert!(mass.mass_in_region > 0.4, "{mass:?}");
+        let acc = crate::eval::evaluate(&m, &d, None).unwrap().acc;
+        assert!(
+            acc > 0.95,
+            "the toy model did not learn its task: acc {acc}"
+        );
+        for class in 0..classes {
+            let idx: Vec<i64> = (0..24).map(|i| classes * i + class).collect();
+            let some = d.select_vec(&idx);
+            let cam = gradcam(&m, "conv2", &some.images, Some(&some.labels)).unwrap();
+            assert_eq!(cam.heat.size(), [24, size, size]);
+            assert!(cam.heat.max().double_value(&[]) <= 1.0 + 1e-6);
+            // the heatmap's mass by quadrant: the one holding the class's
+            // checkerboard must get the most, and more than its 25% area
+            let half = size / 2;
+            let quadrant = |q: i64| (q / 2 * half, q % 2 * half, half, half);
+            let masses: Vec<f64> = (0..4)
+                .map(|q| {
+                    mean_mass_in_region(&cam.heat, quadrant(q))
+                        .unwrap()
+                        .mass_in_region
+                })
+                .collect();
+            let own = masses[class as usize];
+            assert!(own > 0.3, "class {class}: {masses:?}");
+            assert!(
+                masses.iter().all(|&m| m <= own),
+                "class {class}: {masses:?}"
+            );
+        }
     }
 
     #[test]
     fn errors_name_what_is_wrong() {
-        tch::manual_seed(0);
-        let m = Model::new(
+        let m = Model::seeded(
             ModelInfo {
                 arch: Arch::BadnetCnn,
                 classes: 3,
                 input_shape: (1, 16, 16),
             },
             Device::Cpu,
+            0,
         )
         .unwrap();
-        let x = Tensor::rand([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let x = crate::rng::uniform(&[2, 1, 16, 16], 102);
         assert!(gradcam(&m, "nope", &x, None)
             .unwrap_err()
             .to_string()

@@ -362,17 +362,17 @@ mod tests {
 
     #[test]
     fn collect_streams_batches_and_matches_direct_norms() {
-        tch::manual_seed(0);
-        let m = Model::new(
+        let m = Model::seeded(
             ModelInfo {
                 arch: Arch::BadnetCnn,
                 classes: 3,
                 input_shape: (1, 16, 16),
             },
             Device::Cpu,
+            0,
         )
         .unwrap();
-        let x = Tensor::rand([7, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let x = crate::rng::uniform(&[7, 1, 16, 16], 101);
         let s = collect(&m, "conv2", &x, 3).unwrap();
         assert_eq!((s.images, s.channels), (7, 32));
         assert_eq!(s.linf.len(), 7 * 32);

@@ -35,7 +35,10 @@ pub fn read_batch(path: &Path) -> Result<Dataset> {
         if rec[0] as i64 >= CLASSES {
             return Err(Error::bad_file(
                 path,
-                format!("record {i}: label {} out of range (expected 0..{CLASSES})", rec[0]),
+                format!(
+                    "record {i}: label {} out of range (expected 0..{CLASSES})",
+                    rec[0]
+                ),
             ));
         }
         labels.push(rec[0] as i64);
@@ -45,7 +48,12 @@ pub fn read_batch(path: &Path) -> Result<Dataset> {
         .view([n as i64, C as i64, H as i64, W as i64])
         .to_kind(Kind::Float)
         / 255.0;
-    Dataset::new(x, Tensor::from_slice(&labels), CLASSES, &path.display().to_string())
+    Dataset::new(
+        x,
+        Tensor::from_slice(&labels),
+        CLASSES,
+        &path.display().to_string(),
+    )
 }
 
 /// Reads `data_batch_*.bin` (train) and `test_batch.bin` (test) from a folder.
@@ -104,7 +112,7 @@ mod tests {
     use tch::Device;
 
     fn sample(n: i64) -> Dataset {
-        let x = (Tensor::rand([n, 3, 32, 32], (Kind::Float, Device::Cpu)) * 255.0).round() / 255.0;
+        let x = (crate::rng::uniform(&[n, 3, 32, 32], 101) * 255.0).round() / 255.0;
         let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(10);
         Dataset::new(x, y, 10, "sample").unwrap()
     }
@@ -120,7 +128,11 @@ mod tests {
         assert_eq!(s.train.len(), 7);
         assert_eq!(s.test.len(), 2);
         assert_eq!(s.train.image_shape(), (3, 32, 32));
-        assert!(s.train.images.narrow(0, 0, 4).allclose(&a.images, 1e-6, 1e-6, false));
+        assert!(s
+            .train
+            .images
+            .narrow(0, 0, 4)
+            .allclose(&a.images, 1e-6, 1e-6, false));
     }
 
     #[test]
@@ -131,13 +143,18 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
         let e = read_batch(&p).unwrap_err().to_string();
-        assert!(e.contains("data_batch_1.bin") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("data_batch_1.bin") && e.contains("truncated"),
+            "{e}"
+        );
         let mut bad = bytes.clone();
         bad[RECORD] = 12;
         std::fs::write(&p, &bad).unwrap();
         let e = read_batch(&p).unwrap_err().to_string();
         assert!(e.contains("record 1") && e.contains("out of range"), "{e}");
-        let e = load_dir(&dir.path().join("missing")).unwrap_err().to_string();
+        let e = load_dir(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing"), "{e}");
     }
 }

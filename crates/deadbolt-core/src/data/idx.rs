@@ -18,19 +18,31 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
 pub fn read_images(path: &Path) -> Result<Tensor> {
     let b = read_file(path)?;
     if b.len() < 4 {
-        return Err(Error::bad_file(path, "truncated: no complete IDX image header"));
+        return Err(Error::bad_file(
+            path,
+            "truncated: no complete IDX image header",
+        ));
     }
     let magic = be_u32(&b, 0);
     if magic != IMAGES_MAGIC {
         return Err(Error::bad_file(
             path,
-            format!("wrong magic 0x{magic:08x} for an IDX image file (expected 0x{IMAGES_MAGIC:08x})"),
+            format!(
+                "wrong magic 0x{magic:08x} for an IDX image file (expected 0x{IMAGES_MAGIC:08x})"
+            ),
         ));
     }
     if b.len() < 16 {
-        return Err(Error::bad_file(path, "truncated: no complete IDX image header"));
+        return Err(Error::bad_file(
+            path,
+            "truncated: no complete IDX image header",
+        ));
     }
-    let (n, h, w) = (be_u32(&b, 4) as usize, be_u32(&b, 8) as usize, be_u32(&b, 12) as usize);
+    let (n, h, w) = (
+        be_u32(&b, 4) as usize,
+        be_u32(&b, 8) as usize,
+        be_u32(&b, 12) as usize,
+    );
     if h == 0 || w == 0 {
         return Err(Error::bad_file(path, format!("invalid image size {h}x{w}")));
     }
@@ -58,23 +70,34 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
 pub fn read_labels(path: &Path) -> Result<Tensor> {
     let b = read_file(path)?;
     if b.len() < 4 {
-        return Err(Error::bad_file(path, "truncated: no complete IDX label header"));
+        return Err(Error::bad_file(
+            path,
+            "truncated: no complete IDX label header",
+        ));
     }
     let magic = be_u32(&b, 0);
     if magic != LABELS_MAGIC {
         return Err(Error::bad_file(
             path,
-            format!("wrong magic 0x{magic:08x} for an IDX label file (expected 0x{LABELS_MAGIC:08x})"),
+            format!(
+                "wrong magic 0x{magic:08x} for an IDX label file (expected 0x{LABELS_MAGIC:08x})"
+            ),
         ));
     }
     if b.len() < 8 {
-        return Err(Error::bad_file(path, "truncated: no complete IDX label header"));
+        return Err(Error::bad_file(
+            path,
+            "truncated: no complete IDX label header",
+        ));
     }
     let n = be_u32(&b, 4) as usize;
     if b.len() - 8 < n {
         return Err(Error::bad_file(
             path,
-            format!("truncated: header promises {n} labels, file has {}", b.len() - 8),
+            format!(
+                "truncated: header promises {n} labels, file has {}",
+                b.len() - 8
+            ),
         ));
     }
     Ok(Tensor::from_slice(&b[8..8 + n]).to_kind(Kind::Int64))
@@ -145,10 +168,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     fn sample() -> (Tensor, Tensor) {
-        let x = Tensor::rand([5, 1, 4, 3], (Kind::Float, Device::Cpu));
+        let x = crate::rng::uniform(&[5, 1, 4, 3], 101);
         let x = (x * 255.0).round() / 255.0;
         (x, Tensor::from_slice(&[0i64, 1, 2, 9, 3]))
     }
@@ -157,7 +179,10 @@ mod tests {
     fn round_trip_plain_and_gzip() {
         let dir = tempfile::tempdir().unwrap();
         let (x, y) = sample();
-        let (pi, pl) = (dir.path().join("i-idx3-ubyte"), dir.path().join("l-idx1-ubyte"));
+        let (pi, pl) = (
+            dir.path().join("i-idx3-ubyte"),
+            dir.path().join("l-idx1-ubyte"),
+        );
         write_images(&pi, &x).unwrap();
         write_labels(&pl, &y).unwrap();
         let ds = read_pair(&pi, &pl, 10).unwrap();
@@ -176,25 +201,40 @@ mod tests {
     fn bad_files_name_file_and_problem() {
         let dir = tempfile::tempdir().unwrap();
         let (x, y) = sample();
-        let (pi, pl) = (dir.path().join("i-idx3-ubyte"), dir.path().join("l-idx1-ubyte"));
+        let (pi, pl) = (
+            dir.path().join("i-idx3-ubyte"),
+            dir.path().join("l-idx1-ubyte"),
+        );
         write_images(&pi, &x).unwrap();
         write_labels(&pl, &y).unwrap();
         // wrong magic: a label file read as images
         let e = read_images(&pl).unwrap_err().to_string();
-        assert!(e.contains("l-idx1-ubyte") && e.contains("wrong magic"), "{e}");
+        assert!(
+            e.contains("l-idx1-ubyte") && e.contains("wrong magic"),
+            "{e}"
+        );
         // truncated
         let bytes = std::fs::read(&pi).unwrap();
         let tr = dir.path().join("trunc-idx3-ubyte");
         std::fs::write(&tr, &bytes[..bytes.len() - 3]).unwrap();
         let e = read_images(&tr).unwrap_err().to_string();
-        assert!(e.contains("trunc-idx3-ubyte") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("trunc-idx3-ubyte") && e.contains("truncated"),
+            "{e}"
+        );
         std::fs::write(&tr, &bytes[..7]).unwrap();
-        assert!(read_images(&tr).unwrap_err().to_string().contains("truncated"));
+        assert!(read_images(&tr)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         // count mismatch
         let pl3 = dir.path().join("three-idx1-ubyte");
         write_labels(&pl3, &Tensor::from_slice(&[0i64, 1, 2])).unwrap();
         let e = read_pair(&pi, &pl3, 10).unwrap_err().to_string();
-        assert!(e.contains("three-idx1-ubyte") && e.contains("3 labels"), "{e}");
+        assert!(
+            e.contains("three-idx1-ubyte") && e.contains("3 labels"),
+            "{e}"
+        );
         // label out of range
         let e = read_pair(&pi, &pl, 5).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
@@ -203,7 +243,9 @@ mod tests {
         std::fs::write(&gz, [0x1f, 0x8b, 1, 2, 3]).unwrap();
         assert!(read_images(&gz).unwrap_err().to_string().contains("gzip"));
         // missing file
-        let e = read_images(&dir.path().join("nope")).unwrap_err().to_string();
+        let e = read_images(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
     }
 }

@@ -88,7 +88,10 @@ pub fn read_npm_digits(pkg: &Path) -> Result<Dataset> {
         if digits.data.len() % 784 != 0 {
             return Err(Error::bad_file(
                 &p,
-                format!("{} values is not a whole number of 28x28 images", digits.data.len()),
+                format!(
+                    "{} values is not a whole number of 28x28 images",
+                    digits.data.len()
+                ),
             ));
         }
         if digits.data.iter().any(|v| !(0.0..=1.0).contains(v)) {

@@ -122,9 +122,7 @@ impl Dataset {
     pub fn batches(&self, batch: usize) -> impl Iterator<Item = (i64, i64)> {
         let n = self.len();
         let b = batch.max(1) as i64;
-        (0..n)
-            .step_by(b as usize)
-            .map(move |s| (s, (s + b).min(n)))
+        (0..n).step_by(b as usize).map(move |s| (s, (s + b).min(n)))
     }
 }
 
@@ -178,7 +176,10 @@ pub fn load(spec: &DatasetSpec) -> Result<Splits> {
         }
         DatasetKind::Cifar10 => {
             let dir = spec.path.clone().ok_or_else(|| {
-                Error::invalid("dataset.path", "cifar10 needs the folder of the binary batches")
+                Error::invalid(
+                    "dataset.path",
+                    "cifar10 needs the folder of the binary batches",
+                )
             })?;
             cifar::load_dir(&dir)?
         }

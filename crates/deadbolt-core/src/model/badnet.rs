@@ -72,7 +72,11 @@ impl Network for BadNetCnn {
 
     fn bake_mask(&self, layer: &str, keep: &Tensor) {
         // relu(0 * x + 0) = 0: zeroing a channel's filter and bias zeroes it.
-        let conv = if layer == "conv1" { &self.conv1 } else { &self.conv2 };
+        let conv = if layer == "conv1" {
+            &self.conv1
+        } else {
+            &self.conv2
+        };
         let keep = keep.to_device(conv.ws.device());
         let mut ws = conv.ws.shallow_clone();
         let _ = ws.g_mul_(&keep.view([-1, 1, 1, 1]));

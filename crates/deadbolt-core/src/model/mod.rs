@@ -69,15 +69,29 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// A freshly initialised model (initialisation follows torch's global
-    /// RNG: call `tch::manual_seed` first for reproducibility).
+    /// A freshly initialised model whose weights are a function of `seed`
+    /// (and the device) only, whatever else runs in the process.
+    pub fn seeded(info: ModelInfo, device: Device, seed: u64) -> Result<Model> {
+        crate::rng::seeded(seed, || Model::build(info, device))
+    }
+
+    /// A freshly initialised model with unseeded weights: use
+    /// [`Model::seeded`] for reproducible weights, this one where the
+    /// weights are overwritten (loading).
     pub fn new(info: ModelInfo, device: Device) -> Result<Model> {
+        crate::rng::locked(|| Model::build(info, device))
+    }
+
+    fn build(info: ModelInfo, device: Device) -> Result<Model> {
         let vs = nn::VarStore::new(device);
         let (c, h, w) = info.input_shape;
         if c < 1 || h < 1 || w < 1 || info.classes < 2 {
             return Err(Error::invalid(
                 "model",
-                format!("bad input shape {:?} / classes {}", info.input_shape, info.classes),
+                format!(
+                    "bad input shape {:?} / classes {}",
+                    info.input_shape, info.classes
+                ),
             ));
         }
         let net: Box<dyn Network> = match info.arch {
@@ -198,7 +212,10 @@ impl Model {
         if let Some(bad) = channels.iter().find(|&&c| c < 0 || c >= info.channels) {
             return Err(Error::invalid(
                 "channels",
-                format!("channel {bad} out of range for layer {layer} ({} channels)", info.channels),
+                format!(
+                    "channel {bad} out of range for layer {layer} ({} channels)",
+                    info.channels
+                ),
             ));
         }
         let mut keep = Tensor::ones([info.channels], (Kind::Float, Device::Cpu));

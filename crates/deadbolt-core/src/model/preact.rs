@@ -59,7 +59,14 @@ pub struct PreActResNet18 {
     pub linear: nn::Linear,
 }
 
-const STAGES: [&str; 6] = ["conv1", "layer1", "layer2", "layer3", "layer4", "classifier"];
+const STAGES: [&str; 6] = [
+    "conv1",
+    "layer1",
+    "layer2",
+    "layer3",
+    "layer4",
+    "classifier",
+];
 const PLANES: [i64; 4] = [64, 128, 256, 512];
 
 impl PreActResNet18 {

@@ -2,27 +2,27 @@ use super::*;
 use tch::{Device, Kind, Tensor};
 
 fn badnet() -> Model {
-    tch::manual_seed(0);
-    Model::new(
+    Model::seeded(
         ModelInfo {
             arch: Arch::BadnetCnn,
             classes: 10,
             input_shape: (1, 28, 28),
         },
         Device::Cpu,
+        0,
     )
     .unwrap()
 }
 
 fn preact() -> Model {
-    tch::manual_seed(0);
-    Model::new(
+    Model::seeded(
         ModelInfo {
             arch: Arch::PreactResnet18,
             classes: 10,
             input_shape: (3, 32, 32),
         },
         Device::Cpu,
+        0,
     )
     .unwrap()
 }
@@ -32,11 +32,23 @@ fn badnet_names_and_shapes() {
     let m = badnet();
     assert_eq!(
         m.parameter_names(),
-        ["conv1.bias", "conv1.weight", "conv2.bias", "conv2.weight", "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+        [
+            "conv1.bias",
+            "conv1.weight",
+            "conv2.bias",
+            "conv2.weight",
+            "fc1.bias",
+            "fc1.weight",
+            "fc2.bias",
+            "fc2.weight"
+        ]
     );
-    let x = Tensor::rand([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let x = crate::rng::uniform(&[3, 1, 28, 28], 101);
     assert_eq!(m.forward_t(&x, false).size(), [3, 10]);
-    assert_eq!(m.features_t(&x, "conv2", false).unwrap().size(), [3, 32, 8, 8]);
+    assert_eq!(
+        m.features_t(&x, "conv2", false).unwrap().size(),
+        [3, 32, 8, 8]
+    );
     assert_eq!(m.default_layer(), "conv2");
 }
 
@@ -59,8 +71,11 @@ fn preact_has_backdoorbench_names() {
         assert!(names.iter().any(|x| x == n), "missing {n}");
     }
     assert!(!names.iter().any(|x| x.starts_with("layer1.0.shortcut")));
-    let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-    assert_eq!(m.features_t(&x, "layer4", false).unwrap().size(), [2, 512, 4, 4]);
+    let x = crate::rng::uniform(&[2, 3, 32, 32], 102);
+    assert_eq!(
+        m.features_t(&x, "layer4", false).unwrap().size(),
+        [2, 512, 4, 4]
+    );
     assert_eq!(m.forward_t(&x, false).size(), [2, 10]);
 }
 
@@ -68,14 +83,18 @@ fn check_head_features(m: &mut Model, x: &Tensor) {
     for l in m.prunable_layers() {
         let f = m.features_t(x, &l.name, false).unwrap();
         let y = m.head_t(&f, &l.name, false).unwrap();
-        assert!(y.allclose(&m.forward_t(x, false), 1e-5, 1e-5, false), "{}", l.name);
+        assert!(
+            y.allclose(&m.forward_t(x, false), 1e-5, 1e-5, false),
+            "{}",
+            l.name
+        );
     }
 }
 
 #[test]
 fn head_of_features_is_forward_and_masks_zero_channels() {
     let mut m = badnet();
-    let x = Tensor::rand([4, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let x = crate::rng::uniform(&[4, 1, 28, 28], 103);
     check_head_features(&mut m, &x);
     m.prune_channels("conv2", &[3, 7]).unwrap();
     check_head_features(&mut m, &x);
@@ -85,7 +104,7 @@ fn head_of_features_is_forward_and_masks_zero_channels() {
     assert!(f.select(1, 4).abs().sum(Kind::Float).double_value(&[]) > 0.0);
 
     let mut p = preact();
-    let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let x = crate::rng::uniform(&[2, 3, 32, 32], 104);
     p.prune_channels("layer4", &[0, 100]).unwrap();
     check_head_features(&mut p, &x);
 }
@@ -93,16 +112,27 @@ fn head_of_features_is_forward_and_masks_zero_channels() {
 #[test]
 fn baked_masks_match_masked_inference() {
     for (mut m, layer, x) in [
-        (badnet(), "conv2", Tensor::rand([3, 1, 28, 28], (Kind::Float, Device::Cpu))),
-        (badnet(), "conv1", Tensor::rand([3, 1, 28, 28], (Kind::Float, Device::Cpu))),
-        (preact(), "layer4", Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu))),
-        (preact(), "layer2", Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu))),
+        (badnet(), "conv2", crate::rng::uniform(&[3, 1, 28, 28], 105)),
+        (badnet(), "conv1", crate::rng::uniform(&[3, 1, 28, 28], 106)),
+        (
+            preact(),
+            "layer4",
+            crate::rng::uniform(&[2, 3, 32, 32], 107),
+        ),
+        (
+            preact(),
+            "layer2",
+            crate::rng::uniform(&[2, 3, 32, 32], 108),
+        ),
     ] {
         m.prune_channels(layer, &[1, 5]).unwrap();
         let masked = m.forward_t(&x, false);
         m.bake_masks();
         assert!(m.mask(layer).is_none());
-        assert!(m.forward_t(&x, false).allclose(&masked, 1e-5, 1e-5, false), "{layer}");
+        assert!(
+            m.forward_t(&x, false).allclose(&masked, 1e-5, 1e-5, false),
+            "{layer}"
+        );
     }
 }
 
@@ -110,7 +140,7 @@ fn baked_masks_match_masked_inference() {
 fn save_and_load_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = badnet();
-    let x = Tensor::rand([2, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let x = crate::rng::uniform(&[2, 1, 28, 28], 109);
     m.prune_channels("conv2", &[2]).unwrap();
     let want = m.forward_t(&x, false);
     let mut meta = CheckpointMeta::new(&m.info);
@@ -119,13 +149,15 @@ fn save_and_load_round_trip() {
     assert!(m.mask("conv2").is_some(), "saving keeps the live mask");
     let (loaded, meta2) = Model::load(dir.path(), Device::Cpu).unwrap();
     assert_eq!(meta2.epoch, 3);
-    assert!(loaded.forward_t(&x, false).allclose(&want, 1e-5, 1e-5, false));
+    assert!(loaded
+        .forward_t(&x, false)
+        .allclose(&want, 1e-5, 1e-5, false));
 }
 
 #[test]
 fn errors_name_the_problem() {
     let mut m = badnet();
-    let x = Tensor::rand([1, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let x = crate::rng::uniform(&[1, 1, 28, 28], 110);
     let e = m.features_t(&x, "layer9", false).unwrap_err().to_string();
     assert!(e.contains("layer9") && e.contains("conv2"), "{e}");
     let e = m.prune_channels("conv2", &[32]).unwrap_err().to_string();
@@ -136,12 +168,16 @@ fn errors_name_the_problem() {
         .to_string();
     assert!(e.contains("32 channels"), "{e}");
     let dir = tempfile::tempdir().unwrap();
-    let e = Model::load(dir.path(), Device::Cpu).unwrap_err().to_string();
+    let e = Model::load(dir.path(), Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model.json"), "{e}");
     // corrupt weights
     m.save(dir.path(), &CheckpointMeta::new(&m.info)).unwrap();
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
-    let e = Model::load(dir.path(), Device::Cpu).unwrap_err().to_string();
+    let e = Model::load(dir.path(), Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
     let e = Model::new(
         ModelInfo {
