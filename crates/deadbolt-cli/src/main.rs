@@ -192,6 +192,7 @@ fn run(cli: Cli) -> Result<()> {
                 spec.training.threads = t;
             }
             let dev = device::resolve(spec.training.device)?;
+            device::set_threads(spec.training.threads);
             let prep = Prepared::from_spec(&spec)?;
             let data = if clean {
                 &prep.train

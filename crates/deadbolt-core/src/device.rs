@@ -47,6 +47,13 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
+/// Sets libtorch's intra-op CPU threads; 0 keeps libtorch's default.
+pub fn set_threads(threads: usize) {
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+}
+
 pub fn describe(d: Device) -> String {
     match d {
         Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),

@@ -79,9 +79,7 @@ pub fn train(
     if data.is_empty() {
         return Err(Error::EmptyDataset("training set".into()));
     }
-    if spec.threads > 0 {
-        tch::set_num_threads(spec.threads as i32);
-    }
+    crate::device::set_threads(spec.threads);
     let dev = model.device();
     let data = data.to_device(dev);
     let n = data.len();

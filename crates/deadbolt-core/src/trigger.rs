@@ -66,10 +66,7 @@ impl Trigger {
             }
             TriggerSpec::Blend { alpha, pattern } => {
                 let pattern = match pattern {
-                    BlendPattern::Noise { seed } => {
-                        let g = seeded_uniform(*seed, &[c, h, w]);
-                        g
-                    }
+                    BlendPattern::Noise { seed } => seeded_uniform(*seed, &[c, h, w]),
                     BlendPattern::Image(p) => load_png(p, c, h, w, "attack.trigger.pattern")?,
                 };
                 Ok(Trigger {

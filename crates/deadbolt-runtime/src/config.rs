@@ -342,6 +342,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_config_parses() {
+        let c = Config::from_toml_str(include_str!("../../../deploy/deadbolt.toml")).unwrap();
+        assert!(c.database_url.starts_with("postgres://"));
+        assert_eq!(c.peers.get(ServiceKind::Trainer).unwrap().len(), 1);
+        assert_eq!(c.listen.get(ServiceKind::Gateway).unwrap(), "0.0.0.0:50060");
+    }
+
+    #[test]
     fn file_then_defaults() {
         let c = Config::from_toml_str(
             "database_url = \"postgres://x/y\"\nlease_secs = 3.0\nheartbeat_secs = 1.0\n[listen]\ntrainer = \"127.0.0.1:7000\"\n[peers]\ntrainer = [\"http://a:1\", \"http://b:2\"]\n",

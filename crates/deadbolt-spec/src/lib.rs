@@ -551,10 +551,16 @@ impl ExperimentSpec {
                 "steps and images must be >= 1",
             ));
         }
-        if !(s.lr > 0.0) || s.lambda < 0.0 {
+        if !(s.lr > 0.0 && s.lr.is_finite()) {
             return Err(Error::invalid(
                 "defense.synthetic.lr",
-                "lr must be > 0 and lambda >= 0",
+                "lr must be a finite number > 0",
+            ));
+        }
+        if !(s.lambda >= 0.0 && s.lambda.is_finite()) {
+            return Err(Error::invalid(
+                "defense.synthetic.lambda",
+                "lambda must be a finite number >= 0",
             ));
         }
         Ok(())

@@ -194,8 +194,7 @@ mod tests {
         };
         for i in 0..n {
             let (r, c) = corner(i % classes);
-            let _ = x
-                .get(i)
+            x.get(i)
                 .narrow(1, r, side)
                 .narrow(2, c, side)
                 .copy_(&checker);

@@ -97,7 +97,7 @@ pub fn write_batch(path: &Path, ds: &Dataset) -> Result<()> {
     )
     .map_err(Error::Torch)?;
     let labels = ds.labels_vec();
-    let per = (C * H * W) as usize;
+    let per = C * H * W;
     let mut out = Vec::with_capacity(labels.len() * RECORD);
     for (i, l) in labels.iter().enumerate() {
         out.push(*l as u8);

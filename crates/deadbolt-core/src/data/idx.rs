@@ -14,35 +14,31 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
+/// Checks an IDX header (magic, then `dims` big-endian u32 sizes) and
+/// returns the sizes.
+fn header(path: &Path, b: &[u8], magic: u32, what: &str, dims: usize) -> Result<Vec<usize>> {
+    let truncated = || Error::bad_file(path, format!("truncated: no complete IDX {what} header"));
+    if b.len() < 4 {
+        return Err(truncated());
+    }
+    let found = be_u32(b, 0);
+    if found != magic {
+        return Err(Error::bad_file(
+            path,
+            format!("wrong magic 0x{found:08x} for an IDX {what} file (expected 0x{magic:08x})"),
+        ));
+    }
+    if b.len() < 4 + 4 * dims {
+        return Err(truncated());
+    }
+    Ok((0..dims).map(|i| be_u32(b, 4 + 4 * i) as usize).collect())
+}
+
 /// Reads an idx3 image file into `[N, 1, H, W]` floats in [0, 1].
 pub fn read_images(path: &Path) -> Result<Tensor> {
     let b = read_file(path)?;
-    if b.len() < 4 {
-        return Err(Error::bad_file(
-            path,
-            "truncated: no complete IDX image header",
-        ));
-    }
-    let magic = be_u32(&b, 0);
-    if magic != IMAGES_MAGIC {
-        return Err(Error::bad_file(
-            path,
-            format!(
-                "wrong magic 0x{magic:08x} for an IDX image file (expected 0x{IMAGES_MAGIC:08x})"
-            ),
-        ));
-    }
-    if b.len() < 16 {
-        return Err(Error::bad_file(
-            path,
-            "truncated: no complete IDX image header",
-        ));
-    }
-    let (n, h, w) = (
-        be_u32(&b, 4) as usize,
-        be_u32(&b, 8) as usize,
-        be_u32(&b, 12) as usize,
-    );
+    let d = header(path, &b, IMAGES_MAGIC, "image", 3)?;
+    let (n, h, w) = (d[0], d[1], d[2]);
     if h == 0 || w == 0 {
         return Err(Error::bad_file(path, format!("invalid image size {h}x{w}")));
     }
@@ -69,28 +65,7 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
 /// Reads an idx1 label file into `[N]` int64.
 pub fn read_labels(path: &Path) -> Result<Tensor> {
     let b = read_file(path)?;
-    if b.len() < 4 {
-        return Err(Error::bad_file(
-            path,
-            "truncated: no complete IDX label header",
-        ));
-    }
-    let magic = be_u32(&b, 0);
-    if magic != LABELS_MAGIC {
-        return Err(Error::bad_file(
-            path,
-            format!(
-                "wrong magic 0x{magic:08x} for an IDX label file (expected 0x{LABELS_MAGIC:08x})"
-            ),
-        ));
-    }
-    if b.len() < 8 {
-        return Err(Error::bad_file(
-            path,
-            "truncated: no complete IDX label header",
-        ));
-    }
-    let n = be_u32(&b, 4) as usize;
+    let n = header(path, &b, LABELS_MAGIC, "label", 1)?[0];
     if b.len() - 8 < n {
         return Err(Error::bad_file(
             path,

@@ -85,7 +85,7 @@ pub fn read_npm_digits(pkg: &Path) -> Result<Dataset> {
         let text = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         let digits: Digits = serde_json::from_slice(&text)
             .map_err(|e| Error::bad_file(&p, format!("not a digits file: {e}")))?;
-        if digits.data.len() % 784 != 0 {
+        if !digits.data.len().is_multiple_of(784) {
             return Err(Error::bad_file(
                 &p,
                 format!(

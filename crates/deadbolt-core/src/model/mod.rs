@@ -150,7 +150,7 @@ impl Model {
         for (i, name) in stages.iter().enumerate().take(to).skip(from) {
             x = self.net.run_stage(i, &x, train);
             if let Some(m) = self.masks.get(*name) {
-                x = x * m.view([1, -1, 1, 1]);
+                x = x.g_mul(&m.view([1, -1, 1, 1]));
             }
         }
         x
