@@ -1,7 +1,8 @@
 //! A trainer dies mid-training (SIGKILL after epoch 1's checkpoint is
 //! recorded); a second trainer, already running, leases the job once the
-//! 3 s lease expires, resumes from the last epoch checkpoint, and the run
-//! completes with no lost or duplicated rows.
+//! 3 s lease expires, resumes from the last epoch checkpoint (weights and
+//! optimizer state), and the run completes with no lost or duplicated rows
+//! and exactly the figures of an uninterrupted run.
 
 mod common;
 
@@ -154,6 +155,38 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     }
     let summary = store.run_summary(id).await.unwrap();
     assert!(summary.clean_acc.is_some() && summary.linf.is_some());
+
+    // exactly what an uninterrupted run gives: the same per-epoch losses
+    // (the resumed epochs included) and the same test accuracy
+    let reference = d.join("reference");
+    let out = std::process::Command::new(bin())
+        .args(["--quiet", "experiment", "--direct"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
+            .unwrap();
+    let want: Vec<f64> = meta["metrics"]["train"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
+    let losses: Vec<f64> = sqlx::query_scalar(
+        "SELECT value FROM metrics WHERE run_id = $1 AND stage = 'train-clean' AND name = 'train_loss' ORDER BY step",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(losses, want, "per-epoch training loss, resumed vs uninterrupted");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("report.json")).unwrap()).unwrap();
+    assert_eq!(summary.clean_acc, report["clean_model"]["acc"].as_f64());
     pool.close().await;
     drop(gw);
     drop(trainers);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod experiment;
 pub mod model;
+pub mod optim;
 pub mod paths;
 pub mod plot;
 pub mod poison;

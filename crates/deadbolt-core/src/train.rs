@@ -7,13 +7,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::optim::Optimizer;
 use crate::progress::Progress;
-use crate::spec::{OptimizerKind, Schedule, TrainingSpec};
+use crate::spec::{Schedule, TrainingSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochReport {
@@ -47,34 +48,22 @@ pub fn epoch_order(n: i64, seed: u64, epoch: usize) -> Vec<i64> {
     v
 }
 
-fn optimizer(model: &Model, spec: &TrainingSpec) -> Result<nn::Optimizer> {
-    Ok(match spec.optimizer {
-        OptimizerKind::Sgd => nn::Sgd {
-            momentum: spec.momentum,
-            dampening: 0.0,
-            wd: spec.weight_decay,
-            nesterov: false,
-        }
-        .build(&model.vs, spec.lr)?,
-        OptimizerKind::Adam => nn::Adam {
-            wd: spec.weight_decay,
-            ..Default::default()
-        }
-        .build(&model.vs, spec.lr)?,
-    })
-}
-
 /// Trains `model` on `data` for epochs `start_epoch..spec.epochs` (0-based;
 /// `start_epoch` = epochs already completed). `on_epoch` runs after each
-/// epoch with the model and its report (save a checkpoint there).
+/// epoch with the model, the optimizer and the epoch's report (save a
+/// checkpoint there: [`Optimizer::save`] for the optimizer's state). When
+/// resuming, pass the optimizer with the state saved after `start_epoch`
+/// ([`Optimizer::load`]) so the run continues exactly as if uninterrupted;
+/// `None` starts a fresh one.
 pub fn train(
     model: &mut Model,
     data: &Dataset,
     spec: &TrainingSpec,
     seed: u64,
     start_epoch: usize,
+    optimizer: Option<Optimizer>,
     progress: &dyn Progress,
-    mut on_epoch: impl FnMut(&Model, &EpochReport) -> Result<()>,
+    mut on_epoch: impl FnMut(&Model, &Optimizer, &EpochReport) -> Result<()>,
 ) -> Result<Vec<EpochReport>> {
     if data.is_empty() {
         return Err(Error::EmptyDataset("training set".into()));
@@ -84,11 +73,10 @@ pub fn train(
     let data = data.to_device(dev);
     let n = data.len();
     let batch = spec.batch_size as i64;
-    let mut opt = optimizer(model, spec)?;
+    let mut opt = optimizer.unwrap_or_else(|| Optimizer::new(model, spec));
     let mut reports = Vec::new();
     for epoch in start_epoch..spec.epochs {
         let lr = lr_at(spec, epoch);
-        opt.set_lr(lr);
         let order = Tensor::from_slice(&epoch_order(n, seed, epoch)).to_device(dev);
         progress.start(&format!("epoch {}/{}", epoch + 1, spec.epochs), n as u64);
         let t0 = Instant::now();
@@ -105,7 +93,9 @@ pub fn train(
             let y = data.labels.index_select(0, &idx);
             let logits = model.forward_t(&x, true);
             let loss = logits.cross_entropy_for_logits(&y);
-            opt.backward_step(&loss);
+            opt.zero_grad();
+            loss.f_backward()?;
+            opt.step(lr)?;
             tch::no_grad(|| {
                 loss_sum += loss.detach() * len as f64;
                 correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
@@ -141,7 +131,7 @@ pub fn train(
             images_per_sec = report.images_per_sec,
             "epoch done"
         );
-        on_epoch(model, &report)?;
+        on_epoch(model, &opt, &report)?;
         reports.push(report);
     }
     Ok(reports)
@@ -152,7 +142,7 @@ mod tests {
     use super::*;
     use crate::model::ModelInfo;
     use crate::progress::Silent;
-    use crate::spec::Arch;
+    use crate::spec::{Arch, OptimizerKind};
     use tch::Device;
 
     /// Two classes: bright top half vs bright bottom half.
@@ -193,7 +183,7 @@ mod tests {
         let d = toy(128);
         let mut m = fresh();
         let mut seen = vec![];
-        let r = train(&mut m, &d, &spec(3), 0, 0, &Silent, |_, e| {
+        let r = train(&mut m, &d, &spec(3), 0, 0, None, &Silent, |_, _, e| {
             seen.push(e.epoch);
             Ok(())
         })
@@ -205,39 +195,48 @@ mod tests {
     }
 
     #[test]
-    fn resume_matches_uninterrupted_weights_without_momentum() {
-        // Plain SGD has no optimizer state, so resuming from an epoch
-        // checkpoint must reproduce the uninterrupted run exactly.
+    fn resume_matches_uninterrupted_weights() {
+        // With the optimizer's state saved beside the epoch checkpoint,
+        // resuming reproduces the uninterrupted run exactly, momentum and
+        // Adam included.
         let d = toy(64);
-        let mut s = spec(2);
-        s.momentum = 0.0;
-        let mut full = fresh();
-        train(&mut full, &d, &s, 5, 0, &Silent, |_, _| Ok(())).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut part = fresh();
-        let mut one = s.clone();
-        one.epochs = 1;
-        // run only the first epoch (same schedule length) then checkpoint
-        train(&mut part, &d, &s, 5, 0, &Silent, |m, e| {
-            if e.epoch == 1 {
-                let mut meta = crate::model::CheckpointMeta::new(&m.info);
-                meta.epoch = 1;
-                m.save(dir.path(), &meta)?;
-                return Err(Error::Cancelled);
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+            let mut s = spec(3);
+            s.optimizer = kind;
+            s.momentum = 0.9;
+            if kind == OptimizerKind::Adam {
+                s.lr = 1e-3;
             }
-            Ok(())
-        })
-        .unwrap_err();
-        let (mut resumed, meta) = Model::load(dir.path(), Device::Cpu).unwrap();
-        train(&mut resumed, &d, &s, 5, meta.epoch, &Silent, |_, _| Ok(())).unwrap();
-        let x = d.images.narrow(0, 0, 8);
-        assert!(resumed.forward_t(&x, false).allclose(
-            &full.forward_t(&x, false),
-            1e-5,
-            1e-5,
-            false
-        ));
-        let _ = one;
+            let mut full = fresh();
+            train(&mut full, &d, &s, 5, 0, None, &Silent, |_, _, _| Ok(())).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let state = dir.path().join("optimizer.safetensors");
+            let mut part = fresh();
+            // stop after the first epoch, with a checkpoint
+            train(&mut part, &d, &s, 5, 0, None, &Silent, |m, o, e| {
+                let mut meta = crate::model::CheckpointMeta::new(&m.info);
+                meta.epoch = e.epoch;
+                o.save(&state, e.epoch)?;
+                m.save(dir.path(), &meta)?;
+                Err(Error::Cancelled)
+            })
+            .unwrap_err();
+            let (mut resumed, meta) = Model::load(dir.path(), Device::Cpu).unwrap();
+            assert_eq!(meta.epoch, 1);
+            let mut opt = Optimizer::new(&resumed, &s);
+            opt.load(&state, 1).unwrap();
+            train(&mut resumed, &d, &s, 5, 1, Some(opt), &Silent, |_, _, _| Ok(())).unwrap();
+            let (a, b) = (full.vs.variables(), resumed.vs.variables());
+            for (k, t) in &a {
+                assert!(t.equal(&b[k]), "{kind:?}: {k} differs after resuming");
+            }
+            // a state saved after another epoch is refused, naming the file
+            let e = Optimizer::new(&fresh(), &s)
+                .load(&state, 2)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("optimizer.safetensors") && e.contains("epoch 1"), "{e}");
+        }
     }
 
     #[test]
@@ -261,15 +260,16 @@ mod tests {
         let mut s = spec(1);
         s.optimizer = OptimizerKind::Adam;
         s.lr = 1e-3;
-        train(&mut m, &d, &s, 0, 0, &Silent, |_, _| Ok(())).unwrap();
+        train(&mut m, &d, &s, 0, 0, None, &Silent, |_, _, _| Ok(())).unwrap();
         let e = train(
             &mut m,
             &d.take(0).select_vec(&[]),
             &s,
             0,
             0,
+            None,
             &Silent,
-            |_, _| Ok(()),
+            |_, _, _| Ok(()),
         );
         assert!(e.is_err());
     }

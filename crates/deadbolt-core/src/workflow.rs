@@ -9,6 +9,7 @@ use crate::data::{self, Dataset};
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
 use crate::model::{CheckpointMeta, Model, ModelInfo};
+use crate::optim::Optimizer;
 use crate::poison::{Attack, PoisonedDataset};
 use crate::progress::Progress;
 use crate::spec::ExperimentSpec;
@@ -79,6 +80,9 @@ pub struct Trained {
     pub metrics: Metrics,
 }
 
+/// The optimizer's state beside an epoch checkpoint (see [`crate::optim`]).
+pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
 /// One training job.
 pub struct TrainJob<'a> {
     pub spec: &'a ExperimentSpec,
@@ -97,8 +101,10 @@ pub struct TrainJob<'a> {
 }
 
 /// Trains a model on `job.data` with `spec.training`, saving a checkpoint in
-/// `out` after every epoch (`model.safetensors` + `model.json`). With
-/// `resume`, an existing checkpoint in `out` is continued from its epoch.
+/// `out` after every epoch (`model.safetensors` + `model.json`, and the
+/// optimizer's state in `optimizer.safetensors`). With `resume`, an
+/// existing checkpoint in `out` is continued from its epoch, exactly as the
+/// uninterrupted run would have gone on.
 /// Test metrics (with the attack, when given) go into the final sidecar.
 pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<Trained> {
     let TrainJob {
@@ -129,6 +135,19 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
         }
         None => (Model::seeded(info, device, spec.seed)?, 0),
     };
+    let state = out.join(OPTIMIZER_STATE);
+    let optimizer = (start > 0).then(|| {
+        let mut opt = Optimizer::new(&model, &spec.training);
+        match opt.load(&state, start) {
+            Ok(()) => Some(opt),
+            // a checkpoint without (or with a stale) optimizer state still
+            // resumes, with the optimizer restarted
+            Err(e) => {
+                tracing::warn!(error = %e, "resuming without optimizer state");
+                None
+            }
+        }
+    });
     let mut history: Vec<EpochReport> = Vec::new();
     let epochs = train::train(
         &mut model,
@@ -136,9 +155,11 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
         &spec.training,
         spec.seed,
         start,
+        optimizer.flatten(),
         progress,
-        |m, report| {
+        |m, opt, report| {
             history.push(report.clone());
+            opt.save(&state, report.epoch)?;
             let mut meta = CheckpointMeta::new(&m.info);
             meta.epoch = report.epoch;
             meta.metrics = serde_json::json!({ "train": history });

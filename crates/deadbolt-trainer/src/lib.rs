@@ -2,7 +2,8 @@
 //! `train-clean` or `train-backdoored` stage job, which trains with
 //! [`deadbolt_core::experiment::stage_train`] (epoch checkpoints via
 //! `workflow::train_checkpointed`). After every epoch the checkpoint is
-//! uploaded as `<tag>/epoch-<n>/model.safetensors` (+ `model.json`) and
+//! uploaded as `<tag>/epoch-<n>/model.safetensors` (+ `model.json` and
+//! the optimizer's `optimizer.safetensors`) and
 //! recorded, with the epoch's metrics (upserts: a retried job writes no
 //! duplicate rows). A retried job (attempt > 1) downloads the latest epoch
 //! checkpoint (sha256-verified: a corrupted one fails the job with a
@@ -16,6 +17,7 @@ use std::time::Instant;
 
 use deadbolt_core::eval::Metrics;
 use deadbolt_core::experiment::{self, TrainOutcome};
+use deadbolt_core::workflow;
 use deadbolt_core::model::CheckpointMeta;
 use deadbolt_core::progress::Progress;
 use deadbolt_core::spec::ExperimentSpec;
@@ -142,6 +144,16 @@ fn upload_epoch(
     out: &Path,
     epoch: usize,
 ) -> Result<(ArtifactRef, ArtifactRef), JobError> {
+    // the optimizer's state first: an epoch whose sidecar is stored has
+    // all its files
+    let state = out.join(workflow::OPTIMIZER_STATE);
+    if state.is_file() {
+        ctx.put_file(
+            &format!("{tag}/epoch-{epoch}/{}", workflow::OPTIMIZER_STATE),
+            &state,
+            "application/octet-stream",
+        )?;
+    }
     let w = ctx.put_file(
         &format!("{tag}/epoch-{epoch}/model.safetensors"),
         &out.join("model.safetensors"),
@@ -169,11 +181,16 @@ fn record_epoch(ctx: &JobContext, stage: &str, rep: &EpochReport) -> Result<(), 
     Ok(())
 }
 
-/// The latest epoch checkpoint recorded for `tag`, as (epoch, weights, sidecar).
-fn latest_epoch(
-    ctx: &JobContext,
-    tag: &str,
-) -> Result<Option<(usize, ArtifactRef, ArtifactRef)>, JobError> {
+/// The latest epoch checkpoint recorded for `tag`.
+struct EpochCheckpoint {
+    epoch: usize,
+    weights: ArtifactRef,
+    sidecar: ArtifactRef,
+    /// The optimizer's state, when it was stored.
+    optimizer: Option<ArtifactRef>,
+}
+
+fn latest_epoch(ctx: &JobContext, tag: &str) -> Result<Option<EpochCheckpoint>, JobError> {
     let recs = ctx.block_on(ctx.store.list_artifacts(ctx.run_id()))?;
     let prefix = format!("{tag}/epoch-");
     let best = recs
@@ -191,14 +208,20 @@ fn latest_epoch(
             Some((n, r, side))
         })
         .max_by_key(|(n, _, _)| *n);
-    match best {
-        None => Ok(None),
-        Some((n, w, s)) => Ok(Some((
-            n,
-            ctx.artifacts.ref_from_record(w)?,
-            ctx.artifacts.ref_from_record(s)?,
-        ))),
-    }
+    let Some((n, w, s)) = best else {
+        return Ok(None);
+    };
+    let opt_name = format!("{prefix}{n}/{}", workflow::OPTIMIZER_STATE);
+    let optimizer = match recs.iter().find(|r| r.name == opt_name) {
+        Some(r) => Some(ctx.artifacts.ref_from_record(r)?),
+        None => None,
+    };
+    Ok(Some(EpochCheckpoint {
+        epoch: n,
+        weights: ctx.artifacts.ref_from_record(w)?,
+        sidecar: ctx.artifacts.ref_from_record(s)?,
+        optimizer,
+    }))
 }
 
 /// Runs the training stages.
@@ -221,9 +244,13 @@ impl deadbolt_runtime::StageHandler for TrainHandler {
         std::fs::create_dir_all(&out).map_err(|e| io(out.display(), e))?;
         let mut uploaded = BTreeSet::new();
         if ctx.job.attempts > 1 {
-            if let Some((epoch, w, s)) = latest_epoch(ctx, tag)? {
-                ctx.download(&w, &out.join("model.safetensors"))?;
-                ctx.download(&s, &out.join("model.json"))?;
+            if let Some(c) = latest_epoch(ctx, tag)? {
+                let epoch = c.epoch;
+                ctx.download(&c.weights, &out.join("model.safetensors"))?;
+                ctx.download(&c.sidecar, &out.join("model.json"))?;
+                if let Some(o) = &c.optimizer {
+                    ctx.download(o, &out.join(workflow::OPTIMIZER_STATE))?;
+                }
                 uploaded.insert(epoch);
                 tracing::info!(run_id = %ctx.run_id(), tag, epoch, attempt = ctx.job.attempts, "resuming from epoch checkpoint");
             }
