@@ -166,7 +166,11 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
         .arg(&reference)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
             .unwrap();
@@ -183,7 +187,10 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(losses, want, "per-epoch training loss, resumed vs uninterrupted");
+    assert_eq!(
+        losses, want,
+        "per-epoch training loss, resumed vs uninterrupted"
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reference.join("report.json")).unwrap()).unwrap();
     assert_eq!(summary.clean_acc, report["clean_model"]["acc"].as_f64());

@@ -493,7 +493,15 @@ pub fn stage_prune(
                     epochs: spec.defense.fine_tune_epochs,
                     ..spec.training.clone()
                 };
-                train::train(&mut pruned, val, &ts, spec.seed, 0, None, progress, |_, _, _| Ok(()))?;
+                train::train(
+                    &mut pruned,
+                    val,
+                    &ts,
+                    spec.seed,
+                    train::Start::fresh(),
+                    progress,
+                    |_, _, _| Ok(()),
+                )?;
                 let mut p = point(&eval::evaluate(&pruned, test, Some(eval_attack))?);
                 p.k = op.k;
                 fine_tuned_der = Some(prune::der(&curve[0], &p));

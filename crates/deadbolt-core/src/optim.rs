@@ -60,7 +60,10 @@ impl Optimizer {
             kind: spec.optimizer,
             momentum: spec.momentum,
             weight_decay: spec.weight_decay,
-            params: vars.into_iter().filter(|(_, t)| t.requires_grad()).collect(),
+            params: vars
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect(),
             state: BTreeMap::new(),
             step: 0,
         }
@@ -134,8 +137,12 @@ impl Optimizer {
                 tensors.push((format!("{slot}.{name}"), t.to_device(Device::Cpu)));
             }
         }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
         let tmp = path.with_extension("partial");
-        Tensor::write_safetensors(&tensors, &tmp)?;
+        Tensor::write_safetensors(&tensors, &tmp)
+            .map_err(|e| Error::checkpoint(&tmp, e.to_string()))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 
@@ -217,11 +224,18 @@ mod tests {
         .unwrap()
     }
 
+    fn lr(kind: OptimizerKind) -> f64 {
+        match kind {
+            OptimizerKind::Sgd => 0.05,
+            OptimizerKind::Adam => 1e-3,
+        }
+    }
+
     fn steps(m: &Model, opt: &mut Optimizer, n: usize, x: &Tensor, y: &Tensor) {
         for _ in 0..n {
             opt.zero_grad();
             m.forward_t(x, true).cross_entropy_for_logits(y).backward();
-            opt.step(0.05).unwrap();
+            opt.step(lr(opt.kind)).unwrap();
         }
     }
 
@@ -248,18 +262,19 @@ mod tests {
                     wd: 5e-4,
                     nesterov: false,
                 }
-                .build(&b.vs, 0.05)
+                .build(&b.vs, lr(kind))
                 .unwrap(),
                 OptimizerKind::Adam => tch::nn::Adam {
                     wd: 5e-4,
                     ..Default::default()
                 }
-                .build(&b.vs, 0.05)
+                .build(&b.vs, lr(kind))
                 .unwrap(),
             };
             for _ in 0..5 {
                 theirs.backward_step(&b.forward_t(&x, true).cross_entropy_for_logits(&y));
             }
+            // the same arithmetic in another order: float rounding only
             let (va, vb) = (a.vs.variables(), b.vs.variables());
             for (k, t) in &va {
                 let d = (t - &vb[k]).abs().max().double_value(&[]);
@@ -294,7 +309,11 @@ mod tests {
             let mut resumed = model();
             resumed.copy_from(&first).unwrap();
             let mut o = Optimizer::new(&resumed, &spec);
-            assert!(o.load(&path, 2).unwrap_err().to_string().contains("epoch 1"));
+            assert!(o
+                .load(&path, 2)
+                .unwrap_err()
+                .to_string()
+                .contains("epoch 1"));
             o.load(&path, 1).unwrap();
             assert_eq!(o.step, 3);
             steps(&resumed, &mut o, 3, &x, &y);

@@ -48,20 +48,34 @@ pub fn epoch_order(n: i64, seed: u64, epoch: usize) -> Vec<i64> {
     v
 }
 
-/// Trains `model` on `data` for epochs `start_epoch..spec.epochs` (0-based;
-/// `start_epoch` = epochs already completed). `on_epoch` runs after each
+/// Where a training run starts: after `epoch` completed epochs, with the
+/// optimizer (and its state) to continue with, or a fresh one.
+#[derive(Debug, Default)]
+pub struct Start {
+    pub epoch: usize,
+    pub optimizer: Option<Optimizer>,
+}
+
+impl Start {
+    /// Epoch 0, a fresh optimizer.
+    pub fn fresh() -> Start {
+        Start::default()
+    }
+}
+
+/// Trains `model` on `data` for epochs `start.epoch..spec.epochs` (0-based;
+/// `start.epoch` = epochs already completed). `on_epoch` runs after each
 /// epoch with the model, the optimizer and the epoch's report (save a
 /// checkpoint there: [`Optimizer::save`] for the optimizer's state). When
-/// resuming, pass the optimizer with the state saved after `start_epoch`
-/// ([`Optimizer::load`]) so the run continues exactly as if uninterrupted;
-/// `None` starts a fresh one.
+/// resuming, pass in `start` the optimizer with the state saved after
+/// `start.epoch` ([`Optimizer::load`]) so the run continues exactly as if
+/// uninterrupted; `None` starts a fresh one.
 pub fn train(
     model: &mut Model,
     data: &Dataset,
     spec: &TrainingSpec,
     seed: u64,
-    start_epoch: usize,
-    optimizer: Option<Optimizer>,
+    start: Start,
     progress: &dyn Progress,
     mut on_epoch: impl FnMut(&Model, &Optimizer, &EpochReport) -> Result<()>,
 ) -> Result<Vec<EpochReport>> {
@@ -73,7 +87,10 @@ pub fn train(
     let data = data.to_device(dev);
     let n = data.len();
     let batch = spec.batch_size as i64;
-    let mut opt = optimizer.unwrap_or_else(|| Optimizer::new(model, spec));
+    let start_epoch = start.epoch;
+    let mut opt = start
+        .optimizer
+        .unwrap_or_else(|| Optimizer::new(model, spec));
     let mut reports = Vec::new();
     for epoch in start_epoch..spec.epochs {
         let lr = lr_at(spec, epoch);
@@ -183,10 +200,18 @@ mod tests {
         let d = toy(128);
         let mut m = fresh();
         let mut seen = vec![];
-        let r = train(&mut m, &d, &spec(3), 0, 0, None, &Silent, |_, _, e| {
-            seen.push(e.epoch);
-            Ok(())
-        })
+        let r = train(
+            &mut m,
+            &d,
+            &spec(3),
+            0,
+            Start::fresh(),
+            &Silent,
+            |_, _, e| {
+                seen.push(e.epoch);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(seen, [1, 2, 3]);
         assert!(r[2].train_acc > 0.9, "{r:?}");
@@ -208,12 +233,15 @@ mod tests {
                 s.lr = 1e-3;
             }
             let mut full = fresh();
-            train(&mut full, &d, &s, 5, 0, None, &Silent, |_, _, _| Ok(())).unwrap();
+            train(&mut full, &d, &s, 5, Start::fresh(), &Silent, |_, _, _| {
+                Ok(())
+            })
+            .unwrap();
             let dir = tempfile::tempdir().unwrap();
             let state = dir.path().join("optimizer.safetensors");
             let mut part = fresh();
             // stop after the first epoch, with a checkpoint
-            train(&mut part, &d, &s, 5, 0, None, &Silent, |m, o, e| {
+            train(&mut part, &d, &s, 5, Start::fresh(), &Silent, |m, o, e| {
                 let mut meta = crate::model::CheckpointMeta::new(&m.info);
                 meta.epoch = e.epoch;
                 o.save(&state, e.epoch)?;
@@ -225,7 +253,11 @@ mod tests {
             assert_eq!(meta.epoch, 1);
             let mut opt = Optimizer::new(&resumed, &s);
             opt.load(&state, 1).unwrap();
-            train(&mut resumed, &d, &s, 5, 1, Some(opt), &Silent, |_, _, _| Ok(())).unwrap();
+            let start = Start {
+                epoch: 1,
+                optimizer: Some(opt),
+            };
+            train(&mut resumed, &d, &s, 5, start, &Silent, |_, _, _| Ok(())).unwrap();
             let (a, b) = (full.vs.variables(), resumed.vs.variables());
             for (k, t) in &a {
                 assert!(t.equal(&b[k]), "{kind:?}: {k} differs after resuming");
@@ -235,7 +267,10 @@ mod tests {
                 .load(&state, 2)
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("optimizer.safetensors") && e.contains("epoch 1"), "{e}");
+            assert!(
+                e.contains("optimizer.safetensors") && e.contains("epoch 1"),
+                "{e}"
+            );
         }
     }
 
@@ -260,14 +295,13 @@ mod tests {
         let mut s = spec(1);
         s.optimizer = OptimizerKind::Adam;
         s.lr = 1e-3;
-        train(&mut m, &d, &s, 0, 0, None, &Silent, |_, _, _| Ok(())).unwrap();
+        train(&mut m, &d, &s, 0, Start::fresh(), &Silent, |_, _, _| Ok(())).unwrap();
         let e = train(
             &mut m,
             &d.take(0).select_vec(&[]),
             &s,
             0,
-            0,
-            None,
+            Start::fresh(),
             &Silent,
             |_, _, _| Ok(()),
         );

@@ -154,8 +154,10 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
         data,
         &spec.training,
         spec.seed,
-        start,
-        optimizer.flatten(),
+        train::Start {
+            epoch: start,
+            optimizer: optimizer.flatten(),
+        },
         progress,
         |m, opt, report| {
             history.push(report.clone());

@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use deadbolt_core::eval::Metrics;
 use deadbolt_core::experiment::{self, TrainOutcome};
-use deadbolt_core::workflow;
 use deadbolt_core::model::CheckpointMeta;
 use deadbolt_core::progress::Progress;
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_core::train::EpochReport;
+use deadbolt_core::workflow;
 use deadbolt_poisoner::dataset::Bundle;
 use deadbolt_poisoner::error::{core, io};
 use deadbolt_poisoner::progress::JobProgress;

@@ -216,7 +216,16 @@ mod tests {
             lr: 0.02,
             ..Default::default()
         };
-        crate::train::train(&mut m, &d, &spec, 0, 0, None, &Silent, |_, _, _| Ok(())).unwrap();
+        crate::train::train(
+            &mut m,
+            &d,
+            &spec,
+            0,
+            crate::train::Start::fresh(),
+            &Silent,
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
         let acc = crate::eval::evaluate(&m, &d, None).unwrap().acc;
         assert!(
             acc > 0.95,

@@ -398,7 +398,16 @@ mod tests {
             lr: 0.03,
             ..Default::default()
         };
-        crate::train::train(&mut m, &poisoned.data, &ts, 0, 0, None, &Silent, |_, _, _| Ok(())).unwrap();
+        crate::train::train(
+            &mut m,
+            &poisoned.data,
+            &ts,
+            0,
+            crate::train::Start::fresh(),
+            &Silent,
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
         let metrics = crate::eval::evaluate(&m, &clean, Some(&attack)).unwrap();
         assert!(
             metrics.acc > 0.9 && metrics.asr.unwrap() > 0.9,
