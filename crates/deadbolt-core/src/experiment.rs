@@ -560,13 +560,14 @@ pub fn stage_prune(
                 plot::pruning_curves(
                     p,
                     &format!(
-                        "test ACC and ASR vs channels pruned ({source:?} trigger ranks {layer})"
+                        "test ACC and ASR vs channels pruned ({} trigger ranks {layer})",
+                        source.as_str()
                     ),
                     &series,
                 )
             },
         );
-        timings.insert(format!("prune_{source:?}").to_lowercase(), secs(t));
+        timings.insert(format!("prune_{}", source.as_str()), secs(t));
         tables.push(table);
     }
     let mut tables = tables.into_iter();

@@ -73,6 +73,15 @@ pub enum TriggerSource {
     Synthetic,
 }
 
+impl TriggerSource {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TriggerSource::Real => "real",
+            TriggerSource::Synthetic => "synthetic",
+        }
+    }
+}
+
 /// One pruning criterion end to end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CriterionReport {
@@ -233,9 +242,9 @@ impl Report {
             for (c, r) in table {
                 let _ = writeln!(
                     s,
-                    "| {} | {:?} | {} | {} | {} | {} | {:.3} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {:.3} | {} |",
                     c.as_str(),
-                    r.ranked_with,
+                    r.ranked_with.as_str(),
                     r.chosen.k,
                     pct(Some(r.chosen.acc)),
                     pct(Some(r.chosen.asr)),

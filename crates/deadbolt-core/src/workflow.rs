@@ -102,7 +102,8 @@ pub struct TrainJob<'a> {
 
 /// Trains a model on `job.data` with `spec.training`, saving a checkpoint in
 /// `out` after every epoch (`model.safetensors` + `model.json`, and the
-/// optimizer's state in `optimizer.safetensors`). With `resume`, an
+/// optimizer's state in `optimizer.safetensors`, removed once training is
+/// done). With `resume`, an
 /// existing checkpoint in `out` is continued from its epoch, exactly as the
 /// uninterrupted run would have gone on.
 /// Test metrics (with the attack, when given) go into the final sidecar.
@@ -176,6 +177,13 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
     meta.metrics = serde_json::json!({ "train": epochs, "test": metrics });
     meta.spec = Some(spec_text);
     model.save(out, &meta)?;
+    // a finished checkpoint is reused, never resumed: its optimizer state
+    // has served its purpose
+    if let Err(e) = std::fs::remove_file(&state) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(Error::io(&state, e));
+        }
+    }
     Ok(Trained {
         model,
         epochs,
