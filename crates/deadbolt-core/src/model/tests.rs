@@ -191,3 +191,29 @@ fn errors_name_the_problem() {
     .to_string();
     assert!(e.contains("16x16"), "{e}");
 }
+
+/// The unmasked fast path (pool before ReLU, channels-last pooling) gives
+/// the staged forward's values exactly; gradients agree to float rounding
+/// (libtorch sums the channels-last convolution backward in another order).
+#[test]
+fn fast_unmasked_forward_equals_the_staged_one() {
+    let m = badnet();
+    let x = crate::rng::uniform(&[4, 1, 28, 28], 111) * 2.0 - 1.0;
+    let grads = |y: Tensor| -> Vec<Tensor> {
+        for (_, mut v) in m.vs.variables() {
+            v.zero_grad();
+        }
+        y.sum(Kind::Float).backward();
+        let mut vars: Vec<(String, Tensor)> = m.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.iter().map(|(_, v)| v.grad().copy()).collect()
+    };
+    let fast = m.forward_t(&x, true);
+    let staged = m.run(x.shallow_clone(), 0, m.net.stages().len(), true);
+    assert!(fast.equal(&staged), "values differ");
+    let (a, b) = (grads(fast), grads(staged));
+    for (a, b) in a.iter().zip(&b) {
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(a.equal(b), "gradients differ by {d}");
+    }
+}
