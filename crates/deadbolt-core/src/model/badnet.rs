@@ -59,7 +59,7 @@ impl Network for BadNetCnn {
     fn run_stage(&self, i: usize, x: &Tensor, _train: bool) -> Tensor {
         match i {
             0 => self.conv1.forward(x).relu_(),
-            1 | 3 => x.max_pool2d_default(2),
+            1 | 3 => pool_channels_last(x),
             2 => self.conv2.forward(x).relu_(),
             _ => self
                 .fc2
@@ -110,4 +110,26 @@ fn pool_channels_last(x: &Tensor) -> Tensor {
         .permute([0, 3, 1, 2])
         .max_pool2d_default(2)
         .contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Channels-last pooling is libtorch's NCHW max-pool, values and
+    /// gradients bitwise, ties included.
+    #[test]
+    fn channels_last_pooling_is_max_pool_exactly() {
+        let x = (crate::rng::uniform(&[3, 5, 12, 12], 7) * 4.0).round() - 2.0; // many ties
+        let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let a = x.detach().set_requires_grad(true);
+            let y = f(&a);
+            let w = crate::rng::uniform(&y.size(), 8);
+            (&y * &w).sum(tch::Kind::Float).backward();
+            (y.detach(), a.grad())
+        };
+        let (ya, ga) = grad(&|a| pool_channels_last(a));
+        let (yb, gb) = grad(&|a| a.max_pool2d_default(2));
+        assert!(ya.equal(&yb) && ga.equal(&gb));
+    }
 }
