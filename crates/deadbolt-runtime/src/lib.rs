@@ -15,6 +15,7 @@ pub mod config;
 pub mod convert;
 pub mod server;
 pub mod stage;
+pub mod tensor_thread;
 pub mod worker;
 
 pub use config::Config;

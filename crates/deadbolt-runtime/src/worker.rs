@@ -322,7 +322,7 @@ impl Worker {
             lost.clone(),
         ));
         let handler = self.handler.clone();
-        let outcome = tokio::task::spawn_blocking(move || handler.run(&ctx))
+        let outcome = crate::tensor_thread::run(move || handler.run(&ctx))
             .await
             .unwrap_or_else(|e| Err(JobError::transient(format!("handler panicked: {e}"))));
         heartbeat.abort();
