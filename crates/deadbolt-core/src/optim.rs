@@ -219,20 +219,9 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelInfo;
-    use crate::spec::Arch;
 
     fn model() -> Model {
-        Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes: 3,
-                input_shape: (1, 16, 16),
-            },
-            Device::Cpu,
-            4,
-        )
-        .unwrap()
+        crate::model::test_badnet(3, (16, 16), 4)
     }
 
     fn lr(kind: OptimizerKind) -> f64 {

@@ -427,8 +427,6 @@ pub fn pruned_model(model: &Model, layer: &str, order: &[i64], k: usize) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelInfo;
-    use crate::spec::Arch;
 
     fn stats(layer: &str, linf: Vec<f32>, mean: Vec<f32>) -> ActivationStats {
         let c = linf.len();
@@ -488,16 +486,7 @@ mod tests {
     }
 
     fn toy() -> (Model, Dataset, TriggeredSet) {
-        let m = Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes: 3,
-                input_shape: (1, 16, 16),
-            },
-            Device::Cpu,
-            0,
-        )
-        .unwrap();
+        let m = crate::model::test_badnet(3, (16, 16), 0);
         let x = crate::rng::uniform(&[20, 1, 16, 16], 101);
         let y = Tensor::arange(20, (Kind::Int64, Device::Cpu)).remainder(3);
         let d = Dataset::new(x, y, 3, "toy").unwrap();

@@ -157,9 +157,8 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelInfo;
     use crate::progress::Silent;
-    use crate::spec::{Arch, OptimizerKind};
+    use crate::spec::OptimizerKind;
     use tch::Device;
 
     /// Two classes: bright top half vs bright bottom half.
@@ -183,16 +182,7 @@ mod tests {
     }
 
     fn fresh() -> Model {
-        Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes: 2,
-                input_shape: (1, 16, 16),
-            },
-            Device::Cpu,
-            3,
-        )
-        .unwrap()
+        crate::model::test_badnet(2, (16, 16), 3)
     }
 
     #[test]

@@ -137,18 +137,16 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
         None => (Model::seeded(info, device, spec.seed)?, 0),
     };
     let state = out.join(OPTIMIZER_STATE);
-    let optimizer = (start > 0).then(|| {
+    let mut optimizer = None;
+    if start > 0 {
         let mut opt = Optimizer::new(&model, &spec.training);
         match opt.load(&state, start) {
-            Ok(()) => Some(opt),
+            Ok(()) => optimizer = Some(opt),
             // a checkpoint without (or with a stale) optimizer state still
             // resumes, with the optimizer restarted
-            Err(e) => {
-                tracing::warn!(error = %e, "resuming without optimizer state");
-                None
-            }
+            Err(e) => tracing::warn!(error = %e, "resuming without optimizer state"),
         }
-    });
+    }
     let mut history: Vec<EpochReport> = Vec::new();
     let epochs = train::train(
         &mut model,
@@ -157,7 +155,7 @@ pub fn train_checkpointed(job: TrainJob<'_>, progress: &dyn Progress) -> Result<
         spec.seed,
         train::Start {
             epoch: start,
-            optimizer: optimizer.flatten(),
+            optimizer,
         },
         progress,
         |m, opt, report| {

@@ -172,9 +172,8 @@ pub fn mean_mass_in_region(heat: &Tensor, region: (i64, i64, i64, i64)) -> Resul
 mod tests {
     use super::*;
     use crate::data::Dataset;
-    use crate::model::ModelInfo;
     use crate::progress::Silent;
-    use crate::spec::{Arch, TrainingSpec};
+    use crate::spec::TrainingSpec;
 
     #[test]
     fn heatmap_lands_on_the_region_the_answer_depends_on() {
@@ -200,16 +199,7 @@ mod tests {
                 .copy_(&checker);
         }
         let d = Dataset::new(x, y, classes, "toy").unwrap();
-        let mut m = Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes,
-                input_shape: (1, size, size),
-            },
-            Device::Cpu,
-            11,
-        )
-        .unwrap();
+        let mut m = crate::model::test_badnet(classes, (size, size), 11);
         let spec = TrainingSpec {
             epochs: 3,
             batch_size: 32,
@@ -259,16 +249,7 @@ mod tests {
 
     #[test]
     fn errors_name_what_is_wrong() {
-        let m = Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes: 3,
-                input_shape: (1, 16, 16),
-            },
-            Device::Cpu,
-            0,
-        )
-        .unwrap();
+        let m = crate::model::test_badnet(3, (16, 16), 0);
         let x = crate::rng::uniform(&[2, 1, 16, 16], 102);
         assert!(gradcam(&m, "nope", &x, None)
             .unwrap_err()

@@ -330,9 +330,8 @@ pub fn load_trigger(path: &std::path::Path) -> Result<Trigger> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelInfo;
     use crate::progress::Silent;
-    use crate::spec::{Arch, PatchPattern, PatchPosition, TrainingSpec};
+    use crate::spec::{PatchPattern, PatchPosition, TrainingSpec};
 
     #[test]
     fn anomaly_index_flags_the_small_outlier() {
@@ -382,16 +381,7 @@ mod tests {
         )
         .unwrap();
         let poisoned = attack.poison(&clean).unwrap();
-        let mut m = Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes,
-                input_shape: (1, size, size),
-            },
-            Device::Cpu,
-            5,
-        )
-        .unwrap();
+        let mut m = crate::model::test_badnet(classes, (size, size), 5);
         let ts = TrainingSpec {
             epochs: 8,
             batch_size: 32,
@@ -437,16 +427,7 @@ mod tests {
 
     #[test]
     fn rejects_empty_and_mismatched_images() {
-        let m = Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes: 3,
-                input_shape: (1, 16, 16),
-            },
-            Device::Cpu,
-            0,
-        )
-        .unwrap();
+        let m = crate::model::test_badnet(3, (16, 16), 0);
         let d = Dataset::new(
             crate::rng::uniform(&[4, 1, 20, 20], 102),
             Tensor::from_slice(&[0i64, 1, 2, 0]),

@@ -327,8 +327,6 @@ pub fn separation_of_means(clean: &[f64], triggered: &[f64], norm: Norm) -> Sepa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelInfo;
-    use crate::spec::Arch;
 
     #[test]
     fn norms_of_hand_made_maps() {
@@ -362,16 +360,7 @@ mod tests {
 
     #[test]
     fn collect_streams_batches_and_matches_direct_norms() {
-        let m = Model::seeded(
-            ModelInfo {
-                arch: Arch::BadnetCnn,
-                classes: 3,
-                input_shape: (1, 16, 16),
-            },
-            Device::Cpu,
-            0,
-        )
-        .unwrap();
+        let m = crate::model::test_badnet(3, (16, 16), 0);
         let x = crate::rng::uniform(&[7, 1, 16, 16], 101);
         let s = collect(&m, "conv2", &x, 3).unwrap();
         assert_eq!((s.images, s.channels), (7, 32));

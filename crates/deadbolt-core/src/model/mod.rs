@@ -366,5 +366,20 @@ impl CheckpointMeta {
     }
 }
 
+/// A seeded one-channel `badnet-cnn` on the CPU, for the crate's tests.
+#[cfg(test)]
+pub(crate) fn test_badnet(classes: i64, (h, w): (i64, i64), seed: u64) -> Model {
+    Model::seeded(
+        ModelInfo {
+            arch: Arch::BadnetCnn,
+            classes,
+            input_shape: (1, h, w),
+        },
+        Device::Cpu,
+        seed,
+    )
+    .expect("a valid toy model")
+}
+
 #[cfg(test)]
 mod tests;

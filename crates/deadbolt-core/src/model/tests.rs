@@ -2,16 +2,7 @@ use super::*;
 use tch::{Device, Kind, Tensor};
 
 fn badnet() -> Model {
-    Model::seeded(
-        ModelInfo {
-            arch: Arch::BadnetCnn,
-            classes: 10,
-            input_shape: (1, 28, 28),
-        },
-        Device::Cpu,
-        0,
-    )
-    .unwrap()
+    crate::model::test_badnet(10, (28, 28), 0)
 }
 
 fn preact() -> Model {
