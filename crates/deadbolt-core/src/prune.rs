@@ -147,11 +147,6 @@ impl FeatureCache {
     pub fn clean(&self) -> Tensor {
         self.features.narrow(0, 0, self.n_clean)
     }
-    /// The triggered images' activations.
-    pub fn triggered(&self) -> Tensor {
-        let n = self.features.size()[0];
-        self.features.narrow(0, self.n_clean, n - self.n_clean)
-    }
 }
 
 fn features_batched(model: &Model, layer: &str, images: &Tensor) -> Result<Tensor> {
