@@ -113,6 +113,13 @@ enum Command {
         #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
         gateway: String,
     },
+    /// Cancel a queued or running run (a finished run answers
+    /// FAILED_PRECONDITION); prints the run.
+    Cancel {
+        run: String,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+    },
     /// List runs, newest first.
     Runs {
         #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
@@ -326,6 +333,19 @@ fn run(cli: Cli) -> Result<()> {
             if r.status != deadbolt_proto::v1::JobStatus::Succeeded as i32 {
                 anyhow::bail!("run {} did not succeed: {}", r.id, r.error);
             }
+        }
+        Command::Cancel { run, gateway } => {
+            let r = tokio_rt()?.block_on(async {
+                let mut c = services::client(&gateway).await?;
+                let r = c
+                    .cancel_experiment(deadbolt_proto::v1::CancelExperimentRequest {
+                        run_id: run.clone(),
+                    })
+                    .await
+                    .map_err(services::status_error)?;
+                anyhow::Ok(r.into_inner())
+            })?;
+            println!("{}", services::run_line(&r));
         }
         Command::Runs { gateway, limit } => {
             let runs = tokio_rt()?.block_on(async {

@@ -14,7 +14,7 @@ use deadbolt_gateway::Gateway;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
 use deadbolt_runtime::config::ServiceKind;
-use deadbolt_runtime::{server, stages, Config, Shared};
+use deadbolt_runtime::{server, Config, Shared};
 use deadbolt_store::{ArtifactRecord, ArtifactStore};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -66,37 +66,12 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
     let mut shared = shared.clone();
     for &k in kinds.iter().filter(|k| **k != ServiceKind::Gateway) {
         let listener = server::bind(&shared.config.listen_addr(k)).await?;
-        let (routes, name, handler, stage_list): (_, &'static str, _, &[&str]) = match k {
-            ServiceKind::Poisoner => (
-                deadbolt_poisoner::routes(shared.clone()),
-                "deadbolt.v1.PoisonerService",
-                deadbolt_poisoner::handler(),
-                &[stages::DATA],
-            ),
-            ServiceKind::Trainer => (
-                deadbolt_trainer::routes(shared.clone()),
-                "deadbolt.v1.TrainerService",
-                deadbolt_trainer::handler(),
-                &[stages::TRAIN_CLEAN, stages::TRAIN_BACKDOORED],
-            ),
-            ServiceKind::Analyzer => (
-                deadbolt_analyzer::routes(shared.clone()),
-                "deadbolt.v1.AnalyzerService",
-                deadbolt_analyzer::handler(),
-                &[stages::ANALYZE],
-            ),
-            ServiceKind::Pruner => (
-                deadbolt_pruner::routes(shared.clone()),
-                "deadbolt.v1.PrunerService",
-                deadbolt_pruner::handler(),
-                &[stages::PRUNE],
-            ),
-            ServiceKind::Gateway => unreachable!(),
-        };
+        let (routes, name, handlers) =
+            deadbolt_stages::service(k, shared.clone()).expect("the gateway is started below");
         let (addr, task) = server::spawn(name, routes, listener).await?;
         run.servers.push(task);
         run.addrs.insert(k, addr);
-        let worker = shared.worker(k.as_str(), stage_list, handler)?;
+        let worker = shared.worker(k.as_str(), handlers)?;
         run.tasks.push(tokio::spawn(worker.run()));
     }
     if kinds.contains(&ServiceKind::Gateway) {

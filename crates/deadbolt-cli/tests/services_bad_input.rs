@@ -14,7 +14,7 @@ use deadbolt_proto::v1::analyzer_service_client::AnalyzerServiceClient;
 use deadbolt_proto::v1::poisoner_service_client::PoisonerServiceClient;
 use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
 use deadbolt_proto::validate::field_violations;
-use deadbolt_store::{JobStatus, NewRun};
+use deadbolt_store::{JobStatus, NewRun, RunStatus};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -125,7 +125,6 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     let train = |run_id: &str, tag: pb::ModelTag| pb::TrainRequest {
         run_id: run_id.into(),
         tag: tag as i32,
-        ..Default::default()
     };
     let e = trainer
         .train(train(&unknown, pb::ModelTag::Clean))
@@ -150,14 +149,29 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .await
         .unwrap_err();
     assert_eq!(field_of(&e), "tag");
+    // a stage call for a run that is not running changes nothing
+    let e = trainer
+        .train(train(&id, pb::ModelTag::Clean))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(store.list_jobs(run.id).await.unwrap().is_empty());
+    store
+        .set_run_status(run.id, RunStatus::Running, None)
+        .await
+        .unwrap();
+    // nor one for a later stage than the run is at
+    let e = trainer
+        .train(train(&id, pb::ModelTag::Clean))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(store.list_jobs(run.id).await.unwrap().is_empty());
     let mut poisoner = PoisonerServiceClient::connect(all.url("poisoner"))
         .await
         .unwrap();
     let r = poisoner
-        .poison(pb::PoisonRequest {
-            run_id: id.clone(),
-            ..Default::default()
-        })
+        .poison(pb::PoisonRequest { run_id: id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -185,10 +199,7 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .await
         .unwrap();
     let e = analyzer
-        .statistics(pb::StatisticsRequest {
-            run_id: id.clone(),
-            ..Default::default()
-        })
+        .statistics(pb::StatisticsRequest { run_id: id.clone() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
@@ -202,7 +213,9 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.attempts, 1, "a checksum error is not retried");
-    assert!(job.error.unwrap().contains("checksum mismatch"));
+    let failure = job.error.unwrap();
+    assert_eq!(failure.code, "data_loss");
+    assert!(failure.message.contains("checksum mismatch"), "{failure:?}");
 
     // ---- the services keep serving ----
     for (svc, name) in [

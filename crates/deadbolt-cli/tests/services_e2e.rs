@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use deadbolt_proto::v1 as pb;
+use deadbolt_proto::v1::analyzer_service_client::AnalyzerServiceClient;
+use deadbolt_proto::v1::pruner_service_client::PrunerServiceClient;
 use deadbolt_store::{ArtifactStore, HEADLINE_CRITERION};
 use serde_json::Value;
+use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
@@ -45,7 +48,7 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
         let work = d.join(format!("work-{name}"));
         std::fs::create_dir_all(&work).unwrap();
         config(
-            &pg.url,
+            pg.url(),
             art_url,
             &work,
             &format!("{}\n{extra}", moto.config()),
@@ -71,6 +74,50 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     assert!(sub.created);
     // idempotent per client_request_id
     assert_eq!(submit_toml(&mut c, &spec, "e2e-1").await.run_id, sub.run_id);
+
+    // stray stage calls while the run is early in the pipeline: refused
+    // with FAILED_PRECONDITION, nothing enqueued, the run goes on
+    let run_id: uuid::Uuid = sub.run_id.parse().unwrap();
+    let store = deadbolt_store::connect(pg.url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !store
+        .list_jobs(run_id)
+        .await
+        .unwrap()
+        .iter()
+        .any(|j| j.stage == "data")
+    {
+        assert!(Instant::now() < deadline, "the data job never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url_of = |svc: &str| stages.iter().find(|p| p.name == svc).unwrap().url(svc);
+    let mut pruner = PrunerServiceClient::connect(url_of("pruner"))
+        .await
+        .unwrap();
+    let mut analyzer = AnalyzerServiceClient::connect(url_of("analyzer"))
+        .await
+        .unwrap();
+    let e = pruner
+        .prune(pb::PruneRequest {
+            run_id: sub.run_id.clone(),
+            criterion: pb::Criterion::Linf as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = analyzer
+        .grad_cam(pb::GradCamRequest {
+            run_id: sub.run_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(!store
+        .list_jobs(run_id)
+        .await
+        .unwrap()
+        .iter()
+        .any(|j| j.stage == "prune" || j.stage == "analyze"));
     let (events, run) = watch(&mut c, &sub.run_id, Duration::from_secs(240)).await;
     assert_eq!(
         run.status,
@@ -91,9 +138,31 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
         .iter()
         .any(|e| e.stage == "train-backdoored" && e.kind == "finished"));
 
+    // the analyzer's contract, replayed from the finished job: Grad-CAM
+    // heatmaps with their overlays, the synthetic mask and pattern apart
+    let cam = analyzer
+        .grad_cam(pb::GradCamRequest {
+            run_id: sub.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!cam.heatmaps.is_empty());
+    assert!(cam.heatmaps.iter().any(|h| h.triggered));
+    assert!(cam.heatmaps.iter().all(|h| h.image.is_some()));
+    let rev = analyzer
+        .reverse_engineer(pb::ReverseEngineerRequest {
+            run_id: sub.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let best = rev.best.unwrap();
+    let (mask, pattern) = (best.mask.unwrap(), best.pattern.unwrap());
+    assert_ne!(mask.sha256, pattern.sha256);
+    assert!(mask.uri.ends_with("mask.safetensors"), "{}", mask.uri);
+
     // figures from the Postgres views
-    let run_id: uuid::Uuid = sub.run_id.parse().unwrap();
-    let store = deadbolt_store::connect(&pg.url).await.unwrap();
     let summary = store.run_summary(run_id).await.unwrap();
     let curves = store.list_pruning_curves(run_id).await.unwrap();
     // the report from S3

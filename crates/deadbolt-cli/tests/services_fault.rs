@@ -24,7 +24,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     let base = |name: &str, extra: &str| {
         let work = d.join(format!("work-{name}"));
         std::fs::create_dir_all(&work).unwrap();
-        config(&pg.url, &art_url, &work, extra)
+        config(pg.url(), &art_url, &work, extra)
     };
     let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
     let mut trainers = vec![
@@ -49,7 +49,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "fault-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
-    let store = deadbolt_store::connect(&pg.url).await.unwrap();
+    let store = deadbolt_store::connect(pg.url()).await.unwrap();
 
     // wait for epoch 1's checkpoint of the clean model, then kill its trainer
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -115,7 +115,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     assert!(result["epochs"].as_array().unwrap().len() <= 2, "{result}");
 
     // no lost or duplicated rows
-    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let pool = sqlx::PgPool::connect(pg.url()).await.unwrap();
     let dup_metrics: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT stage, name, step FROM metrics WHERE run_id = $1 \
          GROUP BY stage, name, step HAVING count(*) > 1) d",

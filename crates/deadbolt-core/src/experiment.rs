@@ -22,7 +22,7 @@ use tch::{Device, Tensor};
 use crate::analysis::gradcam::{self, RegionMass};
 use crate::analysis::reverse::{self, Reversed};
 use crate::analysis::stats::{self, Norm};
-use crate::analysis::{shuffled_subset, Setting};
+use crate::analysis::{shuffled_indices, shuffled_subset, Setting};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
@@ -32,7 +32,8 @@ use crate::poison::Attack;
 use crate::progress::Progress;
 use crate::prune::{self, CurvePoint};
 use crate::report::{
-    CriterionReport, DataSummary, GradcamSummary, ModelFigures, Report, SyntheticSummary,
+    CriterionReport, DataSummary, GradcamSummary, HeatmapImage, ModelFigures, Report,
+    SyntheticSummary,
     TriggerSource,
 };
 use crate::spec::{Criterion, ExperimentSpec, TrainingSpec};
@@ -320,7 +321,8 @@ pub fn stage_analyze(
 
     let t = Instant::now();
     let target = attack.map(|a| a.spec.target).unwrap_or(rev.suspect().0);
-    let shuffled = shuffled_subset(val, 0, spec.seed ^ 0x6c61);
+    let order = shuffled_indices(val, 0, spec.seed ^ 0x6c61);
+    let shuffled = val.select_vec(&order);
     let keep: Vec<i64> = shuffled
         .labels_vec()
         .iter()
@@ -331,9 +333,12 @@ pub fn stage_analyze(
         .collect();
     let region = trigger_region(&trig);
     let cam_clean = shuffled.select_vec(&keep).images;
+    let cam_labels = shuffled.select_vec(&keep).labels_vec();
     let cam_trig = trig.apply(&cam_clean);
     let mut mass = BTreeMap::new();
     let mut rows = Vec::new();
+    let mut heatmaps = Vec::new();
+    let maps_dir = out.join("gradcam");
     for s in Setting::ALL {
         let model = if s.backdoored_model() {
             &backdoored
@@ -348,10 +353,27 @@ pub fn stage_analyze(
         let cam = gradcam::gradcam(model, &layer, x, None)?;
         let m: RegionMass = gradcam::mean_mass_in_region(&cam.heat, region)?;
         mass.insert(s, m);
+        let samples = (GRADCAM_SAMPLES as i64).min(x.size()[0]);
+        let shares = gradcam::mass_in_region(&cam.heat.narrow(0, 0, samples), region)?;
+        let predicted = Vec::<i64>::try_from(cam.classes.narrow(0, 0, samples))?;
         let mut row = Vec::new();
-        for i in 0..(GRADCAM_SAMPLES as i64).min(x.size()[0]) {
+        for i in 0..samples {
             let base = Rgb::from_tensor(&x.get(i))?;
-            row.push(base.blend(&Rgb::heat(&cam.heat.get(i))?, 0.5));
+            let overlay = base.blend(&Rgb::heat(&cam.heat.get(i))?, 0.5);
+            if s.backdoored_model() {
+                let rel = PathBuf::from("gradcam").join(format!("{}-{i}.png", s.as_str()));
+                std::fs::create_dir_all(&maps_dir).map_err(|e| Error::io(&maps_dir, e))?;
+                overlay.save_png(&out.join(&rel), 4)?;
+                heatmaps.push(HeatmapImage {
+                    setting: s,
+                    index: order[keep[i as usize] as usize],
+                    label: cam_labels[i as usize],
+                    predicted: predicted[i as usize],
+                    trigger_share: shares[i as usize],
+                    file: rel,
+                });
+            }
+            row.push(overlay);
         }
         rows.push(row);
     }
@@ -383,6 +405,7 @@ pub fn stage_analyze(
             layer: four.layer.clone(),
             region,
             mass_in_trigger: mass,
+            heatmaps,
         },
         synthetic,
         figures,

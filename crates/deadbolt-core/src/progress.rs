@@ -4,6 +4,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::train::EpochReport;
+
+/// Progress of long work, and typed training events for whoever observes
+/// a training (the trainer service uploads each epoch's checkpoint on
+/// [`Progress::epoch_saved`]).
 pub trait Progress: Send + Sync {
     /// A new phase with `total` units of work.
     fn start(&self, _phase: &str, _total: u64) {}
@@ -11,6 +16,9 @@ pub trait Progress: Send + Sync {
     fn inc(&self, _n: u64) {}
     /// The phase is over.
     fn finish(&self, _message: &str) {}
+    /// Training finished an epoch and saved its checkpoint (model and
+    /// optimizer state) where the training writes them.
+    fn epoch_saved(&self, _report: &EpochReport) {}
     /// Whether the work should stop (checked between batches).
     fn cancelled(&self) -> bool {
         false

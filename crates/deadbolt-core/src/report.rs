@@ -50,6 +50,25 @@ pub struct GradcamSummary {
     /// `(row, col, height, width)` of the trigger region.
     pub region: (i64, i64, i64, i64),
     pub mass_in_trigger: BTreeMap<Setting, RegionMass>,
+    /// The explained images of the figure (the backdoored model's, clean
+    /// and triggered), one heatmap overlay each.
+    #[serde(default)]
+    pub heatmaps: Vec<HeatmapImage>,
+}
+
+/// One Grad-CAM heatmap: which image, what the model said, how much of the
+/// heat falls on the trigger region, and the overlay PNG.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeatmapImage {
+    pub setting: Setting,
+    /// Index of the image in the validation split.
+    pub index: i64,
+    pub label: i64,
+    pub predicted: i64,
+    /// Share of the heat inside the trigger region (None: an all-zero map).
+    pub trigger_share: Option<f64>,
+    /// The overlay PNG, relative to the analysis folder.
+    pub file: PathBuf,
 }
 
 /// The synthetic trigger: reverse-engineering summary and where it is saved.

@@ -149,6 +149,7 @@ pub fn train(
             "epoch done"
         );
         on_epoch(model, &opt, &report)?;
+        progress.epoch_saved(&report);
         reports.push(report);
     }
     Ok(reports)

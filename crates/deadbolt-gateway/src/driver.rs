@@ -10,9 +10,9 @@ use deadbolt_proto::v1::pruner_service_client::PrunerServiceClient;
 use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::server::balanced_channel;
-use deadbolt_runtime::{convert, stages, Shared};
+use deadbolt_runtime::{convert, Shared, StageKind};
 use deadbolt_spec::ExperimentSpec;
-use deadbolt_store::RunStatus;
+use deadbolt_store::{RunStatus, StoreError};
 use tonic::transport::Channel;
 use tonic::Status;
 use uuid::Uuid;
@@ -110,35 +110,38 @@ impl Driver {
         }
     }
 
-    /// Drives the run to its end and records the outcome.
+    /// Drives the run to its end and records the outcome. The final
+    /// status is compare-and-set in the store: a run cancelled meanwhile
+    /// stays cancelled (the store refuses the transition), and the events
+    /// say what really happened.
     pub async fn run(self) {
         let outcome = self.drive().await;
         let store = &self.shared.store;
-        match outcome {
-            Ok(()) => {
-                self.event("run", "finished", "succeeded").await;
-                if let Err(e) = store
-                    .set_run_status(self.run_id, RunStatus::Succeeded, None)
-                    .await
-                {
-                    tracing::error!(run_id = %self.run_id, error = %e, "could not mark the run succeeded");
-                }
-                tracing::info!(run_id = %self.run_id, "run succeeded");
-            }
+        let (status, error, what) = match &outcome {
+            Ok(()) => (RunStatus::Succeeded, None, "succeeded".to_string()),
             Err(GatewayError::Cancelled(_)) => {
                 self.event("run", "cancelled", "").await;
                 tracing::info!(run_id = %self.run_id, "run cancelled");
+                return;
+            }
+            Err(e) => (RunStatus::Failed, Some(e.to_string()), e.to_string()),
+        };
+        match store.set_run_status(self.run_id, status, error).await {
+            Ok(_) if status == RunStatus::Succeeded => {
+                self.event("run", "finished", "succeeded").await;
+                tracing::info!(run_id = %self.run_id, "run succeeded");
+            }
+            Ok(_) => {
+                self.event("run", "failed", &what).await;
+                tracing::warn!(run_id = %self.run_id, error = %what, "run failed");
+            }
+            Err(StoreError::FailedPrecondition(why)) => {
+                // cancelled (or ended) while the last stage finished
+                self.event("run", "cancelled", "").await;
+                tracing::info!(run_id = %self.run_id, outcome = %what, reason = %why, "run ended elsewhere; outcome not recorded");
             }
             Err(e) => {
-                let msg = e.to_string();
-                self.event("run", "failed", &msg).await;
-                if let Err(e) = store
-                    .set_run_status(self.run_id, RunStatus::Failed, Some(msg.clone()))
-                    .await
-                {
-                    tracing::error!(run_id = %self.run_id, error = %e, "could not mark the run failed");
-                }
-                tracing::warn!(run_id = %self.run_id, error = %msg, "run failed");
+                tracing::error!(run_id = %self.run_id, error = %e, outcome = %what, "could not record the run's outcome");
             }
         }
     }
@@ -152,136 +155,69 @@ impl Driver {
         let spec: ExperimentSpec = serde_json::from_value(run.spec_json)
             .map_err(|e| GatewayError::BadSpec(e.to_string()))?;
         if run.status != RunStatus::Running {
-            store
+            match store
                 .set_run_status(self.run_id, RunStatus::Running, None)
-                .await?;
-            self.event("run", "status", "running").await;
+                .await
+            {
+                Ok(_) => self.event("run", "status", "running").await,
+                // cancelled between the read and the write
+                Err(StoreError::FailedPrecondition(_)) => {
+                    return Err(GatewayError::Cancelled(self.run_id))
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let id = self.run_id.to_string();
-        let attack = spec.attack.as_ref().map(convert::attack_to_proto);
         let c = &self.clients;
 
-        let poisoned = self
-            .stage(stages::DATA, || {
-                let mut cl = c.poisoner.clone();
-                let req = pb::PoisonRequest {
-                    run_id: id.clone(),
-                    dataset: Some(convert::dataset_ref(&spec.dataset)),
-                    attack: attack.clone(),
-                    seed: spec.attack.as_ref().map(|a| a.seed).unwrap_or_default(),
-                    ..Default::default()
-                };
-                async move { cl.poison(req).await }
-            })
-            .await?;
-        let dataset = poisoned.poisoned_dataset.clone();
-
-        let mut checkpoints = Vec::new();
+        self.stage(StageKind::Data.as_str(), || {
+            let mut cl = c.poisoner.clone();
+            let req = pb::PoisonRequest { run_id: id.clone() };
+            async move { cl.poison(req).await }
+        })
+        .await?;
         for (stage, tag) in [
-            (stages::TRAIN_CLEAN, pb::ModelTag::Clean),
-            (stages::TRAIN_BACKDOORED, pb::ModelTag::Backdoored),
+            (StageKind::TrainClean, pb::ModelTag::Clean),
+            (StageKind::TrainBackdoored, pb::ModelTag::Backdoored),
         ] {
-            let r = self
-                .stage(stage, || {
-                    let mut cl = c.trainer.clone();
-                    let req = pb::TrainRequest {
-                        run_id: id.clone(),
-                        dataset: dataset.clone(),
-                        model: Some(convert::model_to_proto(&spec.model)),
-                        training: Some(convert::training_to_proto(&spec.training)),
-                        tag: tag as i32,
-                        seed: spec.seed,
-                        attack: attack.clone(),
-                        ..Default::default()
-                    };
-                    async move { cl.train(req).await }
-                })
-                .await?;
-            checkpoints.push(r.checkpoint);
-        }
-        let (clean_ckpt, bd_ckpt) = (checkpoints[0].clone(), checkpoints[1].clone());
-        let model = Some(convert::model_to_proto(&spec.model));
-        let layer = spec.defense.layer.clone().unwrap_or_default();
-
-        let reversed = self
-            .stage(stages::ANALYZE, || {
-                let mut cl = c.analyzer.clone();
-                let req = pb::ReverseEngineerRequest {
+            self.stage(stage.as_str(), || {
+                let mut cl = c.trainer.clone();
+                let req = pb::TrainRequest {
                     run_id: id.clone(),
-                    model,
-                    checkpoint: bd_ckpt.clone(),
-                    dataset: dataset.clone(),
-                    seed: spec.seed,
-                    ..Default::default()
+                    tag: tag as i32,
                 };
-                async move { cl.reverse_engineer(req).await }
+                async move { cl.train(req).await }
             })
             .await?;
-        let synthetic = pb::TriggerSource {
-            source: reversed
-                .best
-                .clone()
-                .map(pb::trigger_source::Source::Synthetic),
-        };
-        let trigger = match &attack {
-            Some(a) if spec.defense.use_real_trigger => pb::TriggerSource {
-                source: Some(pb::trigger_source::Source::Real(a.clone())),
-            },
-            _ => synthetic,
-        };
-        // statistics and grad-cam come from the same analysis job
+        }
+        // the synthetic trigger, statistics and Grad-CAM are parts of the
+        // one analyze job
+        self.stage(StageKind::Analyze.as_str(), || {
+            let mut cl = c.analyzer.clone();
+            let req = pb::ReverseEngineerRequest { run_id: id.clone() };
+            async move { cl.reverse_engineer(req).await }
+        })
+        .await?;
         self.stage("analyze-statistics", || {
             let mut cl = c.analyzer.clone();
-            let req = pb::StatisticsRequest {
-                run_id: id.clone(),
-                model,
-                clean_checkpoint: clean_ckpt.clone(),
-                backdoored_checkpoint: bd_ckpt.clone(),
-                dataset: dataset.clone(),
-                layer: layer.clone(),
-                trigger: Some(trigger.clone()),
-                images: spec.defense.stats_images as u32,
-                seed: spec.seed,
-                ..Default::default()
-            };
+            let req = pb::StatisticsRequest { run_id: id.clone() };
             async move { cl.statistics(req).await }
         })
         .await?;
         self.stage("analyze-gradcam", || {
             let mut cl = c.analyzer.clone();
-            let req = pb::GradCamRequest {
-                run_id: id.clone(),
-                model,
-                checkpoint: bd_ckpt.clone(),
-                dataset: dataset.clone(),
-                layer: layer.clone(),
-                attack: attack.clone(),
-                seed: spec.seed,
-                ..Default::default()
-            };
+            let req = pb::GradCamRequest { run_id: id.clone() };
             async move { cl.grad_cam(req).await }
         })
         .await?;
 
         for criterion in &spec.defense.criteria {
-            let stage = format!("{}-{}", stages::PRUNE, criterion.as_str());
+            let stage = format!("{}-{}", StageKind::Prune, criterion.as_str());
             self.stage(&stage, || {
                 let mut cl = c.pruner.clone();
                 let req = pb::PruneRequest {
                     run_id: id.clone(),
-                    model,
-                    checkpoint: bd_ckpt.clone(),
-                    dataset: dataset.clone(),
-                    layer: layer.clone(),
                     criterion: convert::criterion_to_proto(*criterion) as i32,
-                    trigger: Some(trigger.clone()),
-                    attack: attack.clone(),
-                    target_asr: Some(spec.defense.target_asr),
-                    max_acc_drop: Some(spec.defense.max_acc_drop),
-                    fine_tune_epochs: spec.defense.fine_tune_epochs as u32,
-                    stats_images: spec.defense.stats_images as u32,
-                    seed: spec.defense.seed,
-                    ..Default::default()
                 };
                 async move { cl.prune(req).await }
             })

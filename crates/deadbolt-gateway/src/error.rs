@@ -1,5 +1,7 @@
-//! The gateway's errors and their gRPC codes, in one place.
+//! The gateway's errors; each says its gRPC code ([`ServiceError`]) and
+//! [`deadbolt_proto::status`] makes the status.
 
+use deadbolt_proto::ServiceError;
 use deadbolt_store::StoreError;
 use tonic::{Code, Status};
 
@@ -7,8 +9,8 @@ use tonic::{Code, Status};
 pub enum GatewayError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A stage call failed for good (its status is passed on).
-    #[error("stage {stage}: {status}")]
+    /// A stage call failed for good (its code and field are passed on).
+    #[error("stage {stage}: {}", status.message())]
     Stage { stage: String, status: Status },
     #[error("run {0} was cancelled")]
     Cancelled(uuid::Uuid),
@@ -16,17 +18,27 @@ pub enum GatewayError {
     BadSpec(String),
 }
 
+impl ServiceError for GatewayError {
+    fn code(&self) -> Code {
+        match self {
+            GatewayError::Store(s) => s.code(),
+            GatewayError::Stage { status, .. } => status.code(),
+            GatewayError::Cancelled(_) => Code::Cancelled,
+            GatewayError::BadSpec(_) => Code::FailedPrecondition,
+        }
+    }
+    fn field(&self) -> Option<String> {
+        match self {
+            GatewayError::Store(s) => s.field(),
+            GatewayError::Stage { status, .. } => ServiceError::field(status),
+            _ => None,
+        }
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
-        match e {
-            GatewayError::Store(s) => s.into(),
-            GatewayError::Stage { stage, status } => Status::new(
-                status.code(),
-                format!("stage {stage}: {}", status.message()),
-            ),
-            GatewayError::Cancelled(id) => Status::cancelled(format!("run {id} was cancelled")),
-            GatewayError::BadSpec(m) => Status::new(Code::FailedPrecondition, m),
-        }
+        deadbolt_proto::status(&e)
     }
 }
 

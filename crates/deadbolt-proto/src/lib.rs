@@ -6,13 +6,18 @@
 //!   PrunerService and ExperimentService (the gateway).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptor set (imports included)
 //!   for tonic-reflection.
+//! - [`error`]: [`ServiceError`] (an error that says its gRPC code) and
+//!   [`status`], the one error-to-status mapping.
 //! - [`validate`]: INVALID_ARGUMENT statuses carrying `google.rpc.BadRequest`
 //!   field violations.
 //!
 //! Conversions between these messages and the core spec types live in the
 //! services (this crate does not link libtorch or deadbolt-core).
 
+pub mod error;
 pub mod validate;
+
+pub use error::{status, ServiceError};
 
 /// Generated code for `deadbolt.v1`.
 pub mod v1 {

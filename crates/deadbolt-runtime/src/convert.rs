@@ -20,13 +20,34 @@ fn bad(field: &str, msg: impl Into<String>) -> Status {
     invalid_argument(format!("{SPEC}.{field}"), msg)
 }
 
+/// A spec error at the edge: INVALID_ARGUMENT naming `spec.<field>`.
+struct SpecError<'a>(&'a spec::Error);
+
+impl std::fmt::Display for SpecError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            spec::Error::Invalid { message, .. } => f.write_str(message),
+            spec::Error::Spec(m) => f.write_str(m),
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+impl deadbolt_proto::ServiceError for SpecError<'_> {
+    fn code(&self) -> tonic::Code {
+        tonic::Code::InvalidArgument
+    }
+    fn field(&self) -> Option<String> {
+        Some(match self.0 {
+            spec::Error::Invalid { field, .. } => format!("{SPEC}.{field}"),
+            _ => SPEC.to_string(),
+        })
+    }
+}
+
 /// A spec error as INVALID_ARGUMENT naming `spec.<field>`.
 pub fn spec_error_status(e: &spec::Error) -> Status {
-    match e {
-        spec::Error::Invalid { field, message } => bad(field, message.clone()),
-        spec::Error::Spec(m) => invalid_argument(SPEC, m.clone()),
-        other => invalid_argument(SPEC, other.to_string()),
-    }
+    deadbolt_proto::status(&SpecError(e))
 }
 
 fn enum_of<E: TryFrom<i32>>(field: &str, v: i32) -> Result<E, Status> {
@@ -74,6 +95,7 @@ pub fn spec_from_proto(p: &pb::ExperimentSpec) -> Result<spec::ExperimentSpec, S
     )? {
         pb::Arch::Unspecified | pb::Arch::BadnetCnn => spec::Arch::BadnetCnn,
         pb::Arch::PreactResnet18 => spec::Arch::PreactResnet18,
+        pb::Arch::Resnet18 => spec::Arch::Resnet18,
     };
     let attack = p.attack.as_ref().map(attack_from_proto).transpose()?;
     let t = p.training.unwrap_or_default();
@@ -312,6 +334,7 @@ pub fn model_to_proto(m: &spec::ModelSpec) -> pb::ModelSpec {
         arch: match m.arch {
             spec::Arch::BadnetCnn => pb::Arch::BadnetCnn,
             spec::Arch::PreactResnet18 => pb::Arch::PreactResnet18,
+            spec::Arch::Resnet18 => pb::Arch::Resnet18,
         } as i32,
     }
 }
@@ -483,8 +506,18 @@ pub fn stage_to_proto(j: &store::Job) -> pb::StageStatus {
         stage: j.stage.clone(),
         status: job_status_to_proto(j.status) as i32,
         attempts: j.attempts.max(0) as u32,
-        error: j.error.clone().unwrap_or_default(),
+        error: j
+            .error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default(),
         progress: j.progress,
+        error_code: j.error.as_ref().map(|e| e.code.clone()).unwrap_or_default(),
+        error_field: j
+            .error
+            .as_ref()
+            .and_then(|e| e.field.clone())
+            .unwrap_or_default(),
     }
 }
 

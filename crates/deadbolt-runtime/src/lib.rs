@@ -6,35 +6,30 @@
 //! - [`convert`]: every proto <-> spec/store conversion, with validation at
 //!   the edge (INVALID_ARGUMENT naming the dotted field, e.g.
 //!   `spec.attack.rate`);
+//! - [`stage`]: typed stages ([`Stage`]: name, input and output bound at
+//!   compile time; [`Work`]: the code that runs one) and the stage-RPC
+//!   semantics: accepted only for a run at that stage, enqueue the (run,
+//!   stage) job idempotently and wait for its typed output;
 //! - [`worker`]: the stage-job worker loop (lease, heartbeat, complete or
-//!   fail) that runs a stage handler on a blocking thread;
-//! - [`stage`]: the stage-RPC semantics: enqueue the (run, stage) job
-//!   idempotently and wait for its outcome.
+//!   fail) that runs a stage's work on the tensor thread;
+//! - [`error`]: [`JobError`], a job's structured failure.
 
 pub mod config;
 pub mod convert;
+pub mod error;
 pub mod server;
 pub mod stage;
 pub mod tensor_thread;
 pub mod worker;
 
 pub use config::Config;
-pub use worker::{JobContext, JobError, StageHandler, Worker};
+pub use error::JobError;
+pub use stage::{Handlers, Stage, StageKind, Work};
+pub use worker::{JobContext, Worker};
 
 use std::sync::Arc;
 
 use deadbolt_store::{ArtifactStore, MetadataStore};
-
-/// Stage names (one job per run and stage).
-pub mod stages {
-    pub const DATA: &str = "data";
-    pub const TRAIN_CLEAN: &str = "train-clean";
-    pub const TRAIN_BACKDOORED: &str = "train-backdoored";
-    pub const ANALYZE: &str = "analyze";
-    pub const PRUNE: &str = "prune";
-    /// In pipeline order.
-    pub const ALL: [&str; 5] = [DATA, TRAIN_CLEAN, TRAIN_BACKDOORED, ANALYZE, PRUNE];
-}
 
 /// The stores and settings a service process shares between its servers and
 /// workers.
@@ -59,13 +54,8 @@ impl Shared {
         })
     }
 
-    /// A worker of `service` for `stages`, with this process's settings.
-    pub fn worker(
-        &self,
-        service: &'static str,
-        stages: &[&str],
-        handler: Arc<dyn StageHandler>,
-    ) -> anyhow::Result<Worker> {
+    /// A worker of `service` running `handlers`, with this process's settings.
+    pub fn worker(&self, service: &'static str, handlers: Handlers) -> anyhow::Result<Worker> {
         let work_root = self
             .config
             .work_dir
@@ -75,8 +65,7 @@ impl Shared {
         Ok(Worker {
             service,
             worker_id: worker::worker_id(service),
-            stages: stages.iter().map(|s| s.to_string()).collect(),
-            handler,
+            handlers,
             store: self.store.clone(),
             artifacts: self.artifacts.clone(),
             lease: self.config.lease(),
@@ -87,17 +76,15 @@ impl Shared {
     }
 
     /// Stage-RPC semantics (see [`stage::run_stage`]) with this process's settings.
-    pub async fn run_stage(
+    pub async fn run_stage<S: Stage>(
         &self,
         run_id: uuid::Uuid,
-        stage: &str,
-        payload: serde_json::Value,
-    ) -> Result<deadbolt_store::Job, tonic::Status> {
-        stage::run_stage(
+        input: S::Input,
+    ) -> Result<S::Output, tonic::Status> {
+        stage::run_stage::<S>(
             self.store.as_ref(),
             run_id,
-            stage,
-            payload,
+            input,
             self.config.max_attempts,
             self.config.poll(),
         )

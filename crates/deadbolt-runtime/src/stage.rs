@@ -1,17 +1,142 @@
-//! Stage-RPC semantics: a stage RPC (e.g. `TrainerService.Train`) enqueues
-//! the run's job of that stage (idempotent per (run, stage)) and waits until
-//! the job succeeded or failed; whichever worker of the service leases the
-//! job does the work. A caller whose RPC died with its process calls again
-//! (any instance) and waits on the same job.
+//! Typed stages.
+//!
+//! A [`Stage`] binds a job stage's name ([`StageKind`]) to its input (the
+//! job's payload) and output (the job's result) at compile time; a
+//! [`Work`] is the code that runs it. The worker decodes and encodes them
+//! (see [`Handlers`]), and every reader of a result names the stage type,
+//! so a stage's result is always read as the type it was written as.
+//!
+//! Stage-RPC semantics ([`run_stage`]): a stage RPC (e.g.
+//! `TrainerService.Train`) is accepted only for a run that is *at* that
+//! stage: running, with every earlier stage of the pipeline succeeded;
+//! anything else answers FAILED_PRECONDITION and changes nothing. (A stage
+//! whose job already succeeded answers with its stored output, whatever the
+//! run's state: a replay that changes nothing.) An accepted call enqueues
+//! the run's job of that stage (idempotent per (run, stage)) and waits
+//! until the job succeeded or failed; whichever worker of the service
+//! leases the job does the work. A caller whose RPC died with its process
+//! calls again (any instance) and waits on the same job.
 
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
-use deadbolt_store::{Job, JobStatus, MetadataStore, NewJob};
+use deadbolt_store::{Job, JobStatus, MetadataStore, NewJob, RunStatus};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tonic::Status;
+use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::worker::JobError;
+use crate::error::JobError;
+use crate::worker::JobContext;
+
+/// The stages of a run, in pipeline order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageKind {
+    Data,
+    TrainClean,
+    TrainBackdoored,
+    Analyze,
+    Prune,
+}
+
+impl StageKind {
+    /// In pipeline order.
+    pub const ALL: [StageKind; 5] = [
+        StageKind::Data,
+        StageKind::TrainClean,
+        StageKind::TrainBackdoored,
+        StageKind::Analyze,
+        StageKind::Prune,
+    ];
+
+    /// The job's `stage` column.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StageKind::Data => "data",
+            StageKind::TrainClean => "train-clean",
+            StageKind::TrainBackdoored => "train-backdoored",
+            StageKind::Analyze => "analyze",
+            StageKind::Prune => "prune",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StageKind> {
+        StageKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The stages that must have succeeded before this one may run.
+    pub fn earlier(&self) -> &'static [StageKind] {
+        let i = StageKind::ALL
+            .iter()
+            .position(|k| k == self)
+            .expect("every kind is in ALL");
+        &StageKind::ALL[..i]
+    }
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stage's contract: its name, input and output, fixed at compile time.
+pub trait Stage: Send + Sync + 'static {
+    const KIND: StageKind;
+    /// The job's payload.
+    type Input: Serialize + DeserializeOwned + Send + 'static;
+    /// The job's result.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// The work of stage `S`. Runs on the process's tensor thread; use
+/// [`JobContext::block_on`] for store calls.
+pub trait Work<S: Stage>: Send + Sync + 'static {
+    fn run(&self, ctx: &JobContext, input: S::Input) -> Result<S::Output, JobError>;
+}
+
+/// A [`Work`] with its payload decoding and result encoding.
+pub(crate) trait ErasedWork: Send + Sync {
+    fn run(&self, ctx: &JobContext) -> Result<Value, JobError>;
+}
+
+struct Typed<S, W>(W, PhantomData<fn() -> S>);
+
+impl<S: Stage, W: Work<S>> ErasedWork for Typed<S, W> {
+    fn run(&self, ctx: &JobContext) -> Result<Value, JobError> {
+        let input: S::Input = serde_json::from_value(ctx.job.payload.clone()).map_err(|e| {
+            JobError::permanent(
+                Code::InvalidArgument,
+                format!("payload of stage {}: {e}", S::KIND),
+            )
+        })?;
+        let out = self.0.run(ctx, input)?;
+        serde_json::to_value(out).map_err(|e| JobError::encoding(S::KIND.as_str(), e))
+    }
+}
+
+/// The stages one worker runs, each with its work.
+#[derive(Clone, Default)]
+pub struct Handlers(pub(crate) BTreeMap<StageKind, Arc<dyn ErasedWork>>);
+
+impl Handlers {
+    pub fn new() -> Handlers {
+        Handlers::default()
+    }
+    /// Adds the work of stage `S`.
+    pub fn with<S: Stage, W: Work<S>>(mut self, work: W) -> Handlers {
+        self.0
+            .insert(S::KIND, Arc::new(Typed::<S, W>(work, PhantomData)));
+        self
+    }
+    pub fn kinds(&self) -> Vec<StageKind> {
+        self.0.keys().copied().collect()
+    }
+}
 
 /// Parses a run id (INVALID_ARGUMENT naming `field`).
 pub fn parse_run_id(field: &str, s: &str) -> Result<Uuid, Status> {
@@ -20,28 +145,72 @@ pub fn parse_run_id(field: &str, s: &str) -> Result<Uuid, Status> {
     })
 }
 
-/// Enqueues (or finds) the job of `stage` for `run_id` and waits for it.
-pub async fn run_stage(
+/// FAILED_PRECONDITION unless the run is at stage `kind`: running, and
+/// every earlier stage succeeded.
+pub async fn check_at_stage(
     store: &dyn MetadataStore,
     run_id: Uuid,
-    stage: &str,
-    payload: Value,
+    kind: StageKind,
+) -> Result<(), Status> {
+    let run = store.get_run(run_id).await?;
+    if run.status != RunStatus::Running {
+        return Err(Status::failed_precondition(format!(
+            "run {run_id} is {}, not running: stage {kind} cannot run",
+            run.status
+        )));
+    }
+    let jobs = store.list_jobs(run_id).await?;
+    for earlier in kind.earlier() {
+        let done = jobs
+            .iter()
+            .any(|j| j.stage == earlier.as_str() && j.status == JobStatus::Succeeded);
+        if !done {
+            return Err(Status::failed_precondition(format!(
+                "run {run_id} is not at stage {kind}: stage {earlier} has not succeeded"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Enqueues (or finds) the job of stage `S` for `run_id`, when the run is at
+/// that stage, and waits for its typed output.
+pub async fn run_stage<S: Stage>(
+    store: &dyn MetadataStore,
+    run_id: Uuid,
+    input: S::Input,
     max_attempts: i32,
     poll: Duration,
-) -> Result<Job, Status> {
-    store.get_run(run_id).await?;
+) -> Result<S::Output, Status> {
+    let done = store
+        .list_jobs(run_id)
+        .await?
+        .into_iter()
+        .find(|j| j.stage == S::KIND.as_str() && j.status == JobStatus::Succeeded);
+    if let Some(job) = done {
+        return decode_output::<S>(&job).map_err(Status::from);
+    }
+    check_at_stage(store, run_id, S::KIND).await?;
+    let payload = serde_json::to_value(&input)
+        .map_err(|e| Status::internal(format!("payload of stage {}: {e}", S::KIND)))?;
     let (job, created) = store
         .enqueue_job(NewJob {
             run_id,
-            stage: stage.to_string(),
-            payload,
+            stage: S::KIND.as_str().to_string(),
+            payload: payload.clone(),
             max_attempts,
         })
         .await?;
     if created {
-        tracing::info!(run_id = %run_id, stage, job_id = %job.id, "stage job enqueued");
+        tracing::info!(run_id = %run_id, stage = %S::KIND, job_id = %job.id, "stage job enqueued");
+    } else if job.payload != payload {
+        return Err(Status::failed_precondition(format!(
+            "stage {} of run {run_id} already runs with another input",
+            S::KIND
+        )));
     }
-    wait_job(store, job.id, poll).await
+    let job = wait_job(store, job.id, poll).await?;
+    decode_output::<S>(&job).map_err(Status::from)
 }
 
 /// Waits until a job succeeded (Ok) or failed/was cancelled (its error).
@@ -55,9 +224,12 @@ pub async fn wait_job(
         match j.status {
             JobStatus::Succeeded => return Ok(j),
             JobStatus::Failed => {
-                return Err(JobError::status_from_job_text(
-                    j.error.as_deref().unwrap_or("[internal] job failed"),
-                ))
+                let e = j
+                    .error
+                    .as_ref()
+                    .map(JobError::from_failure)
+                    .unwrap_or_else(|| JobError::permanent(Code::Internal, "job failed"));
+                return Err(e.into());
             }
             JobStatus::Cancelled => {
                 return Err(Status::cancelled(format!("job {job_id} was cancelled")))
@@ -67,8 +239,36 @@ pub async fn wait_job(
     }
 }
 
-/// Decodes a job result into a stage's result type.
-pub fn decode_result<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, Status> {
+/// A succeeded job's result as the output type of its stage.
+pub fn decode_output<S: Stage>(job: &Job) -> Result<S::Output, JobError> {
+    if job.stage != S::KIND.as_str() {
+        return Err(JobError::permanent(
+            Code::Internal,
+            format!("job {} is of stage {}, not {}", job.id, job.stage, S::KIND),
+        ));
+    }
     serde_json::from_value(job.result.clone().unwrap_or(Value::Null))
-        .map_err(|e| Status::internal(format!("result of job {} ({}): {e}", job.id, job.stage)))
+        .map_err(|e| JobError::encoding(&format!("result of stage {}", S::KIND), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_name_their_jobs_and_order() {
+        for k in StageKind::ALL {
+            assert_eq!(StageKind::parse(k.as_str()), Some(k));
+        }
+        assert!(StageKind::Data.earlier().is_empty());
+        assert_eq!(
+            StageKind::Analyze.earlier(),
+            &[
+                StageKind::Data,
+                StageKind::TrainClean,
+                StageKind::TrainBackdoored
+            ]
+        );
+        assert_eq!(StageKind::parse("nope"), None);
+    }
 }

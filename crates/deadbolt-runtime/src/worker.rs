@@ -1,8 +1,10 @@
 //! The stage-job worker: lease a job of this service's stages, run its
-//! handler on a blocking thread (tensor work never runs on the async
-//! runtime) while a heartbeat task renews the lease and reports progress,
-//! then complete or fail the job. A lost lease (another worker took the job
-//! over) cancels the handler and drops its result.
+//! typed [`Work`](crate::stage::Work) on the tensor thread (tensor work
+//! never runs on the async runtime) while a heartbeat task renews the lease
+//! and reports progress, then complete or fail the job. A lost lease
+//! (another worker took the job over) cancels the work and drops its
+//! result. Only transient errors are retried; a deterministic error or a
+//! panic fails the job after one attempt, with its structured failure.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,97 +21,8 @@ use serde_json::Value;
 use tonic::Code;
 use uuid::Uuid;
 
-/// Why a job attempt failed: a gRPC code (what the stage RPC returns), a
-/// message, and whether another attempt could succeed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{message}")]
-pub struct JobError {
-    pub code: Code,
-    pub message: String,
-    pub retryable: bool,
-}
-
-impl JobError {
-    pub fn new(code: Code, message: impl Into<String>, retryable: bool) -> Self {
-        JobError {
-            code,
-            message: message.into(),
-            retryable,
-        }
-    }
-    /// A failure another attempt may not hit (I/O, a crashed dependency).
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self::new(Code::Internal, message, true)
-    }
-    /// A failure every attempt would hit.
-    pub fn permanent(code: Code, message: impl Into<String>) -> Self {
-        Self::new(code, message, false)
-    }
-    pub fn cancelled() -> Self {
-        Self::new(Code::Cancelled, "cancelled", false)
-    }
-
-    /// How the error is stored in the job row: `[code] message`.
-    pub fn to_job_text(&self) -> String {
-        format!("[{}] {}", code_name(self.code), self.message)
-    }
-
-    /// The status a stage RPC returns for a job that failed with `text`.
-    pub fn status_from_job_text(text: &str) -> tonic::Status {
-        let (code, msg) = text
-            .strip_prefix('[')
-            .and_then(|r| r.split_once("] "))
-            .map(|(c, m)| (code_from_name(c), m))
-            .unwrap_or((Code::Internal, text));
-        tonic::Status::new(code, msg.to_string())
-    }
-}
-
-const CODES: [(Code, &str); 10] = [
-    (Code::InvalidArgument, "invalid_argument"),
-    (Code::NotFound, "not_found"),
-    (Code::DataLoss, "data_loss"),
-    (Code::FailedPrecondition, "failed_precondition"),
-    (Code::Cancelled, "cancelled"),
-    (Code::Aborted, "aborted"),
-    (Code::Unavailable, "unavailable"),
-    (Code::AlreadyExists, "already_exists"),
-    (Code::ResourceExhausted, "resource_exhausted"),
-    (Code::Internal, "internal"),
-];
-
-fn code_name(c: Code) -> &'static str {
-    CODES
-        .iter()
-        .find(|(k, _)| *k == c)
-        .map(|(_, n)| *n)
-        .unwrap_or("internal")
-}
-
-fn code_from_name(n: &str) -> Code {
-    CODES
-        .iter()
-        .find(|(_, k)| *k == n)
-        .map(|(c, _)| *c)
-        .unwrap_or(Code::Internal)
-}
-
-impl From<StoreError> for JobError {
-    fn from(e: StoreError) -> Self {
-        let status = tonic::Status::from(e);
-        let retryable = matches!(
-            status.code(),
-            Code::Unavailable | Code::Internal | Code::Aborted
-        );
-        JobError::new(status.code(), status.message(), retryable)
-    }
-}
-
-/// The work of one stage. Runs on a blocking thread; use
-/// [`JobContext::block_on`] for store calls.
-pub trait StageHandler: Send + Sync + 'static {
-    fn run(&self, ctx: &JobContext) -> Result<Value, JobError>;
-}
+use crate::error::JobError;
+use crate::stage::{decode_output, Handlers, Stage};
 
 /// What a handler sees of its job.
 pub struct JobContext {
@@ -152,21 +65,23 @@ impl JobContext {
             .map_err(|e| JobError::permanent(Code::FailedPrecondition, format!("run spec: {e}")))
     }
 
-    /// The result of this run's succeeded job of `stage`.
-    pub fn stage_result<T: DeserializeOwned>(&self, stage: &str) -> Result<T, JobError> {
+    /// The output of this run's succeeded job of stage `S`, as its type.
+    pub fn output<S: Stage>(&self) -> Result<S::Output, JobError> {
         let jobs = self.block_on(self.store.list_jobs(self.run_id()))?;
         let job = jobs
             .into_iter()
-            .find(|j| j.stage == stage && j.status == JobStatus::Succeeded)
+            .find(|j| j.stage == S::KIND.as_str() && j.status == JobStatus::Succeeded)
             .ok_or_else(|| {
                 JobError::permanent(
                     Code::FailedPrecondition,
-                    format!("stage {stage} has not succeeded for run {}", self.run_id()),
+                    format!(
+                        "stage {} has not succeeded for run {}",
+                        S::KIND,
+                        self.run_id()
+                    ),
                 )
             })?;
-        serde_json::from_value(job.result.unwrap_or(Value::Null)).map_err(|e| {
-            JobError::permanent(Code::Internal, format!("result of stage {stage}: {e}"))
-        })
+        decode_output::<S>(&job)
     }
 
     /// Stores `bytes` as artifact `name` of the run and records it (upsert).
@@ -220,8 +135,7 @@ impl JobContext {
 pub struct Worker {
     pub service: &'static str,
     pub worker_id: String,
-    pub stages: Vec<String>,
-    pub handler: Arc<dyn StageHandler>,
+    pub handlers: Handlers,
     pub store: Arc<dyn MetadataStore>,
     pub artifacts: ArtifactStore,
     pub lease: Duration,
@@ -248,11 +162,17 @@ pub fn backoff(attempts: i32) -> Duration {
 impl Worker {
     /// Leases and runs jobs until the task is dropped.
     pub async fn run(self) {
-        tracing::info!(service = self.service, worker_id = %self.worker_id, stages = ?self.stages, "worker started");
+        let stages: Vec<String> = self
+            .handlers
+            .kinds()
+            .iter()
+            .map(|k| k.as_str().to_string())
+            .collect();
+        tracing::info!(service = self.service, worker_id = %self.worker_id, stages = ?stages, "worker started");
         loop {
             match self
                 .store
-                .lease_job(&self.worker_id, &self.stages, self.lease)
+                .lease_job(&self.worker_id, &stages, self.lease)
                 .await
             {
                 Ok(Some(job)) => self.run_job(job).await,
@@ -321,10 +241,17 @@ impl Worker {
             cancelled,
             lost.clone(),
         ));
-        let handler = self.handler.clone();
-        let outcome = crate::tensor_thread::run(move || handler.run(&ctx))
-            .await
-            .unwrap_or_else(|e| Err(JobError::transient(format!("handler panicked: {e}"))));
+        let work =
+            crate::stage::StageKind::parse(&stage).and_then(|k| self.handlers.0.get(&k).cloned());
+        let outcome = match work {
+            Some(work) => crate::tensor_thread::run(move || work.run(&ctx))
+                .await
+                .unwrap_or_else(|panic| Err(JobError::panicked(&panic))),
+            None => Err(JobError::permanent(
+                Code::Unimplemented,
+                format!("{} has no work for stage {stage}", self.service),
+            )),
+        };
         heartbeat.abort();
         drop(work_dir);
         if lost.load(Ordering::SeqCst) {
@@ -350,12 +277,12 @@ impl Worker {
             Err(e) if e.retryable => {
                 tracing::warn!(job_id = %job_id, stage, error = %e, attempt, "job attempt failed");
                 self.store
-                    .fail_job(job_id, token, &e.to_job_text(), backoff(attempt))
+                    .fail_job(job_id, token, &e.to_failure(), backoff(attempt))
                     .await
             }
             Err(e) => {
                 tracing::error!(job_id = %job_id, stage, error = %e, "job failed");
-                self.store.abort_job(job_id, token, &e.to_job_text()).await
+                self.store.abort_job(job_id, token, &e.to_failure()).await
             }
         };
         if let Err(e) = r {
@@ -415,15 +342,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn job_error_text_round_trips_to_a_status() {
-        let e = JobError::permanent(Code::DataLoss, "checksum mismatch for x");
-        let s = JobError::status_from_job_text(&e.to_job_text());
-        assert_eq!(s.code(), Code::DataLoss);
-        assert_eq!(s.message(), "checksum mismatch for x");
-        assert_eq!(
-            JobError::status_from_job_text("plain").code(),
-            Code::Internal
-        );
+    fn backoff_grows_and_is_capped() {
         assert!(backoff(1) < backoff(3));
         assert!(backoff(100) <= Duration::from_secs(30));
     }

@@ -14,10 +14,18 @@ pub enum StoreError {
     /// with a different spec).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The row is not in a state that allows the change (e.g. a finished run
+    /// cannot be cancelled or restarted).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     /// The caller's lease on a job is gone: it expired and another worker took
     /// the job, or the job was completed, failed or cancelled.
     #[error("lease lost on job {job_id}")]
     LeaseLost { job_id: Uuid },
+    /// The caller's drive lease on a run is gone: it expired and another
+    /// driver claimed the run, or it was released.
+    #[error("drive lost on run {run_id}")]
+    DriveLost { run_id: Uuid },
     /// An object's bytes do not hash to the recorded sha256.
     #[error("checksum mismatch for {key}: expected sha256 {expected}, got {actual}")]
     Checksum {
@@ -88,14 +96,16 @@ pub(crate) fn map_db(err: sqlx::Error, run_id: Option<Uuid>) -> StoreError {
     StoreError::Database(err)
 }
 
-/// The one place where store errors become gRPC statuses.
-impl From<StoreError> for tonic::Status {
-    fn from(e: StoreError) -> Self {
+/// Each store error says its gRPC code; [`deadbolt_proto::status`] (the
+/// one error-to-status function) makes the status.
+impl deadbolt_proto::ServiceError for StoreError {
+    fn code(&self) -> tonic::Code {
         use tonic::Code;
-        let code = match &e {
+        match self {
             StoreError::NotFound { .. } => Code::NotFound,
             StoreError::Conflict(_) => Code::AlreadyExists,
-            StoreError::LeaseLost { .. } => Code::Aborted,
+            StoreError::FailedPrecondition(_) => Code::FailedPrecondition,
+            StoreError::LeaseLost { .. } | StoreError::DriveLost { .. } => Code::Aborted,
             StoreError::Checksum { .. } => Code::DataLoss,
             StoreError::InvalidKey { .. } | StoreError::Invalid { .. } => Code::InvalidArgument,
             StoreError::InvalidUrl { .. } => Code::FailedPrecondition,
@@ -105,11 +115,19 @@ impl From<StoreError> for tonic::Status {
             StoreError::Database(_) | StoreError::Migrate(_) | StoreError::ObjectStore(_) => {
                 Code::Internal
             }
-        };
-        if code == Code::Internal || code == Code::Unavailable {
-            tracing::error!(error = %e, "store error");
         }
-        tonic::Status::new(code, e.to_string())
+    }
+    fn field(&self) -> Option<String> {
+        match self {
+            StoreError::Invalid { field, .. } => Some(field.to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for tonic::Status {
+    fn from(e: StoreError) -> Self {
+        deadbolt_proto::status(&e)
     }
 }
 
@@ -124,7 +142,12 @@ mod tests {
         let cases = [
             (StoreError::not_found("run", id), Code::NotFound),
             (StoreError::Conflict("x".into()), Code::AlreadyExists),
+            (
+                StoreError::FailedPrecondition("run x already succeeded".into()),
+                Code::FailedPrecondition,
+            ),
             (StoreError::LeaseLost { job_id: id }, Code::Aborted),
+            (StoreError::DriveLost { run_id: id }, Code::Aborted),
             (
                 StoreError::Checksum {
                     key: "k".into(),
@@ -147,7 +170,8 @@ mod tests {
             let msg = e.to_string();
             let s = Status::from(e);
             assert_eq!(s.code(), code, "{msg}");
-            assert_eq!(s.message(), msg);
+            // INVALID_ARGUMENT with a field names the field first.
+            assert!(s.message().ends_with(&msg), "{} / {msg}", s.message());
         }
     }
 }

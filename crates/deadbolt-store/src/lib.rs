@@ -22,17 +22,26 @@
 //!   as an artifact (upsert on (run, name)) and reads it back when it leases
 //!   the job again (`attempts > 1`).
 //!
-//! Tests: `cargo test -p deadbolt-store` runs the metadata suite on SQLite
-//! (file and in-memory) and on a fresh Postgres database
-//! (`DEADBOLT_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`),
-//! and the artifact suite on the filesystem and on `moto_server`
-//! (`scripts/setup-test-deps.sh` installs it).
+//! Both metadata backends are one implementation (`sql.rs`): shared row
+//! types and queries, with the dialects differing only in time functions,
+//! row locking and transaction start.
+//!
+//! Tests: `cargo test -p deadbolt-store` runs every case of the metadata
+//! suite as its own test on each backend (`sqlite_file::<case>`,
+//! `sqlite_memory::<case>`, `postgres::<case>`), each on a fresh store (for
+//! Postgres a fresh database on `DEADBOLT_TEST_PG_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), and the artifact suite
+//! likewise on the filesystem and on `moto_server`
+//! (`scripts/setup-test-deps.sh` installs it); the helpers are in
+//! `deadbolt-test-support`.
 
 pub mod artifacts;
 pub mod error;
 pub mod metadata;
 pub mod model;
 pub mod postgres;
+mod rows;
+mod sql;
 pub mod sqlite;
 
 pub use artifacts::{

@@ -15,6 +15,20 @@ use crate::model::*;
 ///
 /// Implemented by [`crate::PgStore`] (production) and
 /// [`crate::SqliteStore`] (embedded default); both pass the same test suite.
+///
+/// Fencing: the writes a stage job makes (metrics, neuron statistics,
+/// pruning curves and choices, artifact records, events) take a
+/// `fence: Option<&Fence>`. With `Some`, the write is refused with
+/// [`StoreError::LeaseLost`] (and changes nothing) unless the job is leased
+/// with that token when the write commits: the check and the write are one
+/// transaction that locks the job's row first (`FOR SHARE` on Postgres; a
+/// `BEGIN IMMEDIATE` write transaction on SQLite), so a lease cannot change
+/// hands between them. NotFound for an unknown job; Invalid if the job
+/// belongs to another run. `None` is an unfenced write (the gateway, tests).
+///
+/// Driving a run is leased too ([`Self::claim_run`]): one driver at a time,
+/// taken over by another after the lease expires; the driver's status
+/// changes go through [`Self::set_run_status_fenced`].
 #[async_trait]
 pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// "postgres" or "sqlite".
@@ -30,15 +44,59 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn get_run(&self, id: Uuid) -> Result<Run>;
     /// Newest first.
     async fn list_runs(&self, limit: i64, offset: i64) -> Result<Vec<Run>>;
+    /// Sets the status (and error) of a run, as a compare-and-set in SQL: a
+    /// finished run (succeeded, failed, cancelled) never changes, a running
+    /// run does not go back to queued; anything else is allowed. A refused
+    /// change is FailedPrecondition, naming the run's status.
     async fn set_run_status(
         &self,
         id: Uuid,
         status: RunStatus,
         error: Option<String>,
     ) -> Result<Run>;
-    /// Marks the run cancelled (unless already finished) and its queued and
-    /// leased jobs cancelled. Idempotent.
+    /// Marks a queued or running run cancelled, and its queued and leased
+    /// jobs cancelled. Idempotent on a cancelled run; FailedPrecondition on a
+    /// succeeded or failed one ("run X already succeeded").
     async fn cancel_run(&self, id: Uuid) -> Result<Run>;
+
+    // ---- run driver leases ----
+    /// Takes the drive of the run for `lease` if it is not terminal and has
+    /// no driver or an expired one: returns the new drive token, or None if
+    /// a driver (any driver, `driver_id` included) holds a live lease or the
+    /// run is terminal. NotFound for an unknown run.
+    async fn claim_run(
+        &self,
+        run_id: Uuid,
+        driver_id: &str,
+        lease: Duration,
+    ) -> Result<Option<Uuid>>;
+    /// Claims up to `limit` non-terminal runs without a live drive lease,
+    /// oldest first, each with its own token. Concurrent claimers never
+    /// claim the same run (Postgres: `FOR NO KEY UPDATE SKIP LOCKED`).
+    async fn claim_runs(
+        &self,
+        driver_id: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<(Run, Uuid)>>;
+    /// Extends the drive lease; DriveLost if `token` is no longer the run's
+    /// drive token (another driver claimed it after it expired, or it was
+    /// released). NotFound for an unknown run.
+    async fn renew_run(&self, run_id: Uuid, token: Uuid, lease: Duration) -> Result<()>;
+    /// Clears the driver if `token` is current; Ok (and no change) if it is
+    /// not, or the run is unknown.
+    async fn release_run(&self, run_id: Uuid, token: Uuid) -> Result<()>;
+    /// [`Self::set_run_status`] (the same compare-and-set) that also requires
+    /// `token` to be the run's current drive token, in the same statement:
+    /// DriveLost if it is not (checked before the status), FailedPrecondition
+    /// for a refused transition, NotFound for an unknown run.
+    async fn set_run_status_fenced(
+        &self,
+        id: Uuid,
+        token: Uuid,
+        status: RunStatus,
+        error: Option<String>,
+    ) -> Result<Run>;
 
     // ---- stage jobs ----
     /// Idempotent per (run_id, stage): returns the existing job with
@@ -47,7 +105,8 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// Leases the oldest runnable job of one of `stages`: queued with
     /// `run_after <= now`, or leased with an expired lease. Increments
     /// `attempts` and sets a fresh lease token. Jobs whose lease expired with
-    /// no attempts left are marked failed instead.
+    /// no attempts left are marked failed instead (code `unavailable`, a
+    /// message saying "lease expired").
     async fn lease_job(
         &self,
         worker_id: &str,
@@ -65,25 +124,33 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Job>;
     /// Marks the job succeeded. Repeating it with the same token is a no-op.
     async fn complete_job(&self, job_id: Uuid, lease_token: Uuid, result: Value) -> Result<Job>;
-    /// Requeues the job after `backoff` if attempts remain, else marks it failed.
+    /// Records `error` and requeues the job after `backoff` if attempts
+    /// remain, else marks it failed. Invalid if `error.code` is not a
+    /// lowercase code name.
     async fn fail_job(
         &self,
         job_id: Uuid,
         lease_token: Uuid,
-        error: &str,
+        error: &JobFailure,
         backoff: Duration,
     ) -> Result<Job>;
-    /// Marks the job failed now, whatever attempts remain (errors that a
-    /// retry cannot fix, e.g. a corrupted input artifact).
-    async fn abort_job(&self, job_id: Uuid, lease_token: Uuid, error: &str) -> Result<Job>;
+    /// Marks the job failed with `error` now, whatever attempts remain
+    /// (errors that a retry cannot fix, e.g. a corrupted input artifact).
+    async fn abort_job(&self, job_id: Uuid, lease_token: Uuid, error: &JobFailure) -> Result<Job>;
+    /// Gives a leased job back without using up an attempt (graceful drain):
+    /// the job is queued again, runnable at once, its lease cleared and
+    /// `attempts` decremented. LeaseLost if the token is stale or the job is
+    /// not leased; NotFound for an unknown job.
+    async fn release_job(&self, job_id: Uuid, lease_token: Uuid) -> Result<Job>;
     async fn get_job(&self, id: Uuid) -> Result<Job>;
     /// Oldest first.
     async fn list_jobs(&self, run_id: Uuid) -> Result<Vec<Job>>;
 
     // ---- metrics ----
-    /// Upsert on (run_id, stage, name, step).
+    /// Upsert on (run_id, stage, name, step). Fenced (see the trait docs).
     async fn record_metric(
         &self,
+        fence: Option<&Fence>,
         run_id: Uuid,
         stage: &str,
         name: &str,
@@ -93,22 +160,31 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn list_metrics(&self, run_id: Uuid) -> Result<Vec<Metric>>;
 
     // ---- neuron statistics ----
-    /// Upsert on (run_id, layer, model, input, norm, channel).
-    async fn put_neuron_stats(&self, run_id: Uuid, rows: &[NeuronStat]) -> Result<()>;
+    /// Upsert on (run_id, layer, model, input, norm, channel), all rows in
+    /// one transaction. Fenced.
+    async fn put_neuron_stats(
+        &self,
+        fence: Option<&Fence>,
+        run_id: Uuid,
+        rows: &[NeuronStat],
+    ) -> Result<()>;
     /// Read from the `neuron_stats_v` view.
     async fn list_neuron_stats(&self, run_id: Uuid) -> Result<Vec<NeuronStat>>;
 
     // ---- pruning ----
-    /// Upsert on (run_id, criterion, k).
+    /// Upsert on (run_id, criterion, k), all points in one transaction.
+    /// Fenced.
     async fn put_pruning_curve(
         &self,
+        fence: Option<&Fence>,
         run_id: Uuid,
         criterion: &str,
         points: &[CurvePoint],
     ) -> Result<()>;
-    /// Upsert on (run_id, criterion).
+    /// Upsert on (run_id, criterion). Fenced.
     async fn set_pruning_choice(
         &self,
+        fence: Option<&Fence>,
         run_id: Uuid,
         criterion: &str,
         point: CurvePoint,
@@ -118,15 +194,16 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn list_pruning_choices(&self, run_id: Uuid) -> Result<Vec<PruningChoice>>;
 
     // ---- artifacts ----
-    /// Upsert on (run_id, name).
-    async fn record_artifact(&self, rec: ArtifactRecord) -> Result<()>;
+    /// Upsert on (run_id, name). Fenced.
+    async fn record_artifact(&self, fence: Option<&Fence>, rec: ArtifactRecord) -> Result<()>;
     async fn get_artifact(&self, run_id: Uuid, name: &str) -> Result<ArtifactRecord>;
     async fn list_artifacts(&self, run_id: Uuid) -> Result<Vec<ArtifactRecord>>;
 
     // ---- events ----
-    /// Returns the event's seq, monotonic across the store.
+    /// Returns the event's seq, monotonic across the store. Fenced.
     async fn append_event(
         &self,
+        fence: Option<&Fence>,
         run_id: Uuid,
         stage: &str,
         kind: &str,

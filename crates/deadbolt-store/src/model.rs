@@ -47,6 +47,13 @@ macro_rules! string_enum {
                 }
             }
         }
+
+        impl TryFrom<String> for $name {
+            type Error = StoreError;
+            fn try_from(s: String) -> Result<Self> {
+                s.parse()
+            }
+        }
     };
 }
 
@@ -100,6 +107,11 @@ pub struct Run {
     pub spec_json: Value,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The driver (gateway replica) that holds or last held the drive lease
+    /// of the run, if any (see `MetadataStore::claim_run`).
+    pub driver_id: Option<String>,
+    /// When that drive lease expires (or expired); None when released.
+    pub driver_expires_at: Option<DateTime<Utc>>,
 }
 
 /// A stage job to enqueue; one per (run_id, stage).
@@ -119,7 +131,8 @@ pub struct Job {
     pub status: JobStatus,
     pub payload: Value,
     pub result: Option<Value>,
-    pub error: Option<String>,
+    /// Why the last attempt failed (kept while the job waits for a retry).
+    pub error: Option<JobFailure>,
     /// Leases taken so far (the current one included).
     pub attempts: i32,
     pub max_attempts: i32,
@@ -133,6 +146,86 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
 }
 
+impl Job {
+    /// The fence of the job's current lease (None unless leased).
+    pub fn fence(&self) -> Option<Fence> {
+        match (self.status, self.lease_token) {
+            (JobStatus::Leased, Some(lease_token)) => Some(Fence {
+                job_id: self.id,
+                lease_token,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The lease a write of a stage job is made under. The store refuses a
+/// fenced write ([`StoreError::LeaseLost`]) unless the job is leased with
+/// this token at the moment of the write (checked in the same transaction,
+/// with the job's row locked), so a worker whose lease expired and was taken
+/// over can never overwrite the new holder's rows. A fenced write must be to
+/// the job's own run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub job_id: Uuid,
+    pub lease_token: Uuid,
+}
+
+/// Why a job attempt failed, as structured data (never as text to parse back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFailure {
+    /// A lowercase gRPC code name: `invalid_argument`, `data_loss`,
+    /// `internal`, `unavailable`, `cancelled`, `failed_precondition`,
+    /// `aborted`, ...
+    pub code: String,
+    pub message: String,
+    /// The request or spec field at fault, when there is one.
+    pub field: Option<String>,
+}
+
+impl JobFailure {
+    /// The code that a job whose lease expired with no attempts left fails with.
+    pub const LEASE_EXPIRED_CODE: &'static str = "unavailable";
+
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        JobFailure {
+            code: code.into(),
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.code.is_empty()
+            || !self
+                .code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            return Err(StoreError::invalid(
+                "job_failure.code",
+                format!("{:?} is not a lowercase gRPC code name", self.code),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        if let Some(field) = &self.field {
+            write!(f, " (field {field})")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Metric {
     pub run_id: Uuid,
@@ -143,7 +236,7 @@ pub struct Metric {
 }
 
 /// One channel's statistic in one of the paper's four settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct NeuronStat {
     pub layer: String,
     /// "clean" or "backdoored".
@@ -181,7 +274,7 @@ impl NeuronStat {
 }
 
 /// One point of a pruning sweep: `k` channels pruned.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct CurvePoint {
     pub k: i64,
     pub acc: f64,
@@ -198,9 +291,10 @@ pub struct PruningCurve {
     pub chosen_k: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct PruningChoice {
     pub criterion: String,
+    #[sqlx(flatten)]
     pub point: CurvePoint,
 }
 
@@ -271,8 +365,4 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 pub(crate) fn new_api_key() -> String {
     format!("dbk_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
-}
-
-pub(crate) fn secs(d: std::time::Duration) -> f64 {
-    d.as_secs_f64()
 }

@@ -18,12 +18,17 @@ use crate::data::Dataset;
 /// sorted by class (the MNIST IDX files are), so "the first n" would see
 /// only a few classes.
 pub fn shuffled_subset(ds: &Dataset, n: usize, seed: u64) -> Dataset {
+    ds.select_vec(&shuffled_indices(ds, n, seed))
+}
+
+/// The indices into `ds` that [`shuffled_subset`] picks, in its order.
+pub fn shuffled_indices(ds: &Dataset, n: usize, seed: u64) -> Vec<i64> {
     let mut idx: Vec<i64> = (0..ds.len()).collect();
     idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     if n > 0 && n < idx.len() {
         idx.truncate(n);
     }
-    ds.select_vec(&idx)
+    idx
 }
 
 /// The paper's four settings: {clean, backdoored} model x {clean, triggered} input.

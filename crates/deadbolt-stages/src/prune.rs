@@ -1,4 +1,4 @@
-//! The pruner service: the run's `prune` stage job runs
+//! The `prune` stage: runs
 //! [`deadbolt_core::experiment::stage_prune`] for every criterion of the
 //! spec on the backdoored model (ranking with the real and/or the synthetic
 //! trigger), records each criterion's test curve (`put_pruning_curve`) and
@@ -9,44 +9,28 @@
 //! `report/report.md`, next to the figures under `report/`).
 //!
 //! The core sweeps all criteria together (they share cached activations),
-//! so `Prune`/`Sweep` for any criterion wait on that one job and return the
-//! criterion's part.
+//! so `PrunerService.Prune` (the thin tonic adapter) for any criterion
+//! waits on that one job and returns the criterion's part.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use deadbolt_analyzer::{upload_figures, AnalyzeResult};
 use deadbolt_core::analysis::reverse;
 use deadbolt_core::experiment::{self, PruneOutcome};
-use deadbolt_core::report::CriterionReport;
-use deadbolt_core::spec::{Criterion, ExperimentSpec};
-use deadbolt_poisoner::dataset::Bundle;
-use deadbolt_poisoner::error::{core, io};
-use deadbolt_poisoner::progress::JobProgress;
-use deadbolt_poisoner::DataResult;
+use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::pruner_service_server::{PrunerService, PrunerServiceServer};
 use deadbolt_proto::validate::invalid_argument;
-use deadbolt_runtime::{convert, stage, stages, JobContext, JobError, Shared, StageHandler};
-use deadbolt_store::{ArtifactRef, CurvePoint};
-use deadbolt_trainer::{fetch_model, TrainResult};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Stage, Work};
+use deadbolt_store::CurvePoint;
 use tonic::{Request, Response, Status};
 
-/// The result of the `prune` stage job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PruneResult {
-    pub pruning: BTreeMap<Criterion, CriterionReport>,
-    pub pruning_synthetic: BTreeMap<Criterion, CriterionReport>,
-    /// Pruned checkpoints by relative folder (`pruned/linf`).
-    pub checkpoints: BTreeMap<String, ArtifactRef>,
-    pub report_json: ArtifactRef,
-    pub report_md: ArtifactRef,
-    pub seconds: f64,
-}
+use crate::bundle::Bundle;
+use crate::common::{fetch_model, relative, upload_figures};
+use crate::contract::{Analyze, Data, Prune, PruneOutput, RunOnly, TrainBackdoored, TrainClean};
+use crate::error::core;
+use crate::progress::JobProgress;
 
 fn store_point(p: &deadbolt_core::prune::CurvePoint) -> CurvePoint {
     CurvePoint {
@@ -57,27 +41,23 @@ fn store_point(p: &deadbolt_core::prune::CurvePoint) -> CurvePoint {
     }
 }
 
-fn rel(out: &Path, p: &Path) -> PathBuf {
-    p.strip_prefix(out).unwrap_or(p).to_path_buf()
-}
+/// The work of the `prune` stage (which also assembles the report).
+pub struct PruneWork;
 
-/// Runs the `prune` stage and assembles the report.
-pub struct PruneHandler;
-
-impl StageHandler for PruneHandler {
-    fn run(&self, ctx: &JobContext) -> Result<Value, JobError> {
+impl Work<Prune> for PruneWork {
+    fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<PruneOutput, JobError> {
         let t = Instant::now();
         let run_id = ctx.run_id();
         let spec: ExperimentSpec = ctx.spec()?;
         let bundle = Bundle::fetch(ctx)?;
         let attack = bundle.attack(&spec)?;
         let bd_dir = ctx.work_dir.join("backdoored");
-        let backdoored = fetch_model(ctx, stages::TRAIN_BACKDOORED, &bd_dir)?;
-        let clean: TrainResult = ctx.stage_result(stages::TRAIN_CLEAN)?;
-        let analysis: AnalyzeResult = ctx.stage_result(stages::ANALYZE)?;
-        let data: DataResult = ctx.stage_result(stages::DATA)?;
+        let backdoored = fetch_model::<TrainBackdoored>(ctx, &bd_dir)?;
+        let clean = ctx.output::<TrainClean>()?;
+        let analysis = ctx.output::<Analyze>()?;
+        let data = ctx.output::<Data>()?;
         let trig_path = ctx.work_dir.join("trigger.safetensors");
-        ctx.download(&analysis.trigger, &trig_path)?;
+        ctx.download(&analysis.trigger.trigger, &trig_path)?;
         let trig = core(reverse::load_trigger(&trig_path))?.to_device(tch::Device::Cpu);
         let synthetic = reverse::synthetic_attack(
             &trig,
@@ -108,7 +88,7 @@ impl StageHandler for PruneHandler {
             })?;
             ctx.block_on(ctx.store.record_metric(
                 run_id,
-                stages::PRUNE,
+                Prune::KIND.as_str(),
                 &format!("der_{}", c.as_str()),
                 0,
                 r.der,
@@ -122,7 +102,7 @@ impl StageHandler for PruneHandler {
                 let Some(dir) = r.checkpoint.clone() else {
                     continue;
                 };
-                let name = rel(&out, &dir).to_string_lossy().replace('\\', "/");
+                let name = relative(&out, &dir).to_string_lossy().replace('\\', "/");
                 if !checkpoints.contains_key(&name) {
                     let w = ctx.put_file(
                         &format!("{name}/model.safetensors"),
@@ -176,15 +156,14 @@ impl StageHandler for PruneHandler {
         let report_md =
             ctx.put_file("report/report.md", &dir.join("report.md"), "text/markdown")?;
         tracing::info!(run_id = %run_id, criteria = pruning.len(), "pruning done, report stored");
-        let r = PruneResult {
+        Ok(PruneOutput {
             pruning,
             pruning_synthetic,
             checkpoints,
             report_json,
             report_md,
             seconds: t.elapsed().as_secs_f64(),
-        };
-        serde_json::to_value(r).map_err(|e| io("prune result", e))
+        })
     }
 }
 
@@ -195,11 +174,7 @@ fn chrono_now_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-pub fn handler() -> Arc<dyn StageHandler> {
-    Arc::new(PruneHandler)
-}
-
-/// The gRPC service.
+/// `PrunerService`: the `prune` stage over gRPC.
 #[derive(Clone)]
 pub struct Pruner {
     pub shared: Shared,
@@ -213,16 +188,17 @@ fn point_to_proto(p: &deadbolt_core::prune::CurvePoint) -> pb::CurvePoint {
     convert::curve_point_to_proto(&store_point(p))
 }
 
-impl Pruner {
-    async fn prune_job(&self, req: &pb::PruneRequest) -> Result<pb::PruneResponse, Status> {
+#[tonic::async_trait]
+impl PrunerService for Pruner {
+    async fn prune(
+        &self,
+        req: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let req = req.into_inner();
         let run_id = stage::parse_run_id("run_id", &req.run_id)?;
         let criterion = convert::criterion_from_proto("criterion", req.criterion)
             .map_err(|_| invalid_argument("criterion", "must name a criterion"))?;
-        let job = self
-            .shared
-            .run_stage(run_id, stages::PRUNE, serde_json::json!({}))
-            .await?;
-        let r: PruneResult = stage::decode_result(&job)?;
+        let r = self.shared.run_stage::<Prune>(run_id, RunOnly {}).await?;
         let c = r.pruning.get(&criterion).ok_or_else(|| {
             invalid_argument(
                 "criterion",
@@ -236,7 +212,7 @@ impl Pruner {
             .checkpoint
             .as_ref()
             .and_then(|p| r.checkpoints.get(&p.to_string_lossy().to_string()));
-        Ok(pb::PruneResponse {
+        Ok(Response::new(pb::PruneResponse {
             criterion: convert::criterion_to_proto(criterion) as i32,
             curve: c.validation_curve.iter().map(point_to_proto).collect(),
             chosen: Some(point_to_proto(&c.chosen)),
@@ -248,25 +224,6 @@ impl Pruner {
                 ra: Some(c.chosen.ra),
                 ..Default::default()
             }),
-        })
-    }
-}
-
-#[tonic::async_trait]
-impl PrunerService for Pruner {
-    async fn sweep(
-        &self,
-        req: Request<pb::PruneRequest>,
-    ) -> Result<Response<pb::PruneResponse>, Status> {
-        let mut r = self.prune_job(req.get_ref()).await?;
-        r.pruned_checkpoint = None;
-        Ok(Response::new(r))
-    }
-
-    async fn prune(
-        &self,
-        req: Request<pb::PruneRequest>,
-    ) -> Result<Response<pb::PruneResponse>, Status> {
-        Ok(Response::new(self.prune_job(req.get_ref()).await?))
+        }))
     }
 }

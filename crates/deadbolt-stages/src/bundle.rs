@@ -8,11 +8,11 @@ use deadbolt_core::data::Dataset;
 use deadbolt_core::poison::Attack;
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_core::workflow::Prepared;
-use deadbolt_runtime::{stages, JobContext, JobError};
+use deadbolt_runtime::{JobContext, JobError};
 use tch::{Kind, Tensor};
 
+use crate::contract::Data;
 use crate::error::{core, io};
-use crate::service::DataResult;
 
 /// The splits of a run.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl Bundle {
 
     /// Downloads (sha256-verified) and reads the dataset of the run's data stage.
     pub fn fetch(ctx: &JobContext) -> Result<Bundle, JobError> {
-        let data: DataResult = ctx.stage_result(stages::DATA)?;
+        let data = ctx.output::<Data>()?;
         let path = ctx.work_dir.join("dataset.safetensors");
         ctx.download(&data.dataset, &path)?;
         Bundle::read(&path)

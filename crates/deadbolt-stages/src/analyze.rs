@@ -1,94 +1,39 @@
-//! The analyzer service: the run's `analyze` stage job runs
-//! [`deadbolt_core::experiment::stage_analyze`] (synthetic trigger, activation
-//! statistics in the four settings, Grad-CAM) on the two trained models,
-//! writes the per-channel statistics to the metadata store
-//! (`put_neuron_stats`), and stores the figures (`report/...png`), the
-//! synthetic trigger (`synthetic/trigger.safetensors`) and the statistics
-//! (`analysis/stats.json`) as artifacts. The core computes the three
-//! analyses together, so `Statistics`, `GradCam` and `ReverseEngineer` all
-//! wait on that one job and each returns its part.
+//! The `analyze` stage: [`deadbolt_core::experiment::stage_analyze`]
+//! (synthetic trigger, activation statistics in the four settings,
+//! Grad-CAM) on the two trained models. Writes the per-channel statistics
+//! to the metadata store (`put_neuron_stats`) and stores the figures and
+//! Grad-CAM heatmaps (`report/...png`), the synthetic trigger
+//! (`synthetic/trigger.safetensors`, and its mask and pattern apart) and
+//! the statistics (`analysis/stats.json`) as artifacts. The core computes
+//! the three analyses together, so `Statistics`, `GradCam` and
+//! `ReverseEngineer` of `AnalyzerService` (the thin tonic adapter) all wait
+//! on that one job and each returns its part.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::Bytes;
-use deadbolt_core::analysis::stats::{Norm, Separation};
+use deadbolt_core::analysis::reverse;
+use deadbolt_core::analysis::stats::Norm;
 use deadbolt_core::analysis::Setting;
 use deadbolt_core::experiment::{self, AnalysisOutcome};
-use deadbolt_core::report::{GradcamSummary, SyntheticSummary, TriggerSource};
 use deadbolt_core::spec::ExperimentSpec;
-use deadbolt_poisoner::dataset::Bundle;
-use deadbolt_poisoner::error::core;
-use deadbolt_poisoner::progress::JobProgress;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::analyzer_service_server::{AnalyzerService, AnalyzerServiceServer};
-use deadbolt_runtime::{convert, stage, stages, JobContext, JobError, Shared, StageHandler};
-use deadbolt_store::{ArtifactRef, NeuronStat};
-use deadbolt_trainer::fetch_model;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Stage, Work};
+use deadbolt_store::NeuronStat;
 use tonic::{Request, Response, Status};
 
-/// Artifact name of the synthetic trigger.
+use crate::bundle::Bundle;
+use crate::common::{fetch_model, upload_figures};
+use crate::contract::{
+    Analyze, AnalyzeOutput, RunOnly, TrainBackdoored, TrainClean, TriggerArtifacts,
+};
+use crate::error::{core, io};
+use crate::progress::JobProgress;
+
+/// Artifact name of the synthetic trigger (mask and pattern).
 pub const TRIGGER_ARTIFACT: &str = "synthetic/trigger.safetensors";
-
-/// The result of the `analyze` stage job (the core's [`AnalysisOutcome`]
-/// with paths relative to the report folder, plus artifact references).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AnalyzeResult {
-    pub layer: String,
-    pub channels: i64,
-    pub stats_trigger: TriggerSource,
-    pub separation: BTreeMap<Norm, Separation>,
-    pub channel_means: BTreeMap<Setting, BTreeMap<Norm, Vec<f64>>>,
-    pub gradcam: GradcamSummary,
-    pub synthetic: SyntheticSummary,
-    /// Figures, relative to the report folder.
-    pub figures: Vec<PathBuf>,
-    pub timings: BTreeMap<String, f64>,
-    pub trigger: ArtifactRef,
-    pub stats: ArtifactRef,
-    /// Artifact of each figure, by relative path.
-    pub figure_refs: BTreeMap<String, ArtifactRef>,
-    pub seconds: f64,
-}
-
-impl AnalyzeResult {
-    pub fn outcome(&self) -> AnalysisOutcome {
-        AnalysisOutcome {
-            layer: self.layer.clone(),
-            channels: self.channels,
-            stats_trigger: self.stats_trigger,
-            separation: self.separation.clone(),
-            channel_means: self.channel_means.clone(),
-            gradcam: self.gradcam.clone(),
-            synthetic: self.synthetic.clone(),
-            figures: self.figures.clone(),
-            timings: self.timings.clone(),
-        }
-    }
-}
-
-/// Uploads each figure under `out` as `report/<relative path>`; returns the
-/// relative paths and their references.
-pub fn upload_figures(
-    ctx: &JobContext,
-    out: &Path,
-    figures: &[PathBuf],
-) -> Result<(Vec<PathBuf>, BTreeMap<String, ArtifactRef>), JobError> {
-    let mut rel = Vec::new();
-    let mut refs = BTreeMap::new();
-    for f in figures {
-        let r = f.strip_prefix(out).unwrap_or(f).to_path_buf();
-        let name = r.to_string_lossy().replace('\\', "/");
-        let a = ctx.put_file(&format!("report/{name}"), f, "image/png")?;
-        refs.insert(name, a);
-        rel.push(r);
-    }
-    Ok((rel, refs))
-}
 
 fn neuron_rows(a: &AnalysisOutcome) -> Vec<NeuronStat> {
     let mut rows = Vec::new();
@@ -119,18 +64,41 @@ fn neuron_rows(a: &AnalysisOutcome) -> Vec<NeuronStat> {
     rows
 }
 
-/// Runs the `analyze` stage.
-pub struct AnalyzeHandler;
+/// Stores the trigger file, and its mask and its pattern each alone.
+fn store_trigger(ctx: &JobContext, file: &std::path::Path) -> Result<TriggerArtifacts, JobError> {
+    let trigger = ctx.put_file(TRIGGER_ARTIFACT, file, "application/octet-stream")?;
+    let t = core(reverse::load_trigger(file))?;
+    let part = |name: &str, tensor: &tch::Tensor| {
+        let path = ctx.work_dir.join(format!("{name}.safetensors"));
+        tch::Tensor::write_safetensors(&[(name, tensor)], &path)
+            .map_err(|e| io(path.display(), e))?;
+        ctx.put_file(
+            &format!("synthetic/{name}.safetensors"),
+            &path,
+            "application/octet-stream",
+        )
+    };
+    let mask = part("mask", &t.mask.to_device(tch::Device::Cpu))?;
+    let pattern = part("pattern", &t.pattern.to_device(tch::Device::Cpu))?;
+    Ok(TriggerArtifacts {
+        trigger,
+        mask,
+        pattern,
+    })
+}
 
-impl StageHandler for AnalyzeHandler {
-    fn run(&self, ctx: &JobContext) -> Result<Value, JobError> {
+/// The work of the `analyze` stage.
+pub struct AnalyzeWork;
+
+impl Work<Analyze> for AnalyzeWork {
+    fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<AnalyzeOutput, JobError> {
         let t = Instant::now();
         let spec: ExperimentSpec = ctx.spec()?;
         let bundle = Bundle::fetch(ctx)?;
         let attack = bundle.attack(&spec)?;
         let (clean_dir, bd_dir) = (ctx.work_dir.join("clean"), ctx.work_dir.join("backdoored"));
-        fetch_model(ctx, stages::TRAIN_CLEAN, &clean_dir)?;
-        fetch_model(ctx, stages::TRAIN_BACKDOORED, &bd_dir)?;
+        fetch_model::<TrainClean>(ctx, &clean_dir)?;
+        fetch_model::<TrainBackdoored>(ctx, &bd_dir)?;
         let out = ctx.work_dir.join("analysis");
         let a = core(experiment::stage_analyze(
             &spec,
@@ -145,17 +113,13 @@ impl StageHandler for AnalyzeHandler {
         for (n, s) in &a.separation {
             ctx.block_on(ctx.store.record_metric(
                 ctx.run_id(),
-                stages::ANALYZE,
+                Analyze::KIND.as_str(),
                 &format!("separation_{}", n.as_str()),
                 0,
                 s.max_ratio,
             ))?;
         }
-        let trigger = ctx.put_file(
-            TRIGGER_ARTIFACT,
-            &a.synthetic.trigger_file,
-            "application/octet-stream",
-        )?;
+        let trigger = store_trigger(ctx, &a.synthetic.trigger_file)?;
         let stats_json = serde_json::json!({
             "layer": a.layer,
             "channel_means": a.channel_means,
@@ -163,13 +127,17 @@ impl StageHandler for AnalyzeHandler {
         });
         let stats = ctx.put_artifact(
             "analysis/stats.json",
-            Bytes::from(serde_json::to_vec_pretty(&stats_json).expect("stats serialize")),
+            Bytes::from(serde_json::to_vec_pretty(&stats_json).map_err(|e| io("stats", e))?),
             "application/json",
         )?;
-        let (figures, figure_refs) = upload_figures(ctx, &out, &a.figures)?;
+        let (figures, mut figure_refs) = upload_figures(ctx, &out, &a.figures)?;
+        let heatmap_files: Vec<PathBuf> =
+            a.gradcam.heatmaps.iter().map(|h| h.file.clone()).collect();
+        let (_, heatmap_refs) = upload_figures(ctx, &out, &heatmap_files)?;
+        figure_refs.extend(heatmap_refs);
         let mut synthetic = a.synthetic.clone();
         synthetic.trigger_file = PathBuf::from(TRIGGER_ARTIFACT);
-        let r = AnalyzeResult {
+        Ok(AnalyzeOutput {
             layer: a.layer.clone(),
             channels: a.channels,
             stats_trigger: a.stats_trigger,
@@ -183,16 +151,11 @@ impl StageHandler for AnalyzeHandler {
             stats,
             figure_refs,
             seconds: t.elapsed().as_secs_f64(),
-        };
-        Ok(serde_json::to_value(r).expect("result serializes"))
+        })
     }
 }
 
-pub fn handler() -> Arc<dyn StageHandler> {
-    Arc::new(AnalyzeHandler)
-}
-
-/// The gRPC service.
+/// `AnalyzerService`: the `analyze` stage over gRPC.
 #[derive(Clone)]
 pub struct Analyzer {
     pub shared: Shared,
@@ -211,14 +174,26 @@ fn norm_to_proto(n: Norm) -> pb::Norm {
     }
 }
 
+fn model_tag(s: Setting) -> pb::ModelTag {
+    if s.backdoored_model() {
+        pb::ModelTag::Backdoored
+    } else {
+        pb::ModelTag::Clean
+    }
+}
+
+fn input_kind(s: Setting) -> pb::InputKind {
+    if s.triggered_input() {
+        pb::InputKind::Triggered
+    } else {
+        pb::InputKind::Clean
+    }
+}
+
 impl Analyzer {
-    async fn analysis(&self, run_id: &str) -> Result<AnalyzeResult, Status> {
+    async fn analysis(&self, run_id: &str) -> Result<AnalyzeOutput, Status> {
         let run_id = stage::parse_run_id("run_id", run_id)?;
-        let job = self
-            .shared
-            .run_stage(run_id, stages::ANALYZE, serde_json::json!({}))
-            .await?;
-        stage::decode_result(&job)
+        self.shared.run_stage::<Analyze>(run_id, RunOnly {}).await
     }
 }
 
@@ -237,16 +212,8 @@ impl AnalyzerService for Analyzer {
                     norms.get(&n).and_then(|v| v.get(c)).copied().unwrap_or(0.0)
                 };
                 pb::SettingStats {
-                    model: if s.backdoored_model() {
-                        pb::ModelTag::Backdoored
-                    } else {
-                        pb::ModelTag::Clean
-                    } as i32,
-                    input: if s.triggered_input() {
-                        pb::InputKind::Triggered
-                    } else {
-                        pb::InputKind::Clean
-                    } as i32,
+                    model: model_tag(*s) as i32,
+                    input: input_kind(*s) as i32,
                     channels: (0..a.channels.max(0) as usize)
                         .map(|c| pb::ChannelStat {
                             channel: c as u32,
@@ -289,8 +256,24 @@ impl AnalyzerService for Analyzer {
                 .map(|m| m.mass_in_region)
                 .unwrap_or(0.0)
         };
+        let heatmaps = a
+            .gradcam
+            .heatmaps
+            .iter()
+            .map(|h| {
+                let name = h.file.to_string_lossy().replace('\\', "/");
+                pb::Heatmap {
+                    index: h.index.max(0) as u64,
+                    triggered: h.setting.triggered_input(),
+                    label: h.label,
+                    predicted: h.predicted,
+                    trigger_share: h.trigger_share.unwrap_or(0.0),
+                    image: a.figure_refs.get(&name).map(convert::artifact_to_proto),
+                }
+            })
+            .collect();
         Ok(Response::new(pb::GradCamResponse {
-            heatmaps: vec![],
+            heatmaps,
             clean_trigger_share: share(Setting::BackdooredModelCleanInput),
             triggered_trigger_share: share(Setting::BackdooredModelTriggeredInput),
             montage: a
@@ -307,8 +290,8 @@ impl AnalyzerService for Analyzer {
         let a = self.analysis(&req.get_ref().run_id).await?;
         let s = &a.synthetic;
         let best = pb::SyntheticTrigger {
-            mask: Some(convert::artifact_to_proto(&a.trigger)),
-            pattern: Some(convert::artifact_to_proto(&a.trigger)),
+            mask: Some(convert::artifact_to_proto(&a.trigger.mask)),
+            pattern: Some(convert::artifact_to_proto(&a.trigger.pattern)),
             target_label: s.suspect_label,
         };
         Ok(Response::new(pb::ReverseEngineerResponse {

@@ -1,38 +1,28 @@
-//! `PoisonerService` (thin tonic adapter) and the `data` stage handler.
+//! The `data` stage: load the base data, hold out validation, poison the
+//! training split ([`deadbolt_core::experiment::stage_data`]); stores the
+//! splits as one safetensors artifact (`data/dataset.safetensors`) and the
+//! poisoned indices (`data/poisoned_indices.json`). `PoisonerService` is
+//! its thin tonic adapter.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use deadbolt_core::experiment;
-use deadbolt_core::report::DataSummary;
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::poisoner_service_server::{PoisonerService, PoisonerServiceServer};
-use deadbolt_runtime::{convert, stage, stages, JobContext, JobError, Shared, StageHandler};
-use deadbolt_store::ArtifactRef;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Stage, Work};
 use tonic::{Request, Response, Status};
 
-use crate::dataset::Bundle;
-use crate::error::core;
+use crate::bundle::Bundle;
+use crate::contract::{Data, DataOutput, RunOnly};
+use crate::error::{core, io};
 
-/// The result of the `data` stage job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DataResult {
-    pub dataset: ArtifactRef,
-    pub poisoned_indices: ArtifactRef,
-    pub poisoned_count: u64,
-    pub summary: DataSummary,
-    pub seconds: f64,
-}
+/// The work of the `data` stage.
+pub struct DataWork;
 
-/// Runs the `data` stage.
-pub struct PoisonHandler;
-
-impl StageHandler for PoisonHandler {
-    fn run(&self, ctx: &JobContext) -> Result<Value, JobError> {
+impl Work<Data> for DataWork {
+    fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<DataOutput, JobError> {
         let t = Instant::now();
         let spec: ExperimentSpec = ctx.spec()?;
         ctx.set_progress(0.0, "loading and poisoning data");
@@ -46,7 +36,8 @@ impl StageHandler for PoisonHandler {
             &path,
             "application/octet-stream",
         )?;
-        let indices = serde_json::to_vec(&bundle.poisoned_indices).expect("indices serialize");
+        let indices =
+            serde_json::to_vec(&bundle.poisoned_indices).map_err(|e| io("poisoned indices", e))?;
         let poisoned_indices = ctx.put_artifact(
             "data/poisoned_indices.json",
             Bytes::from(indices),
@@ -54,7 +45,7 @@ impl StageHandler for PoisonHandler {
         )?;
         ctx.block_on(ctx.store.record_metric(
             ctx.run_id(),
-            stages::DATA,
+            Data::KIND.as_str(),
             "poisoned_count",
             0,
             bundle.poisoned_indices.len() as f64,
@@ -67,22 +58,17 @@ impl StageHandler for PoisonHandler {
             poisoned = summary.poisoned,
             "dataset stored"
         );
-        let r = DataResult {
+        Ok(DataOutput {
             dataset,
             poisoned_indices,
             poisoned_count: bundle.poisoned_indices.len() as u64,
             summary,
             seconds: t.elapsed().as_secs_f64(),
-        };
-        Ok(serde_json::to_value(r).expect("result serializes"))
+        })
     }
 }
 
-pub fn handler() -> Arc<dyn StageHandler> {
-    Arc::new(PoisonHandler)
-}
-
-/// The gRPC service.
+/// `PoisonerService`: the `data` stage over gRPC.
 #[derive(Clone)]
 pub struct Poisoner {
     pub shared: Shared,
@@ -98,13 +84,8 @@ impl PoisonerService for Poisoner {
         &self,
         req: Request<pb::PoisonRequest>,
     ) -> Result<Response<pb::PoisonResponse>, Status> {
-        let req = req.into_inner();
-        let run_id = stage::parse_run_id("run_id", &req.run_id)?;
-        let job = self
-            .shared
-            .run_stage(run_id, stages::DATA, serde_json::json!({}))
-            .await?;
-        let r: DataResult = stage::decode_result(&job)?;
+        let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        let r = self.shared.run_stage::<Data>(run_id, RunOnly {}).await?;
         let run = self.shared.store.get_run(run_id).await?;
         let spec: ExperimentSpec = serde_json::from_value(run.spec_json)
             .map_err(|e| Status::internal(format!("run spec: {e}")))?;

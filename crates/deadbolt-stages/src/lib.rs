@@ -1,0 +1,93 @@
+//! deadbolt-stages: every stage of the pipeline as plain domain code on
+//! deadbolt-core, plus one thin tonic adapter per stage service.
+//!
+//! | stage (job) | module | service |
+//! |---|---|---|
+//! | `data` | [`data`] | `PoisonerService` |
+//! | `train-clean`, `train-backdoored` | [`train`] | `TrainerService` |
+//! | `analyze` | [`analyze`] | `AnalyzerService` |
+//! | `prune` (+ the report) | [`prune`] | `PrunerService` |
+//!
+//! Each stage is typed ([`contract`]: name, input and output bound at
+//! compile time through [`deadbolt_runtime::Stage`]); a stage reads another
+//! stage's output only through its contract type, never through the other
+//! stage's module (a test checks that no stage module imports another).
+//! Shared machinery lives apart: the dataset artifact ([`bundle`]),
+//! progress bridging ([`progress`]), model and figure transfer
+//! ([`common`]), and the mapping of core errors to job failures
+//! ([`error`]).
+
+pub mod analyze;
+pub mod bundle;
+pub mod common;
+pub mod contract;
+pub mod data;
+pub mod error;
+pub mod progress;
+pub mod prune;
+pub mod train;
+
+use deadbolt_runtime::config::ServiceKind;
+use deadbolt_runtime::{Handlers, Shared};
+
+/// The stage service `kind` of this process: its gRPC routes, its fully
+/// qualified service name, and the stage work its worker runs. `None` for
+/// the gateway (not a stage service).
+pub fn service(
+    kind: ServiceKind,
+    shared: Shared,
+) -> Option<(tonic::service::Routes, &'static str, Handlers)> {
+    use contract::*;
+    Some(match kind {
+        ServiceKind::Poisoner => (
+            data::routes(shared),
+            "deadbolt.v1.PoisonerService",
+            Handlers::new().with::<Data, _>(data::DataWork),
+        ),
+        ServiceKind::Trainer => (
+            train::routes(shared),
+            "deadbolt.v1.TrainerService",
+            Handlers::new()
+                .with::<TrainClean, _>(train::TrainWork)
+                .with::<TrainBackdoored, _>(train::TrainWork),
+        ),
+        ServiceKind::Analyzer => (
+            analyze::routes(shared),
+            "deadbolt.v1.AnalyzerService",
+            Handlers::new().with::<Analyze, _>(analyze::AnalyzeWork),
+        ),
+        ServiceKind::Pruner => (
+            prune::routes(shared),
+            "deadbolt.v1.PrunerService",
+            Handlers::new().with::<Prune, _>(prune::PruneWork),
+        ),
+        ServiceKind::Gateway => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// No stage module imports another stage module: they share only the
+    /// contracts and the machinery modules.
+    #[test]
+    fn no_stage_imports_another() {
+        let stages = ["data", "train", "analyze", "prune"];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for s in stages {
+            let text = std::fs::read_to_string(dir.join(format!("{s}.rs"))).unwrap();
+            for other in stages.iter().filter(|o| **o != s) {
+                for pat in [
+                    format!("crate::{other}::"),
+                    format!("crate::{other};"),
+                    format!("crate::{{{other}"),
+                    format!("super::{other}"),
+                ] {
+                    assert!(
+                        !text.contains(&pat),
+                        "stage {s} imports stage {other} ({pat})"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Helpers for deadbolt's tests (a dev-dependency only):
+//!
+//! - [`pg`]: a fresh Postgres database per test ([`pg::Pg`]);
+//! - [`s3`]: an S3-compatible server on loopback ([`s3::Moto`], `moto_server`,
+//!   which `scripts/setup-test-deps.sh` installs);
+//! - [`serve`]: `deadbolt serve` child processes, their config, and gateway
+//!   client helpers;
+//! - [`specs`]: tiny experiment specs.
+
+pub mod pg;
+pub mod s3;
+pub mod serve;
+pub mod specs;

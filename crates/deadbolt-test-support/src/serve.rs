@@ -1,0 +1,168 @@
+//! `deadbolt serve` child processes on loopback ephemeral ports, their
+//! config, and gateway client helpers (submit, watch to the end).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use deadbolt_proto::v1 as pb;
+use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
+use futures::StreamExt;
+use tonic::transport::Channel;
+
+/// A `deadbolt serve` child process, killed (SIGKILL) on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    /// service -> `host:port`.
+    pub addrs: HashMap<String, String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn url(&self, service: &str) -> String {
+        format!("http://{}", self.addrs[service])
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn log_tail(&self) -> String {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `deadbolt serve --config <dir>/<name>.toml --services <services>`
+/// and waits until every service printed its address.
+pub fn serve(bin: &Path, dir: &Path, name: &str, services: &str, config: &str) -> Proc {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--services", services])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let want: Vec<&str> = services.split(',').collect();
+    let mut addrs = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while addrs.len() < want.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some((svc, addr)) = line.split_once(" listening on ") {
+                    addrs.insert(svc.to_string(), addr.trim().to_string());
+                }
+            }
+            Err(_) => panic!(
+                "{name} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
+    }
+    Proc {
+        name: name.into(),
+        child,
+        addrs,
+        log,
+    }
+}
+
+/// Config TOML for a service process (`extra` is appended).
+pub fn config(database_url: &str, artifact_url: &str, work: &Path, extra: &str) -> String {
+    format!(
+        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = 3.0\nheartbeat_secs = 0.5\npoll_ms = 100\nmax_attempts = 3\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n",
+        work.display()
+    )
+}
+
+/// A `[peers]` table.
+pub fn peers(list: &[(&str, Vec<String>)]) -> String {
+    let mut s = String::from("[peers]\n");
+    for (k, v) in list {
+        let urls: Vec<String> = v.iter().map(|u| format!("\"{u}\"")).collect();
+        s.push_str(&format!("{k} = [{}]\n", urls.join(", ")));
+    }
+    s
+}
+
+pub async fn gateway(url: &str) -> ExperimentServiceClient<Channel> {
+    ExperimentServiceClient::connect(url.to_string())
+        .await
+        .unwrap()
+}
+
+pub async fn submit_toml(
+    c: &mut ExperimentServiceClient<Channel>,
+    spec: &Path,
+    request_id: &str,
+) -> pb::SubmitExperimentResponse {
+    c.submit_experiment(pb::SubmitExperimentRequest {
+        client_request_id: request_id.into(),
+        spec: Some(pb::submit_experiment_request::Spec::SpecToml(
+            std::fs::read_to_string(spec).unwrap(),
+        )),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Watches a run to its end; returns the events and the final run.
+pub async fn watch(
+    c: &mut ExperimentServiceClient<Channel>,
+    run_id: &str,
+    timeout: Duration,
+) -> (Vec<pb::RunEvent>, pb::Run) {
+    let mut s = c
+        .watch_experiment(pb::WatchExperimentRequest {
+            run_id: run_id.into(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(timeout, async {
+        while let Some(e) = s.next().await {
+            events.push(e.unwrap());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("run {run_id} did not finish within {timeout:?}"));
+    let run = c
+        .get_experiment(pb::GetExperimentRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (events, run)
+}
