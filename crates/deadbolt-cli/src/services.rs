@@ -21,32 +21,80 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// Services running in this process; dropping it stops them.
+/// Services running in this process; dropping it stops them at once.
 pub struct Running {
     pub addrs: BTreeMap<ServiceKind, SocketAddr>,
+    /// The stage workers (they end after a drain).
+    workers: Vec<JoinHandle<()>>,
+    /// Background tasks that end with the process (the claim loop).
     tasks: Vec<JoinHandle<()>>,
     servers: Vec<JoinHandle<Result<()>>>,
+    gateway: Option<Gateway>,
+    shared: Shared,
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() -> Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        r = tokio::signal::ctrl_c() => r.map(|_| "ctrl-c").map_err(Into::into),
+    }
 }
 
 impl Running {
-    /// Waits until a server stops (an error) or ctrl-c.
+    /// Serves until a server stops (an error) or SIGTERM/Ctrl-C, which
+    /// drains the process ([`Running::drain`]).
     pub async fn wait(mut self) -> Result<()> {
         let servers = std::mem::take(&mut self.servers);
-        if servers.is_empty() {
-            tokio::signal::ctrl_c().await?;
-            return Ok(());
+        let first_down = async move {
+            if servers.is_empty() {
+                return futures::future::pending().await;
+            }
+            let (r, _, _) = futures::future::select_all(servers.into_iter().map(|h| {
+                Box::pin(async move { h.await.map_err(anyhow::Error::from).and_then(|r| r) })
+            }))
+            .await;
+            r
+        };
+        tokio::select! {
+            r = first_down => r,
+            sig = shutdown_signal() => {
+                tracing::info!(signal = sig?, "draining");
+                self.drain().await;
+                Ok(())
+            }
         }
-        let (r, _, _) = futures::future::select_all(servers.into_iter().map(|h| {
-            Box::pin(async move { h.await.map_err(anyhow::Error::from).and_then(|r| r) })
-        }))
-        .await;
-        r
+    }
+
+    /// Graceful drain: stop leasing jobs and claiming runs; let each
+    /// current job finish its epoch within `drain_secs` (then stop it),
+    /// release its lease without counting the attempt so another worker
+    /// takes it at once, clean its work folder; release the runs this
+    /// gateway drives. Servers stop last.
+    pub async fn drain(&mut self) {
+        self.shared.drain.start();
+        let limit = self.shared.config.drain() + std::time::Duration::from_secs(10);
+        let workers = std::mem::take(&mut self.workers);
+        if tokio::time::timeout(limit, futures::future::join_all(workers))
+            .await
+            .is_err()
+        {
+            tracing::warn!("workers did not wind down in time");
+        }
+        if let Some(g) = &self.gateway {
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while g.driving() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        tracing::info!("drained");
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.workers.iter().chain(&self.tasks) {
             t.abort();
         }
         for s in &self.servers {
@@ -60,8 +108,11 @@ impl Drop for Running {
 pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
     let mut run = Running {
         addrs: BTreeMap::new(),
+        workers: Vec::new(),
         tasks: Vec::new(),
         servers: Vec::new(),
+        gateway: None,
+        shared: shared.clone(),
     };
     let mut shared = shared.clone();
     for &k in kinds.iter().filter(|k| **k != ServiceKind::Gateway) {
@@ -72,7 +123,7 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
         run.servers.push(task);
         run.addrs.insert(k, addr);
         let worker = shared.worker(k.as_str(), handlers)?;
-        run.tasks.push(tokio::spawn(worker.run()));
+        run.workers.push(tokio::spawn(worker.run()));
     }
     if kinds.contains(&ServiceKind::Gateway) {
         for (k, addr) in &run.addrs {
@@ -82,10 +133,14 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
         }
         let listener = server::bind(&shared.config.listen_addr(ServiceKind::Gateway)).await?;
         let g = Gateway::new(shared.clone())?;
-        let resumed = g.resume_runs().await?;
-        if resumed > 0 {
-            tracing::info!(runs = resumed, "resumed unfinished runs");
+        // runs whose driver died (or that nobody drives yet) are claimed
+        // now and every third of a lease
+        let claimed = g.claim_orphans().await?;
+        if claimed > 0 {
+            tracing::info!(runs = claimed, "claimed unfinished runs");
         }
+        run.tasks.push(tokio::spawn(g.clone().claim_loop()));
+        run.gateway = Some(g.clone());
         let (addr, task) = server::spawn(
             "deadbolt.v1.ExperimentService",
             deadbolt_gateway::routes(g),

@@ -1,6 +1,6 @@
 //! Runs in flight continue across a gateway restart: the gateway is killed
-//! (SIGKILL) while a run trains; a new gateway resumes every unfinished run
-//! on start, re-calls the stages (finished ones answer from their jobs,
+//! (SIGKILL) while a run trains; a new gateway claims the run's drive once
+//! the dead gateway's lease expired, re-calls the stages (finished ones answer from their jobs,
 //! the running one is waited on) and the run completes without redoing work.
 
 mod common;

@@ -44,10 +44,21 @@ impl Clients {
     }
 }
 
+/// Drives one run while it holds the run's drive lease (`token`).
 pub struct Driver {
     pub shared: Shared,
     pub clients: Clients,
     pub run_id: Uuid,
+    pub driver_id: String,
+    pub token: Uuid,
+}
+
+/// Why a driver stopped before the run ended.
+enum Stop {
+    /// Another replica holds the drive now (our lease expired).
+    Lost,
+    /// This process drains; the drive is released for another replica.
+    Drain,
 }
 
 impl Driver {
@@ -55,7 +66,7 @@ impl Driver {
         if let Err(e) = self
             .shared
             .store
-            .append_event(self.run_id, stage, kind, message, None)
+            .append_event(None, self.run_id, stage, kind, message, None)
             .await
         {
             tracing::warn!(run_id = %self.run_id, error = %e, "could not record event");
@@ -115,7 +126,56 @@ impl Driver {
     /// stays cancelled (the store refuses the transition), and the events
     /// say what really happened.
     pub async fn run(self) {
-        let outcome = self.drive().await;
+        self.event("run", "driver", &format!("claimed by {}", self.driver_id))
+            .await;
+        let outcome = tokio::select! {
+            o = self.drive() => o,
+            stop = self.keep_lease() => {
+                match stop {
+                    Stop::Lost => tracing::warn!(run_id = %self.run_id, driver = %self.driver_id, "drive lost to another replica; stopping"),
+                    Stop::Drain => {
+                        let _ = self.shared.store.release_run(self.run_id, self.token).await;
+                        self.event("run", "driver", &format!("released by draining {}", self.driver_id)).await;
+                        tracing::info!(run_id = %self.run_id, "drive released (drain)");
+                    }
+                }
+                return;
+            }
+        };
+        self.finish(outcome).await;
+        let _ = self.shared.store.release_run(self.run_id, self.token).await;
+    }
+
+    /// Renews the drive lease every third of a lease; returns when it is
+    /// lost (to another replica) or the process drains.
+    async fn keep_lease(&self) -> Stop {
+        let lease = self.shared.config.lease();
+        let drain = &self.shared.drain;
+        let mut renewed = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lease / 3) => {}
+                _ = drain.wait() => return Stop::Drain,
+            }
+            match self
+                .shared
+                .store
+                .renew_run(self.run_id, self.token, lease)
+                .await
+            {
+                Ok(()) => renewed = std::time::Instant::now(),
+                Err(StoreError::DriveLost { .. }) => return Stop::Lost,
+                Err(e) => {
+                    tracing::warn!(run_id = %self.run_id, error = %e, "renewing the drive failed");
+                    if renewed.elapsed() >= lease {
+                        return Stop::Lost;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn finish(&self, outcome: Result<(), GatewayError>) {
         let store = &self.shared.store;
         let (status, error, what) = match &outcome {
             Ok(()) => (RunStatus::Succeeded, None, "succeeded".to_string()),
@@ -126,7 +186,10 @@ impl Driver {
             }
             Err(e) => (RunStatus::Failed, Some(e.to_string()), e.to_string()),
         };
-        match store.set_run_status(self.run_id, status, error).await {
+        match store
+            .set_run_status_fenced(self.run_id, self.token, status, error)
+            .await
+        {
             Ok(_) if status == RunStatus::Succeeded => {
                 self.event("run", "finished", "succeeded").await;
                 tracing::info!(run_id = %self.run_id, "run succeeded");
@@ -135,9 +198,12 @@ impl Driver {
                 self.event("run", "failed", &what).await;
                 tracing::warn!(run_id = %self.run_id, error = %what, "run failed");
             }
+            Err(StoreError::DriveLost { .. }) => {
+                tracing::warn!(run_id = %self.run_id, outcome = %what, "drive lost before the outcome was recorded; the new driver records it");
+            }
             Err(StoreError::FailedPrecondition(why)) => {
-                // cancelled (or ended) while the last stage finished
-                self.event("run", "cancelled", "").await;
+                // cancelled (or already ended) while the last stage
+                // finished: the store keeps the status it has
                 tracing::info!(run_id = %self.run_id, outcome = %what, reason = %why, "run ended elsewhere; outcome not recorded");
             }
             Err(e) => {
@@ -156,7 +222,7 @@ impl Driver {
             .map_err(|e| GatewayError::BadSpec(e.to_string()))?;
         if run.status != RunStatus::Running {
             match store
-                .set_run_status(self.run_id, RunStatus::Running, None)
+                .set_run_status_fenced(self.run_id, self.token, RunStatus::Running, None)
                 .await
             {
                 Ok(_) => self.event("run", "status", "running").await,

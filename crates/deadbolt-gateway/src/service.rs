@@ -16,11 +16,17 @@ use uuid::Uuid;
 
 use crate::driver::{Clients, Driver};
 
-/// The gateway: the service plus its run drivers.
+/// The gateway: the service plus its run drivers. Who drives a run is a
+/// lease in the metadata store (`claim_run`/`claim_runs`, renewed while
+/// driving): any gateway replica drives any run, exactly one at a time,
+/// and another takes a run over once its driver's lease expired. `driving`
+/// only remembers which of this process's tasks are alive.
 #[derive(Clone)]
 pub struct Gateway {
     pub shared: Shared,
     pub clients: Clients,
+    /// This replica's driver id (`gateway-<pid>-<random>`).
+    pub driver_id: String,
     driving: Arc<Mutex<HashSet<Uuid>>>,
 }
 
@@ -35,12 +41,14 @@ impl Gateway {
         Ok(Gateway {
             shared,
             clients,
+            driver_id: deadbolt_runtime::worker::worker_id("gateway"),
             driving: Arc::default(),
         })
     }
 
-    /// Starts a driver for the run unless this gateway already drives it.
-    pub fn drive(&self, run_id: Uuid) {
+    /// Starts a driver task for a run whose drive this replica holds
+    /// (`token`), unless one is already running here.
+    fn spawn_driver(&self, run_id: Uuid, token: Uuid) {
         if !self.driving.lock().expect("lock").insert(run_id) {
             return;
         }
@@ -48,6 +56,8 @@ impl Gateway {
             shared: self.shared.clone(),
             clients: self.clients.clone(),
             run_id,
+            driver_id: self.driver_id.clone(),
+            token,
         };
         let driving = self.driving.clone();
         tokio::spawn(async move {
@@ -56,25 +66,59 @@ impl Gateway {
         });
     }
 
-    /// Resumes every run that is still queued or running (after a restart).
-    pub async fn resume_runs(&self) -> anyhow::Result<usize> {
-        let mut n = 0;
-        let mut offset = 0;
-        loop {
-            let page = self.shared.store.list_runs(500, offset).await?;
-            for r in &page {
-                if !r.status.is_terminal() {
-                    tracing::info!(run_id = %r.id, status = %r.status, "resuming run");
-                    self.drive(r.id);
-                    n += 1;
-                }
+    /// Takes the drive of one run if nobody holds it, and drives it.
+    pub async fn claim(&self, run_id: Uuid) -> Result<bool, deadbolt_store::StoreError> {
+        let lease = self.shared.config.lease();
+        match self
+            .shared
+            .store
+            .claim_run(run_id, &self.driver_id, lease)
+            .await?
+        {
+            Some(token) => {
+                self.spawn_driver(run_id, token);
+                Ok(true)
             }
-            if page.len() < 500 {
-                break;
-            }
-            offset += 500;
+            None => Ok(false),
         }
-        Ok(n)
+    }
+
+    /// Claims runs that no live driver holds (new ones, and those of a
+    /// replica that died: their lease expired) and drives them; returns
+    /// how many it claimed.
+    pub async fn claim_orphans(&self) -> Result<usize, deadbolt_store::StoreError> {
+        let lease = self.shared.config.lease();
+        let claimed = self
+            .shared
+            .store
+            .claim_runs(&self.driver_id, lease, 16)
+            .await?;
+        for (run, token) in &claimed {
+            tracing::info!(run_id = %run.id, status = %run.status, driver = %self.driver_id, "claimed the drive of a run");
+            self.spawn_driver(run.id, *token);
+        }
+        Ok(claimed.len())
+    }
+
+    /// Claims orphaned runs every third of a lease until the process
+    /// drains. Run in the background by `deadbolt serve`.
+    pub async fn claim_loop(self) {
+        let every = (self.shared.config.lease() / 3).max(self.shared.config.poll());
+        let drain = self.shared.drain.clone();
+        while !drain.is_draining() {
+            if let Err(e) = self.claim_orphans().await {
+                tracing::warn!(error = %e, "claiming runs failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = drain.wait() => {}
+            }
+        }
+    }
+
+    /// Runs this replica is driving now.
+    pub fn driving(&self) -> usize {
+        self.driving.lock().expect("lock").len()
     }
 
     async fn run_proto(&self, id: Uuid) -> Result<pb::Run, Status> {
@@ -121,11 +165,13 @@ impl ExperimentService for Gateway {
             let _ = self
                 .shared
                 .store
-                .append_event(run.id, "run", "submitted", &run.name, None)
+                .append_event(None, run.id, "run", "submitted", &run.name, None)
                 .await;
         }
-        if !run.status.is_terminal() {
-            self.drive(run.id);
+        if !run.status.is_terminal() && !self.shared.drain.is_draining() {
+            // a replica that holds the drive already goes on; otherwise
+            // this one takes it now (the claim loop would, a moment later)
+            self.claim(run.id).await?;
         }
         Ok(Response::new(pb::SubmitExperimentResponse {
             run_id: run.id.to_string(),
@@ -235,7 +281,7 @@ impl ExperimentService for Gateway {
         let _ = self
             .shared
             .store
-            .append_event(id, "run", "cancelled", "cancelled by request", None)
+            .append_event(None, id, "run", "cancelled", "cancelled by request", None)
             .await;
         Ok(Response::new(self.run_proto(id).await?))
     }

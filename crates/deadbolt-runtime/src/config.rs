@@ -18,7 +18,7 @@
 //!
 //! Environment: `DEADBOLT_DATABASE_URL`, `DEADBOLT_ARTIFACT_URL`,
 //! `DEADBOLT_WORK_DIR`, `DEADBOLT_LEASE_SECS`, `DEADBOLT_HEARTBEAT_SECS`,
-//! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_S3_ENDPOINT`,
+//! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_DRAIN_SECS`, `DEADBOLT_S3_ENDPOINT`,
 //! `DEADBOLT_S3_ALLOW_HTTP`, `DEADBOLT_S3_REGION`,
 //! `DEADBOLT_S3_ACCESS_KEY_ID`, `DEADBOLT_S3_SECRET_ACCESS_KEY`, and per
 //! service `DEADBOLT_<SERVICE>_LISTEN` and `DEADBOLT_<SERVICE>_PEERS`
@@ -166,6 +166,12 @@ pub struct Config {
     /// How often idle workers and waiting RPCs poll the store.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// On SIGTERM or Ctrl-C a worker stops leasing and lets its current
+    /// job finish its epoch (and store its checkpoint) for at most this
+    /// long, then stops it; the job is released for another worker without
+    /// counting the attempt.
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: f64,
     /// Listen address per service (`host:port`).
     #[serde(default)]
     pub listen: PerService<String>,
@@ -192,6 +198,9 @@ fn default_max_attempts() -> i32 {
 }
 fn default_poll_ms() -> u64 {
     200
+}
+fn default_drain_secs() -> f64 {
+    30.0
 }
 
 impl Default for Config {
@@ -264,6 +273,9 @@ impl Config {
         if let Some(v) = parse_env("DEADBOLT_POLL_MS")? {
             self.poll_ms = v;
         }
+        if let Some(v) = parse_env("DEADBOLT_DRAIN_SECS")? {
+            self.drain_secs = v;
+        }
         if let Some(v) = env("DEADBOLT_S3_ENDPOINT") {
             self.s3.endpoint = Some(v);
         }
@@ -302,6 +314,9 @@ impl Config {
         if !(self.heartbeat_secs > 0.0 && self.heartbeat_secs < self.lease_secs) {
             bail!("heartbeat_secs must be > 0 and below lease_secs");
         }
+        if self.drain_secs.is_nan() || self.drain_secs < 0.0 {
+            bail!("drain_secs must be >= 0");
+        }
         if self.max_attempts < 1 {
             bail!("max_attempts must be >= 1");
         }
@@ -334,6 +349,9 @@ impl Config {
     }
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms.max(10))
+    }
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_secs)
     }
 }
 

@@ -25,7 +25,7 @@ pub mod worker;
 pub use config::Config;
 pub use error::JobError;
 pub use stage::{Handlers, Stage, StageKind, Work};
-pub use worker::{JobContext, Worker};
+pub use worker::{Drain, JobContext, Worker};
 
 use std::sync::Arc;
 
@@ -38,6 +38,8 @@ pub struct Shared {
     pub store: Arc<dyn MetadataStore>,
     pub artifacts: ArtifactStore,
     pub config: Config,
+    /// The process's drain signal (SIGTERM, Ctrl-C).
+    pub drain: Drain,
 }
 
 impl Shared {
@@ -51,6 +53,7 @@ impl Shared {
             store,
             artifacts,
             config,
+            drain: Drain::new(),
         })
     }
 
@@ -72,6 +75,8 @@ impl Shared {
             heartbeat: self.config.heartbeat(),
             poll: self.config.poll(),
             work_root,
+            drain: self.drain.clone(),
+            drain_deadline: self.config.drain(),
         })
     }
 

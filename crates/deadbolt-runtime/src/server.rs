@@ -52,8 +52,8 @@ pub async fn spawn(
 }
 
 /// A client channel over several addresses of one service: load-balanced,
-/// connecting lazily, so a dead instance only fails the calls it was given
-/// (the caller retries them).
+/// connecting lazily, so a dead (or frozen: keepalive pings) instance only
+/// fails the calls it was given (the caller retries them).
 pub fn balanced_channel(urls: &[String]) -> Result<tonic::transport::Channel> {
     let endpoints = urls
         .iter()
@@ -61,8 +61,14 @@ pub fn balanced_channel(urls: &[String]) -> Result<tonic::transport::Channel> {
             tonic::transport::Endpoint::from_shared(u.clone())
                 .with_context(|| format!("bad peer address {u:?}"))
                 .map(|e| {
+                    // HTTP/2 keepalive pings: a peer that stops answering
+                    // (paused, partitioned) fails its calls within ~10 s,
+                    // and the caller retries them elsewhere
                     e.connect_timeout(std::time::Duration::from_secs(2))
                         .tcp_nodelay(true)
+                        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+                        .keep_alive_timeout(std::time::Duration::from_secs(5))
+                        .keep_alive_while_idle(true)
                 })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -1,39 +1,89 @@
 //! The stage-job worker: lease a job of this service's stages, run its
 //! typed [`Work`](crate::stage::Work) on the tensor thread (tensor work
 //! never runs on the async runtime) while a heartbeat task renews the lease
-//! and reports progress, then complete or fail the job. A lost lease
-//! (another worker took the job over) cancels the work and drops its
-//! result. Only transient errors are retried; a deterministic error or a
-//! panic fails the job after one attempt, with its structured failure.
+//! and reports progress, then complete or fail the job.
+//!
+//! - Only transient errors are retried; a deterministic error or a panic
+//!   fails the job after one attempt, with its structured failure.
+//! - **Fencing**: every write the job makes (artifact records, metrics,
+//!   neuron statistics, curves, events) carries the job's lease
+//!   ([`Fence`]); the store refuses it once the lease is no longer current,
+//!   and artifact objects are written under a per-attempt key, so a worker
+//!   that lost its lease (paused, partitioned) can change nothing the
+//!   winning attempt wrote. A worker that cannot renew its lease for a
+//!   whole lease period stops its job.
+//! - **Drain** ([`Drain`]): on SIGTERM the worker stops leasing; its
+//!   current job may finish its epoch (the trainer stops at the next epoch
+//!   boundary) within the drain deadline, then it is stopped and released
+//!   (`release_job`: queued again at once, the attempt not counted), and
+//!   its work folder removed.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadbolt_store::{
-    ArtifactRef, ArtifactStore, Job, JobStatus, MetadataStore, RunStatus, StoreError,
+    ArtifactRecord, ArtifactRef, ArtifactStore, CurvePoint, Fence, Job, JobStatus, MetadataStore,
+    NeuronStat, RunStatus, StoreError,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tonic::Code;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::JobError;
 use crate::stage::{decode_output, Handlers, Stage};
 
-/// What a handler sees of its job.
+/// The process-wide drain signal (SIGTERM, Ctrl-C): workers stop leasing
+/// and wind their jobs down.
+#[derive(Clone, Debug, Default)]
+pub struct Drain {
+    flag: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drain {
+    pub fn new() -> Drain {
+        Drain::default()
+    }
+    /// Starts draining (idempotent).
+    pub fn start(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+    pub fn is_draining(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    /// Resolves once draining started.
+    pub async fn wait(&self) {
+        while !self.is_draining() {
+            let n = self.notify.notified();
+            if self.is_draining() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// What a stage's work sees of its job. Every write goes through the
+/// methods here, fenced by the job's lease.
 pub struct JobContext {
     pub job: Job,
+    /// For reads; writes go through this context's fenced methods.
     pub store: Arc<dyn MetadataStore>,
     pub artifacts: ArtifactStore,
     /// A fresh folder for this attempt (removed afterwards).
     pub work_dir: PathBuf,
+    fence: Fence,
     handle: tokio::runtime::Handle,
     progress: Arc<Mutex<Option<(f64, String)>>>,
     cancelled: Arc<AtomicBool>,
+    drain: Drain,
 }
 
 impl JobContext {
@@ -41,7 +91,12 @@ impl JobContext {
         self.job.run_id
     }
 
-    /// Runs a future to completion from the handler's blocking thread.
+    /// The job's lease, which every write carries.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Runs a future to completion from the work's thread.
     pub fn block_on<F: Future>(&self, f: F) -> F::Output {
         self.handle.block_on(f)
     }
@@ -53,9 +108,16 @@ impl JobContext {
         }
     }
 
-    /// True once the run was cancelled or the lease was lost.
+    /// True once the run was cancelled, the lease was lost, or the drain
+    /// deadline passed: stop at the next batch.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// True once the process drains: stop at the next point where the work
+    /// can be resumed (the trainer: the end of the current epoch).
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_draining()
     }
 
     /// The run's spec (its `spec_json`).
@@ -84,17 +146,36 @@ impl JobContext {
         decode_output::<S>(&job)
     }
 
-    /// Stores `bytes` as artifact `name` of the run and records it (upsert).
+    /// The object name of artifact `name` for this attempt: each attempt
+    /// writes its own objects, so a late writer never replaces the objects
+    /// the winning attempt recorded.
+    fn object_name(&self, name: &str) -> String {
+        format!(
+            "jobs/{}/a{}/{name}",
+            self.job.id.simple(),
+            self.job.attempts
+        )
+    }
+
+    /// Stores `bytes` as artifact `name` of the run and records it (upsert,
+    /// fenced).
     pub fn put_artifact(
         &self,
         name: &str,
         bytes: Bytes,
         content_type: &str,
     ) -> Result<ArtifactRef, JobError> {
+        deadbolt_store::validate_name(name)?;
         self.block_on(async {
-            let r = self.artifacts.put(self.run_id(), name, bytes).await?;
+            let r = self
+                .artifacts
+                .put(self.run_id(), &self.object_name(name), bytes)
+                .await?;
             self.store
-                .record_artifact(r.to_record(self.run_id(), name, Some(content_type.into())))
+                .record_artifact(
+                    Some(&self.fence),
+                    r.to_record(self.run_id(), name, Some(content_type.into())),
+                )
                 .await?;
             Ok::<_, StoreError>(r)
         })
@@ -111,6 +192,55 @@ impl JobContext {
         let bytes = std::fs::read(path)
             .map_err(|e| JobError::transient(format!("reading {}: {e}", path.display())))?;
         self.put_artifact(name, Bytes::from(bytes), content_type)
+    }
+
+    /// Records an already stored object under another name (fenced).
+    pub fn record_artifact(&self, rec: ArtifactRecord) -> Result<(), JobError> {
+        Ok(self.block_on(self.store.record_artifact(Some(&self.fence), rec))?)
+    }
+
+    /// Records a metric of the run (upsert, fenced).
+    pub fn record_metric(
+        &self,
+        stage: &str,
+        name: &str,
+        step: i64,
+        value: f64,
+    ) -> Result<(), JobError> {
+        Ok(self.block_on(self.store.record_metric(
+            Some(&self.fence),
+            self.run_id(),
+            stage,
+            name,
+            step,
+            value,
+        ))?)
+    }
+
+    /// Stores per-channel statistics (upsert, fenced).
+    pub fn put_neuron_stats(&self, rows: &[NeuronStat]) -> Result<(), JobError> {
+        Ok(self.block_on(
+            self.store
+                .put_neuron_stats(Some(&self.fence), self.run_id(), rows),
+        )?)
+    }
+
+    /// Stores a criterion's pruning curve and chosen point (fenced).
+    pub fn put_pruning(
+        &self,
+        criterion: &str,
+        points: &[CurvePoint],
+        chosen: CurvePoint,
+    ) -> Result<(), JobError> {
+        self.block_on(async {
+            self.store
+                .put_pruning_curve(Some(&self.fence), self.run_id(), criterion, points)
+                .await?;
+            self.store
+                .set_pruning_choice(Some(&self.fence), self.run_id(), criterion, chosen)
+                .await
+        })?;
+        Ok(())
     }
 
     /// Downloads an artifact (sha256-verified) into `path`.
@@ -142,6 +272,10 @@ pub struct Worker {
     pub heartbeat: Duration,
     pub poll: Duration,
     pub work_root: PathBuf,
+    /// The process's drain signal.
+    pub drain: Drain,
+    /// How long a draining job may go on before it is stopped.
+    pub drain_deadline: Duration,
 }
 
 /// `<service>-<pid>-<random>`: the pid lets operators (and tests) find the
@@ -159,8 +293,15 @@ pub fn backoff(attempts: i32) -> Duration {
     Duration::from_millis((250u64 << attempts.clamp(0, 7) as u64).min(30_000))
 }
 
+/// How a job attempt ended, as the heartbeat saw it.
+struct Flags {
+    cancelled: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+}
+
 impl Worker {
-    /// Leases and runs jobs until the task is dropped.
+    /// Leases and runs jobs until the task is dropped, or until the drain
+    /// started and the current job was wound down.
     pub async fn run(self) {
         let stages: Vec<String> = self
             .handlers
@@ -169,33 +310,60 @@ impl Worker {
             .map(|k| k.as_str().to_string())
             .collect();
         tracing::info!(service = self.service, worker_id = %self.worker_id, stages = ?stages, "worker started");
-        loop {
+        while !self.drain.is_draining() {
             match self
                 .store
                 .lease_job(&self.worker_id, &stages, self.lease)
                 .await
             {
                 Ok(Some(job)) => self.run_job(job).await,
-                Ok(None) => tokio::time::sleep(self.poll).await,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.poll) => {}
+                        _ = self.drain.wait() => {}
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(service = self.service, error = %e, "lease failed");
-                    tokio::time::sleep(self.poll * 5).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.poll * 5) => {}
+                        _ = self.drain.wait() => {}
+                    }
                 }
             }
         }
+        tracing::info!(service = self.service, worker_id = %self.worker_id, "worker drained");
     }
 
+    /// Runs one leased job; every log line of the job (here and on the
+    /// tensor thread) carries its run, job, stage and attempt.
     async fn run_job(&self, job: Job) {
+        let span = tracing::info_span!(
+            "job",
+            run_id = %job.run_id,
+            job_id = %job.id,
+            stage = %job.stage,
+            attempt = job.attempts
+        );
+        self.run_job_in(job, span.clone()).instrument(span).await
+    }
+
+    async fn run_job_in(&self, job: Job, span: tracing::Span) {
         let Some(token) = job.lease_token else {
             tracing::error!(job_id = %job.id, "leased job without a lease token");
             return;
         };
+        let fence = Fence {
+            job_id: job.id,
+            lease_token: token,
+        };
         let (job_id, run_id, stage, attempt) =
             (job.id, job.run_id, job.stage.clone(), job.attempts);
-        tracing::info!(service = self.service, job_id = %job_id, run_id = %run_id, stage = %stage, attempt, "job leased");
+        tracing::info!(service = self.service, "job leased");
         let _ = self
             .store
             .append_event(
+                Some(&fence),
                 run_id,
                 &stage,
                 "leased",
@@ -213,62 +381,105 @@ impl Worker {
                     "work dir under {}: {e}",
                     self.work_root.display()
                 ));
-                self.finish(job_id, token, &stage, Err(err), attempt).await;
+                self.finish(fence, &stage, Err(err), attempt).await;
                 return;
             }
         };
         let progress = Arc::new(Mutex::new(None));
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(AtomicBool::new(false));
+        let flags = Flags {
+            cancelled: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(AtomicBool::new(false)),
+        };
         let ctx = JobContext {
             job,
             store: self.store.clone(),
             artifacts: self.artifacts.clone(),
             work_dir: work_dir.path().to_path_buf(),
+            fence,
             handle: tokio::runtime::Handle::current(),
             progress: progress.clone(),
-            cancelled: cancelled.clone(),
+            cancelled: flags.cancelled.clone(),
+            drain: self.drain.clone(),
         };
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.store.clone(),
-            job_id,
+            fence,
             run_id,
-            token,
             stage.clone(),
             self.lease,
             self.heartbeat,
             progress,
-            cancelled,
-            lost.clone(),
+            flags.cancelled.clone(),
+            flags.lost.clone(),
         ));
+        // past the drain deadline, the job is stopped at its next batch
+        let deadline = {
+            let (drain, after, cancelled) = (
+                self.drain.clone(),
+                self.drain_deadline,
+                flags.cancelled.clone(),
+            );
+            tokio::spawn(async move {
+                drain.wait().await;
+                tokio::time::sleep(after).await;
+                tracing::warn!("drain deadline passed; stopping the job");
+                cancelled.store(true, Ordering::SeqCst);
+            })
+        };
         let work =
             crate::stage::StageKind::parse(&stage).and_then(|k| self.handlers.0.get(&k).cloned());
         let outcome = match work {
-            Some(work) => crate::tensor_thread::run(move || work.run(&ctx))
-                .await
-                .unwrap_or_else(|panic| Err(JobError::panicked(&panic))),
+            Some(work) => crate::tensor_thread::run(move || {
+                let _enter = span.enter();
+                work.run(&ctx)
+            })
+            .await
+            .unwrap_or_else(|panic| Err(JobError::panicked(&panic))),
             None => Err(JobError::permanent(
                 Code::Unimplemented,
                 format!("{} has no work for stage {stage}", self.service),
             )),
         };
         heartbeat.abort();
+        deadline.abort();
         drop(work_dir);
-        if lost.load(Ordering::SeqCst) {
-            tracing::warn!(job_id = %job_id, stage = %stage, "lease lost; result dropped");
+        if flags.lost.load(Ordering::SeqCst) {
+            tracing::warn!("lease lost; result dropped");
             return;
         }
-        self.finish(job_id, token, &stage, outcome, attempt).await;
+        let stopped_by_drain =
+            self.drain.is_draining() && matches!(&outcome, Err(e) if e.code == Code::Cancelled);
+        if stopped_by_drain {
+            match self.store.release_job(job_id, token).await {
+                Ok(_) => {
+                    tracing::info!("job released for another worker (drain)");
+                    let _ = self
+                        .store
+                        .append_event(
+                            None,
+                            run_id,
+                            &stage,
+                            "released",
+                            &format!("attempt {attempt} released by draining {}", self.worker_id),
+                            None,
+                        )
+                        .await;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not release the job"),
+            }
+            return;
+        }
+        self.finish(fence, &stage, outcome, attempt).await;
     }
 
     async fn finish(
         &self,
-        job_id: Uuid,
-        token: Uuid,
+        fence: Fence,
         stage: &str,
         outcome: Result<Value, JobError>,
         attempt: i32,
     ) {
+        let (job_id, token) = (fence.job_id, fence.lease_token);
         let r = match outcome {
             Ok(v) => {
                 tracing::info!(job_id = %job_id, stage, "job succeeded");
@@ -291,12 +502,15 @@ impl Worker {
     }
 }
 
+/// Renews the lease every `every`, reports progress as run events, and
+/// watches for cancellation. Marks the attempt lost when the store says
+/// the lease is gone, or when no renewal succeeded for a whole lease
+/// period (the store may have given the job to another worker meanwhile).
 #[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
     store: Arc<dyn MetadataStore>,
-    job_id: Uuid,
+    fence: Fence,
     run_id: Uuid,
-    token: Uuid,
     stage: String,
     lease: Duration,
     every: Duration,
@@ -305,18 +519,32 @@ async fn heartbeat_loop(
     lost: Arc<AtomicBool>,
 ) {
     let mut last: Option<(f64, String)> = None;
+    let mut renewed = Instant::now();
+    let lose = |why: &str| {
+        tracing::warn!(job_id = %fence.job_id, stage = %stage, reason = why, "lease lost; stopping the job");
+        lost.store(true, Ordering::SeqCst);
+        cancelled.store(true, Ordering::SeqCst);
+    };
     loop {
         tokio::time::sleep(every).await;
         let p = progress.lock().ok().and_then(|p| p.clone());
-        match store.heartbeat(job_id, token, lease, p.clone()).await {
-            Ok(_) => {}
+        match store
+            .heartbeat(fence.job_id, fence.lease_token, lease, p.clone())
+            .await
+        {
+            Ok(_) => renewed = Instant::now(),
             Err(StoreError::LeaseLost { .. }) => {
-                tracing::warn!(job_id = %job_id, stage = %stage, "lease lost");
-                lost.store(true, Ordering::SeqCst);
-                cancelled.store(true, Ordering::SeqCst);
+                lose("the store refused the renewal");
                 return;
             }
-            Err(e) => tracing::warn!(job_id = %job_id, error = %e, "heartbeat failed"),
+            Err(e) => {
+                tracing::warn!(job_id = %fence.job_id, error = %e, "heartbeat failed");
+                if renewed.elapsed() >= lease {
+                    lose("no renewal for a whole lease period");
+                    return;
+                }
+                continue;
+            }
         }
         if let Some((f, m)) = &p {
             let changed = last
@@ -324,7 +552,7 @@ async fn heartbeat_loop(
                 .is_none_or(|(lf, lm)| lm != m || (f - lf).abs() >= 0.05);
             if changed {
                 let _ = store
-                    .append_event(run_id, &stage, "progress", m, Some(*f))
+                    .append_event(Some(&fence), run_id, &stage, "progress", m, Some(*f))
                     .await;
                 last = p.clone();
             }
@@ -345,5 +573,22 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         assert!(backoff(1) < backoff(3));
         assert!(backoff(100) <= Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn drain_wakes_waiters() {
+        let d = Drain::new();
+        assert!(!d.is_draining());
+        let w = tokio::spawn({
+            let d = d.clone();
+            async move { d.wait().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        d.start();
+        tokio::time::timeout(Duration::from_secs(2), w)
+            .await
+            .expect("the waiter woke")
+            .unwrap();
+        d.wait().await; // already draining: returns at once
     }
 }

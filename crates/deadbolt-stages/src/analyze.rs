@@ -109,15 +109,14 @@ impl Work<Analyze> for AnalyzeWork {
             &out,
             &JobProgress::new(ctx),
         ))?;
-        ctx.block_on(ctx.store.put_neuron_stats(ctx.run_id(), &neuron_rows(&a)))?;
+        ctx.put_neuron_stats(&neuron_rows(&a))?;
         for (n, s) in &a.separation {
-            ctx.block_on(ctx.store.record_metric(
-                ctx.run_id(),
+            ctx.record_metric(
                 Analyze::KIND.as_str(),
                 &format!("separation_{}", n.as_str()),
                 0,
                 s.max_ratio,
-            ))?;
+            )?;
         }
         let trigger = store_trigger(ctx, &a.synthetic.trigger_file)?;
         let stats_json = serde_json::json!({

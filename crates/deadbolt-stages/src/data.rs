@@ -43,13 +43,12 @@ impl Work<Data> for DataWork {
             Bytes::from(indices),
             "application/json",
         )?;
-        ctx.block_on(ctx.store.record_metric(
-            ctx.run_id(),
+        ctx.record_metric(
             Data::KIND.as_str(),
             "poisoned_count",
             0,
             bundle.poisoned_indices.len() as f64,
-        ))?;
+        )?;
         tracing::info!(
             run_id = %ctx.run_id(),
             train = summary.train,

@@ -78,21 +78,13 @@ impl Work<Prune> for PruneWork {
         let prune_seconds = t.elapsed().as_secs_f64();
         for (c, r) in &p.pruning {
             let points: Vec<CurvePoint> = r.curve.iter().map(store_point).collect();
-            ctx.block_on(async {
-                ctx.store
-                    .put_pruning_curve(run_id, c.as_str(), &points)
-                    .await?;
-                ctx.store
-                    .set_pruning_choice(run_id, c.as_str(), store_point(&r.chosen))
-                    .await
-            })?;
-            ctx.block_on(ctx.store.record_metric(
-                run_id,
+            ctx.put_pruning(c.as_str(), &points, store_point(&r.chosen))?;
+            ctx.record_metric(
                 Prune::KIND.as_str(),
                 &format!("der_{}", c.as_str()),
                 0,
                 r.der,
-            ))?;
+            )?;
         }
         // pruned checkpoints, stored once each, paths made relative
         let mut checkpoints = BTreeMap::new();

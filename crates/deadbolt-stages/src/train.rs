@@ -5,14 +5,16 @@
 //! and is uploaded as `<tag>/epoch-<n>/model.safetensors` (+ `model.json`
 //! and the optimizer's `optimizer.safetensors`) and recorded, with the
 //! epoch's metrics (upserts: a retried job writes no duplicate rows). A
-//! retried job (attempt > 1) downloads the latest epoch checkpoint
-//! (sha256-verified: a corrupted one fails the job with a checksum error)
-//! and resumes from it. The final model is recorded as
+//! job that an earlier attempt worked on (it crashed, or was released by a
+//! draining worker) downloads the latest epoch checkpoint (sha256-verified:
+//! a corrupted one fails the job with a checksum error) and resumes from
+//! it. The final model is recorded as
 //! `<tag>/model.safetensors` + `<tag>/model.json`. `TrainerService` is the
 //! thin tonic adapter.
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -43,6 +45,9 @@ struct EpochUploader<'a> {
     out: &'a Path,
     uploaded: Mutex<BTreeSet<usize>>,
     error: Mutex<Option<JobError>>,
+    /// Set once an epoch was stored while the process drains: training
+    /// stops there (the next attempt resumes from that epoch).
+    stop: AtomicBool,
 }
 
 impl EpochUploader<'_> {
@@ -66,13 +71,25 @@ impl Progress for EpochUploader<'_> {
         self.inner.finish(message)
     }
     fn epoch_saved(&self, report: &EpochReport) {
-        if let Err(e) = self.sync(report) {
-            tracing::warn!(error = %e, epoch = report.epoch, "epoch checkpoint upload failed");
-            self.error.lock().expect("lock").get_or_insert(e);
+        match self.sync(report) {
+            Err(e) => {
+                tracing::warn!(error = %e, epoch = report.epoch, "epoch checkpoint upload failed");
+                self.error.lock().expect("lock").get_or_insert(e);
+            }
+            Ok(()) if self.ctx.is_draining() => {
+                tracing::info!(
+                    epoch = report.epoch,
+                    "draining: stopping after the stored epoch"
+                );
+                self.stop.store(true, Ordering::SeqCst);
+            }
+            Ok(()) => {}
         }
     }
     fn cancelled(&self) -> bool {
-        self.inner.cancelled() || self.error.lock().map(|e| e.is_some()).unwrap_or(true)
+        self.inner.cancelled()
+            || self.stop.load(Ordering::SeqCst)
+            || self.error.lock().map(|e| e.is_some()).unwrap_or(true)
     }
 }
 
@@ -110,15 +127,8 @@ fn upload_epoch(
 fn record_epoch(ctx: &JobContext, tag: ModelTag, rep: &EpochReport) -> Result<(), JobError> {
     let step = rep.epoch as i64;
     let stage = tag.kind().as_str();
-    ctx.block_on(async {
-        ctx.store
-            .record_metric(ctx.run_id(), stage, "train_loss", step, rep.loss)
-            .await?;
-        ctx.store
-            .record_metric(ctx.run_id(), stage, "train_acc", step, rep.train_acc)
-            .await
-    })?;
-    Ok(())
+    ctx.record_metric(stage, "train_loss", step, rep.loss)?;
+    ctx.record_metric(stage, "train_acc", step, rep.train_acc)
 }
 
 /// The latest epoch checkpoint recorded for `tag`.
@@ -192,17 +202,17 @@ fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
     let out = ctx.work_dir.join(tag.as_str());
     std::fs::create_dir_all(&out).map_err(|e| io(out.display(), e))?;
     let mut uploaded = BTreeSet::new();
-    if ctx.job.attempts > 1 {
-        if let Some(c) = latest_epoch(ctx, tag)? {
-            let epoch = c.epoch;
-            ctx.download(&c.weights, &out.join("model.safetensors"))?;
-            ctx.download(&c.sidecar, &out.join("model.json"))?;
-            if let Some(o) = &c.optimizer {
-                ctx.download(o, &out.join(workflow::OPTIMIZER_STATE))?;
-            }
-            uploaded.insert(epoch);
-            tracing::info!(run_id = %ctx.run_id(), tag = tag.as_str(), epoch, attempt = ctx.job.attempts, "resuming from epoch checkpoint");
+    // an earlier attempt (crashed, or released by a drain, which does not
+    // count as an attempt) may have stored epochs: resume from the latest
+    if let Some(c) = latest_epoch(ctx, tag)? {
+        let epoch = c.epoch;
+        ctx.download(&c.weights, &out.join("model.safetensors"))?;
+        ctx.download(&c.sidecar, &out.join("model.json"))?;
+        if let Some(o) = &c.optimizer {
+            ctx.download(o, &out.join(workflow::OPTIMIZER_STATE))?;
         }
+        uploaded.insert(epoch);
+        tracing::info!(run_id = %ctx.run_id(), tag = tag.as_str(), epoch, attempt = ctx.job.attempts, "resuming from epoch checkpoint");
     }
     let progress = EpochUploader {
         ctx,
@@ -211,6 +221,7 @@ fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
         out: &out,
         uploaded: Mutex::new(uploaded),
         error: Mutex::new(None),
+        stop: AtomicBool::new(false),
     };
     let trained =
         experiment::stage_train(&spec, data, &bundle.test, attack.as_ref(), &out, &progress);
@@ -226,11 +237,11 @@ fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
         ("model.safetensors", &checkpoint, "application/octet-stream"),
         ("model.json", &sidecar, "application/json"),
     ] {
-        ctx.block_on(ctx.store.record_artifact(r.to_record(
+        ctx.record_artifact(r.to_record(
             ctx.run_id(),
             &format!("{}/{name}", tag.as_str()),
             Some(ct.into()),
-        )))?;
+        ))?;
     }
     for rep in &trained.epochs {
         record_epoch(ctx, tag, rep)?;
@@ -247,7 +258,7 @@ fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
     }
     for (name, v) in rows {
         if let Some(v) = v {
-            ctx.block_on(ctx.store.record_metric(ctx.run_id(), stage, name, step, v))?;
+            ctx.record_metric(stage, name, step, v)?;
         }
     }
     Ok(TrainOutput {

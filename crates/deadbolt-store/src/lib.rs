@@ -20,7 +20,15 @@
 //!   `fine-pruning`, `random`);
 //! - a worker that must resume after a crash records its latest checkpoint
 //!   as an artifact (upsert on (run, name)) and reads it back when it leases
-//!   the job again (`attempts > 1`).
+//!   the job again (`attempts > 1`);
+//! - a stage job's writes carry its [`Fence`] (job id + lease token) and are
+//!   refused with [`StoreError::LeaseLost`] once that lease is no longer
+//!   current; a draining worker gives its job back with
+//!   [`MetadataStore::release_job`] (no attempt counted);
+//! - driving a run is leased in the store ([`MetadataStore::claim_run`],
+//!   `claim_runs`, `renew_run`, `release_run`), and the driver's status
+//!   changes go through [`MetadataStore::set_run_status_fenced`]
+//!   ([`StoreError::DriveLost`] once another driver took over).
 //!
 //! Both metadata backends are one implementation (`sql.rs`): shared row
 //! types and queries, with the dialects differing only in time functions,

@@ -33,6 +33,33 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`, ...).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {}", self.pid());
+    }
+    /// Waits for the process to exit on its own (None after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    /// The whole log of the process.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
     pub fn log_tail(&self) -> String {
         let t = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = t.lines().collect();
@@ -95,11 +122,46 @@ pub fn serve(bin: &Path, dir: &Path, name: &str, services: &str, config: &str) -
     }
 }
 
-/// Config TOML for a service process (`extra` is appended).
+/// Polls `f` every 20 ms until it returns `Some`, panicking with `what`
+/// after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pid in a worker or driver id (`<service>-<pid>-<random>`).
+pub fn pid_of(holder: &str) -> Option<u32> {
+    holder.split('-').nth(1)?.parse().ok()
+}
+
+/// Config TOML for a service process (`extra` is appended): a 3 s lease,
+/// heartbeats every 0.5 s.
 pub fn config(database_url: &str, artifact_url: &str, work: &Path, extra: &str) -> String {
+    config_with_lease(database_url, artifact_url, work, 3.0, extra)
+}
+
+/// [`config`] with another lease period (heartbeats at a sixth of it).
+pub fn config_with_lease(
+    database_url: &str,
+    artifact_url: &str,
+    work: &Path,
+    lease_secs: f64,
+    extra: &str,
+) -> String {
     format!(
-        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = 3.0\nheartbeat_secs = 0.5\npoll_ms = 100\nmax_attempts = 3\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n",
-        work.display()
+        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = {lease_secs:?}\nheartbeat_secs = {:?}\npoll_ms = 100\nmax_attempts = 3\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n",
+        work.display(),
+        lease_secs / 6.0
     )
 }
 

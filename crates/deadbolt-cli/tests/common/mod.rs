@@ -6,7 +6,9 @@ use std::path::Path;
 
 pub use deadbolt_test_support::pg::Pg;
 pub use deadbolt_test_support::s3::Moto;
-pub use deadbolt_test_support::serve::{config, gateway, peers, submit_toml, watch, Proc};
+pub use deadbolt_test_support::serve::{
+    config, config_with_lease, gateway, peers, pid_of, submit_toml, wait_for, watch, Proc,
+};
 pub use deadbolt_test_support::specs::{repo, tiny_spec};
 
 pub fn bin() -> &'static str {

@@ -1,0 +1,215 @@
+//! Graceful drain (Postgres + S3, separate processes): a trainer gets
+//! SIGTERM mid-training. It stops leasing, finishes and stores its current
+//! epoch, releases the job without counting the attempt, removes its work
+//! folder and exits; the other trainer resumes from the last epoch within
+//! a few seconds (the lease is 20 s, so this is the release, not an
+//! expiry), and the run's figures equal an uninterrupted run's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use deadbolt_proto::v1 as pb;
+use deadbolt_store::JobStatus;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_trainer_hands_its_job_over_at_once() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = tiny_spec(d, 4, 3000);
+    let pg = Pg::fresh().await;
+    let moto = Moto::shared();
+    let bucket = format!("drain-{}", uuid::Uuid::new_v4().simple());
+    moto.create_bucket(&bucket);
+    let art_url = format!("s3://{bucket}/drain");
+    let base = |name: &str, extra: &str| {
+        let work = d.join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        config_with_lease(
+            pg.url(),
+            &art_url,
+            &work,
+            20.0,
+            &format!("drain_secs = 20.0\n{extra}\n{}", moto.config()),
+        )
+    };
+    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
+    let mut trainers = vec![
+        serve(d, "trainer-a", "trainer", &base("trainer-a", "")),
+        serve(d, "trainer-b", "trainer", &base("trainer-b", "")),
+    ];
+    let peer_list = vec![
+        ("poisoner", vec![others.url("poisoner")]),
+        ("analyzer", vec![others.url("analyzer")]),
+        ("pruner", vec![others.url("pruner")]),
+        (
+            "trainer",
+            trainers.iter().map(|t| t.url("trainer")).collect(),
+        ),
+    ];
+    let gw = serve(
+        d,
+        "gateway",
+        "gateway",
+        &base("gateway", &peers(&peer_list)),
+    );
+    let mut c = gateway(&gw.url("gateway")).await;
+    let run_id = submit_toml(&mut c, &spec, "drain-1").await.run_id;
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    let store = deadbolt_store::connect(pg.url()).await.unwrap();
+
+    // epoch 1 of the clean model stored: SIGTERM its trainer
+    let holder = wait_for(
+        "epoch 1 of the clean model",
+        Duration::from_secs(120),
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .get_artifact(id, "clean/epoch-1/model.safetensors")
+                    .await
+                    .ok()?;
+                let j = store
+                    .list_jobs(id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .find(|j| j.stage == "train-clean")?;
+                assert_eq!(j.status, JobStatus::Leased, "signalled too late: {j:?}");
+                pid_of(j.leased_by.as_deref()?)
+            }
+        },
+    )
+    .await;
+    let victim = trainers
+        .iter()
+        .position(|t| t.pid() == holder)
+        .expect("the holder is a trainer");
+    let survivor = trainers[1 - victim].pid();
+    let signalled = Instant::now();
+    trainers[victim].signal("TERM");
+    let status = trainers[victim]
+        .wait_exit(Duration::from_secs(40))
+        .expect("the drained trainer exits");
+    assert!(
+        status.success(),
+        "drained trainer exit status {status}: {}",
+        trainers[victim].log_tail()
+    );
+    let drained_in = signalled.elapsed();
+    // the other trainer takes the job well before the 20 s lease would
+    // have expired
+    wait_for(
+        "the survivor to lease the job",
+        Duration::from_secs(15),
+        || {
+            let store = store.clone();
+            async move {
+                let j = store
+                    .list_jobs(id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .find(|j| j.stage == "train-clean")?;
+                (j.leased_by.as_deref().and_then(pid_of) == Some(survivor)).then_some(())
+            }
+        },
+    )
+    .await;
+    let taken_over_in = signalled.elapsed();
+    assert!(
+        taken_over_in < Duration::from_secs(12),
+        "takeover after {taken_over_in:?}: not the release"
+    );
+    let log = trainers[victim].log_text();
+    assert!(log.contains("released"), "{log}");
+    let leftover: Vec<_> =
+        std::fs::read_dir(d.join(format!("work-trainer-{}", ["a", "b"][victim])))
+            .unwrap()
+            .collect();
+    assert!(leftover.is_empty(), "work folders left: {leftover:?}");
+
+    let (events, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
+    assert_eq!(
+        run.status,
+        pb::JobStatus::Succeeded as i32,
+        "run failed: {}\n{}",
+        run.error,
+        trainers[1 - victim].log_tail()
+    );
+    assert!(events
+        .iter()
+        .any(|e| e.stage == "train-clean" && e.kind == "released"));
+    let job = store
+        .list_jobs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.stage == "train-clean")
+        .unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(
+        job.attempts, 1,
+        "the drained attempt is not counted: {job:?}"
+    );
+    let result = job.result.unwrap();
+    assert!(result["resumed_from"].as_u64().unwrap() >= 1, "{result}");
+
+    // the figures of an uninterrupted run
+    let reference = d.join("reference");
+    let out = std::process::Command::new(bin())
+        .args(["--quiet", "experiment", "--direct"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
+            .unwrap();
+    let want: Vec<f64> = meta["metrics"]["train"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
+    let mut losses: Vec<(i64, f64)> = store
+        .list_metrics(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.stage == "train-clean" && m.name == "train_loss")
+        .map(|m| (m.step, m.value))
+        .collect();
+    losses.sort_by_key(|l| l.0);
+    assert_eq!(
+        losses.iter().map(|l| l.1).collect::<Vec<_>>(),
+        want,
+        "per-epoch training loss, drained and resumed vs uninterrupted"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("report.json")).unwrap()).unwrap();
+    let summary = store.run_summary(id).await.unwrap();
+    assert_eq!(summary.clean_acc, report["clean_model"]["acc"].as_f64());
+    assert_eq!(
+        summary.backdoored_asr,
+        report["backdoored_model"]["asr"].as_f64()
+    );
+    drop(gw);
+    drop(trainers);
+    drop(others);
+    pg.drop_db().await;
+    eprintln!(
+        "drain test: exited {:.1} s and taken over {:.1} s after SIGTERM; took {:.1} s",
+        drained_in.as_secs_f64(),
+        taken_over_in.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,118 @@
+//! Two gateway replicas on one metadata store (Postgres + S3, separate
+//! processes): the one that took a run's drive is killed with SIGKILL
+//! mid-run; the other claims the run once the dead driver's lease expired
+//! and finishes it. The run's events show one driver at a time, and no
+//! stage ran twice (every stage job has one attempt).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use deadbolt_proto::v1 as pb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_takes_over_a_dead_gateways_run() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = tiny_spec(d, 3, 3000);
+    let pg = Pg::fresh().await;
+    let moto = Moto::shared();
+    let bucket = format!("gw-{}", uuid::Uuid::new_v4().simple());
+    moto.create_bucket(&bucket);
+    let art_url = format!("s3://{bucket}/gw");
+    let base = |name: &str, extra: &str| {
+        let work = d.join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        config(
+            pg.url(),
+            &art_url,
+            &work,
+            &format!("{extra}\n{}", moto.config()),
+        )
+    };
+    let stages = serve(
+        d,
+        "stages",
+        "poisoner,trainer,analyzer,pruner",
+        &base("stages", ""),
+    );
+    let peer_list: Vec<(&str, Vec<String>)> = ["poisoner", "trainer", "analyzer", "pruner"]
+        .iter()
+        .map(|s| (*s, vec![stages.url(s)]))
+        .collect();
+    let mut g1 = serve(d, "gateway-1", "gateway", &base("g1", &peers(&peer_list)));
+    let g2 = serve(d, "gateway-2", "gateway", &base("g2", &peers(&peer_list)));
+
+    let mut c1 = gateway(&g1.url("gateway")).await;
+    let run_id = submit_toml(&mut c1, &spec, "two-gateways").await.run_id;
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    let store = deadbolt_store::connect(pg.url()).await.unwrap();
+    // the submitting gateway drives it; kill it once training started
+    let driver = wait_for("the run to train", Duration::from_secs(120), || {
+        let store = store.clone();
+        async move {
+            let run = store.get_run(id).await.unwrap();
+            let training = store
+                .list_jobs(id)
+                .await
+                .unwrap()
+                .iter()
+                .any(|j| j.stage == "train-clean");
+            if training {
+                run.driver_id
+            } else {
+                None
+            }
+        }
+    })
+    .await;
+    assert_eq!(pid_of(&driver), Some(g1.pid()), "{driver}");
+    g1.kill();
+    let killed = Instant::now();
+
+    let mut c2 = gateway(&g2.url("gateway")).await;
+    let (events, run) = watch(&mut c2, &run_id, Duration::from_secs(240)).await;
+    assert_eq!(
+        run.status,
+        pb::JobStatus::Succeeded as i32,
+        "run failed: {}\n{}",
+        run.error,
+        g2.log_tail()
+    );
+    let drivers: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "driver")
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(drivers.len(), 2, "{drivers:?}");
+    assert!(
+        drivers[0].contains(&format!("-{}-", g1.pid())),
+        "{drivers:?}"
+    );
+    assert!(
+        drivers[1].contains(&format!("-{}-", g2.pid())),
+        "{drivers:?}"
+    );
+    // one driver at a time: nothing from the first after the second claimed
+    let second = events
+        .iter()
+        .position(|e| e.kind == "driver" && e.message.contains(&format!("-{}-", g2.pid())))
+        .unwrap();
+    assert!(!events[second..]
+        .iter()
+        .any(|e| e.message.contains(&format!("-{}-", g1.pid()))));
+    // no stage ran twice
+    for j in store.list_jobs(id).await.unwrap() {
+        assert_eq!(j.attempts, 1, "{} ran {} times", j.stage, j.attempts);
+    }
+    drop(g2);
+    drop(stages);
+    pg.drop_db().await;
+    eprintln!(
+        "two-gateway test: finished {:.1} s after the kill; took {:.1} s",
+        killed.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}

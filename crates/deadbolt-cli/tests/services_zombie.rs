@@ -1,0 +1,178 @@
+//! A zombie writer (Postgres + S3, separate processes): the trainer holding
+//! the clean model's job is paused with SIGSTOP past its 2 s lease; the
+//! other trainer takes the job over, resumes from the last stored epoch and
+//! the run completes. Then the paused trainer is resumed with SIGCONT: it
+//! finds its lease gone, its late writes are refused (fenced by the lease),
+//! and every artifact record and row of the run stays the winner's, with
+//! every object's checksum verified on read.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use deadbolt_proto::v1 as pb;
+use deadbolt_store::{ArtifactStore, JobStatus};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_trainer_cannot_overwrite_the_winner() {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = tiny_spec(d, 4, 3000);
+    let pg = Pg::fresh().await;
+    let moto = Moto::shared();
+    let bucket = format!("zombie-{}", uuid::Uuid::new_v4().simple());
+    moto.create_bucket(&bucket);
+    let art_url = format!("s3://{bucket}/zombie");
+    let base = |name: &str, extra: &str| {
+        let work = d.join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        config_with_lease(
+            pg.url(),
+            &art_url,
+            &work,
+            2.0,
+            &format!("{extra}\n{}", moto.config()),
+        )
+    };
+    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
+    let trainers = [
+        serve(d, "trainer-a", "trainer", &base("trainer-a", "")),
+        serve(d, "trainer-b", "trainer", &base("trainer-b", "")),
+    ];
+    let peer_list = vec![
+        ("poisoner", vec![others.url("poisoner")]),
+        ("analyzer", vec![others.url("analyzer")]),
+        ("pruner", vec![others.url("pruner")]),
+        (
+            "trainer",
+            trainers.iter().map(|t| t.url("trainer")).collect(),
+        ),
+    ];
+    let gw = serve(
+        d,
+        "gateway",
+        "gateway",
+        &base("gateway", &peers(&peer_list)),
+    );
+    let mut c = gateway(&gw.url("gateway")).await;
+    let run_id = submit_toml(&mut c, &spec, "zombie-1").await.run_id;
+    let id: uuid::Uuid = run_id.parse().unwrap();
+    let store = deadbolt_store::connect(pg.url()).await.unwrap();
+
+    let holder = wait_for(
+        "epoch 1 of the clean model",
+        Duration::from_secs(120),
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .get_artifact(id, "clean/epoch-1/model.safetensors")
+                    .await
+                    .ok()?;
+                let j = store
+                    .list_jobs(id)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .find(|j| j.stage == "train-clean")?;
+                assert_eq!(j.status, JobStatus::Leased, "paused too late: {j:?}");
+                pid_of(j.leased_by.as_deref()?)
+            }
+        },
+    )
+    .await;
+    let z = trainers
+        .iter()
+        .position(|t| t.pid() == holder)
+        .expect("the holder is a trainer");
+    trainers[z].signal("STOP");
+    eprintln!(
+        "paused {} after {:.1} s",
+        trainers[z].name,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let (_, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
+    assert_eq!(
+        run.status,
+        pb::JobStatus::Succeeded as i32,
+        "run failed: {}\n{}",
+        run.error,
+        trainers[1 - z].log_tail()
+    );
+    let job = store
+        .list_jobs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.stage == "train-clean")
+        .unwrap();
+    assert_eq!(job.attempts, 2, "{job:?}");
+    assert_eq!(
+        job.leased_by.as_deref().and_then(pid_of),
+        Some(trainers[1 - z].pid())
+    );
+
+    // what the winner left, before the zombie wakes up
+    let records = |store: std::sync::Arc<dyn deadbolt_store::MetadataStore>| async move {
+        let arts: BTreeMap<String, (String, String)> = store
+            .list_artifacts(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.name, (a.uri, a.sha256)))
+            .collect();
+        let mut metrics: Vec<(String, String, i64, u64)> = store
+            .list_metrics(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.stage, m.name, m.step, m.value.to_bits()))
+            .collect();
+        metrics.sort();
+        (arts, metrics)
+    };
+    let before = records(store.clone()).await;
+
+    trainers[z].signal("CONT");
+    let log = wait_for("the zombie to notice", Duration::from_secs(30), || {
+        let log = trainers[z].log_text();
+        async move { log.contains("lease lost").then_some(log) }
+    })
+    .await;
+    // give a late write every chance to land
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = records(store.clone()).await;
+    assert_eq!(before.0, after.0, "artifact records changed after SIGCONT");
+    assert_eq!(before.1, after.1, "metrics changed after SIGCONT");
+    assert!(!log.contains("job succeeded"), "{log}");
+
+    // the final clean model is the winner's object, and every recorded
+    // object reads back with its recorded checksum
+    let (uri, _) = &after.0["clean/model.safetensors"];
+    assert!(
+        uri.contains(&format!("/jobs/{}/a2/", job.id.simple())),
+        "{uri}"
+    );
+    let s3 = ArtifactStore::from_url_with(&art_url, &moto.options()).unwrap();
+    for rec in store.list_artifacts(id).await.unwrap() {
+        let r = s3.ref_from_record(&rec).unwrap();
+        s3.get(&r)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", rec.name));
+    }
+    // epochs the winner trained are recorded from its attempt
+    let resumed = job.result.unwrap()["resumed_from"].as_u64().unwrap();
+    for e in (resumed + 1)..=4 {
+        let (uri, _) = &after.0[&format!("clean/epoch-{e}/model.safetensors")];
+        assert!(uri.contains("/a2/"), "epoch {e}: {uri}");
+    }
+    drop(gw);
+    drop(trainers);
+    drop(others);
+    pg.drop_db().await;
+    eprintln!("zombie test took {:.1} s", t0.elapsed().as_secs_f64());
+}
