@@ -21,3 +21,11 @@ if [ ! -x "$DEADBOLT_VENV/bin/kubernetes-validate" ]; then
   echo "setup-test-deps: installing kubernetes-validate into $DEADBOLT_VENV" >&2
   "$DEADBOLT_VENV/bin/pip" install --quiet "kubernetes-validate>=1.30" pyyaml
 fi
+
+# grpcio + grpcio-reflection: the non-Rust client that discovers the API
+# through v1alpha reflection (crates/deadbolt-cli/tests/reflection_v1alpha.rs).
+if [ ! -f "$DEADBOLT_VENV/.grpcio" ]; then
+  echo "setup-test-deps: installing grpcio and grpcio-reflection into $DEADBOLT_VENV" >&2
+  "$DEADBOLT_VENV/bin/pip" install --quiet "grpcio>=1.60" "grpcio-reflection>=1.60" "protobuf>=4.25"
+  touch "$DEADBOLT_VENV/.grpcio"
+fi

@@ -141,10 +141,11 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
         }
         run.tasks.push(tokio::spawn(g.clone().claim_loop()));
         run.gateway = Some(g.clone());
-        let (addr, task) = server::spawn(
+        let (addr, task) = server::spawn_with(
             "deadbolt.v1.ExperimentService",
             deadbolt_gateway::routes(g),
             listener,
+            Some(shared.config.request_timeout()),
         )
         .await?;
         run.servers.push(task);
@@ -155,8 +156,23 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
 
 /// `deadbolt serve`.
 pub async fn serve(config: Config, kinds: Vec<ServiceKind>) -> Result<()> {
+    if config.metrics_listen.is_some() {
+        // before the workers start, so that nothing they record is lost
+        deadbolt_runtime::metrics::install()?;
+    }
     let shared = Shared::connect(config).await?;
-    let running = start(&shared, &kinds).await?;
+    let mut running = start(&shared, &kinds).await?;
+    if let Some(listen) = shared.config.metrics_listen.clone() {
+        let (addr, task) = deadbolt_runtime::metrics::serve(&listen).await?;
+        running.tasks.push(task);
+        running
+            .tasks
+            .push(deadbolt_runtime::metrics::spawn_queue_gauges(
+                shared.store.clone(),
+                std::time::Duration::from_secs(2),
+            ));
+        println!("metrics listening on {addr}");
+    }
     for (k, a) in &running.addrs {
         // one line per service, for scripts and tests to find the ports
         println!("{} listening on {a}", k.as_str());
@@ -355,6 +371,9 @@ pub fn embedded_config(out: &Path) -> Result<Config> {
         lease_secs: 60.0,
         heartbeat_secs: 1.0,
         poll_ms: 100,
+        // the user's own machine and files
+        allow_local_paths: true,
+        limits: deadbolt_runtime::policy::Limits::unbounded(),
         ..Config::default()
     };
     for k in ServiceKind::ALL {

@@ -60,7 +60,7 @@ fn science(mut v: Value) -> Value {
 fn services_write_the_same_files_as_the_core_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let spec = tiny_spec(d, 1, 1200);
+    let spec = tiny_spec_local(d, 1, 1200);
     let run = |out: &str, direct: bool| {
         let mut c = Command::new(bin());
         c.args(["--quiet", "experiment"])

@@ -46,7 +46,8 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     let mut c = gateway(&all.url("gateway")).await;
 
     // ---- malformed specs ----
-    let spec = deadbolt_core::spec::ExperimentSpec::from_file(&spec_path).unwrap();
+    let spec =
+        deadbolt_core::spec::ExperimentSpec::from_file(&tiny_spec_local(d, 1, 1200)).unwrap();
     let mut p = deadbolt_runtime::convert::spec_to_proto(&spec);
     p.attack.as_mut().unwrap().rate = 1.5;
     let submit = |s: pb::submit_experiment_request::Spec| pb::SubmitExperimentRequest {
@@ -87,6 +88,64 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .await
         .unwrap_err();
     assert_eq!(field_of(&e), "spec");
+
+    // ---- remote specs name no server path and stay within the limits ----
+    let probe = d.join("must-not-be-created");
+    let probes = [
+        (
+            text.replace(
+                "path = \"mnist\"",
+                &format!("path = \"{}\"", probe.display()),
+            ),
+            "spec.dataset.path",
+        ),
+        (
+            text.replace("path = \"mnist\"", "path = \"/etc\""),
+            "spec.dataset.path",
+        ),
+        (
+            text.replace(
+                "[attack.trigger]\nkind = \"patch\"",
+                "[attack.trigger]\nkind = \"patch\"\npattern = { image = \"/etc/hostname\" }",
+            ),
+            "spec.attack.trigger.pattern",
+        ),
+        (
+            text.replace("epochs = 1", "epochs = 1000000"),
+            "spec.training.epochs",
+        ),
+        (
+            text.replace("batch_size = 64", "batch_size = 100000000"),
+            "spec.training.batch_size",
+        ),
+        (
+            text.replace(
+                "name = \"tiny-badnets\"",
+                &format!("name = \"{}\"", "x".repeat(3000)),
+            ),
+            "spec.name",
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (toml, field) in probes {
+        assert_ne!(toml, text, "the probe for {field} changed nothing");
+        let e = c
+            .submit_experiment(submit(pb::submit_experiment_request::Spec::SpecToml(toml)))
+            .await
+            .unwrap_err();
+        assert_eq!(field_of(&e), field, "{e:?}");
+        answers.push((field, e.message().to_string()));
+    }
+    // the answer does not depend on whether the path exists on the server
+    assert_eq!(answers[0].1, answers[1].1);
+    assert!(answers[3].1.contains("limit"), "{}", answers[3].1);
+    assert!(!probe.exists(), "a remote spec created a server folder");
+    let listed = c
+        .list_experiments(pb::ListExperimentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.runs.is_empty(), "a refused spec left a run behind");
 
     // ---- unknown and malformed run ids ----
     let unknown = uuid::Uuid::new_v4().to_string();

@@ -161,7 +161,7 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
     let reference = d.join("reference");
     let out = std::process::Command::new(bin())
         .args(["--quiet", "experiment", "--direct"])
-        .arg(&spec)
+        .arg(tiny_spec_local(d, 4, 3000))
         .arg("--out")
         .arg(&reference)
         .output()

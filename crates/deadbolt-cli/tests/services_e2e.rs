@@ -29,11 +29,12 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     let d = dir.path();
     let spec = tiny_spec(d, 1, 1200);
 
-    // the in-process reference, run alongside
+    // the in-process reference, run alongside (the same spec with the local
+    // path of the digits)
     let inproc_out = d.join("inproc");
     let mut inproc = Command::new(bin())
         .args(["experiment", "--quiet"])
-        .arg(&spec)
+        .arg(tiny_spec_local(d, 1, 1200))
         .arg("--out")
         .arg(&inproc_out)
         .stderr(std::fs::File::create(d.join("inproc.log")).unwrap())

@@ -161,7 +161,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     let reference = d.join("reference");
     let out = std::process::Command::new(bin())
         .args(["--quiet", "experiment", "--direct"])
-        .arg(&spec)
+        .arg(tiny_spec_local(d, 3, 3000))
         .arg("--out")
         .arg(&reference)
         .output()

@@ -42,14 +42,17 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
         .iter()
         .map(|s| (*s, vec![stages.url(s)]))
         .collect();
-    let mut g1 = serve(d, "gateway-1", "gateway", &base("g1", &peers(&peer_list)));
-    let g2 = serve(d, "gateway-2", "gateway", &base("g2", &peers(&peer_list)));
+    let mut gws = vec![
+        serve(d, "gateway-1", "gateway", &base("g1", &peers(&peer_list))),
+        serve(d, "gateway-2", "gateway", &base("g2", &peers(&peer_list))),
+    ];
 
-    let mut c1 = gateway(&g1.url("gateway")).await;
+    let mut c1 = gateway(&gws[0].url("gateway")).await;
     let run_id = submit_toml(&mut c1, &spec, "two-gateways").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
     let store = deadbolt_store::connect(pg.url()).await.unwrap();
-    // the submitting gateway drives it; kill it once training started
+    // whichever replica claimed the drive (the submitting one, or the
+    // other's claim loop, a moment earlier) is killed once training started
     let driver = wait_for("the run to train", Duration::from_secs(120), || {
         let store = store.clone();
         async move {
@@ -68,9 +71,14 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
         }
     })
     .await;
-    assert_eq!(pid_of(&driver), Some(g1.pid()), "{driver}");
-    g1.kill();
+    let dead = gws
+        .iter()
+        .position(|g| Some(g.pid()) == pid_of(&driver))
+        .unwrap_or_else(|| panic!("{driver} is not one of the gateways"));
+    let g1_pid = gws[dead].pid();
+    gws[dead].kill();
     let killed = Instant::now();
+    let g2 = gws.remove(1 - dead);
 
     let mut c2 = gateway(&g2.url("gateway")).await;
     let (events, run) = watch(&mut c2, &run_id, Duration::from_secs(240)).await;
@@ -87,10 +95,7 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
         .map(|e| e.message.as_str())
         .collect();
     assert_eq!(drivers.len(), 2, "{drivers:?}");
-    assert!(
-        drivers[0].contains(&format!("-{}-", g1.pid())),
-        "{drivers:?}"
-    );
+    assert!(drivers[0].contains(&format!("-{g1_pid}-")), "{drivers:?}");
     assert!(
         drivers[1].contains(&format!("-{}-", g2.pid())),
         "{drivers:?}"
@@ -102,12 +107,13 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
         .unwrap();
     assert!(!events[second..]
         .iter()
-        .any(|e| e.message.contains(&format!("-{}-", g1.pid()))));
+        .any(|e| e.message.contains(&format!("-{g1_pid}-"))));
     // no stage ran twice
     for j in store.list_jobs(id).await.unwrap() {
         assert_eq!(j.attempts, 1, "{} ran {} times", j.stage, j.attempts);
     }
     drop(g2);
+    drop(gws);
     drop(stages);
     pg.drop_db().await;
     eprintln!(

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
-use deadbolt_runtime::{convert, stage, Shared};
+use deadbolt_runtime::{convert, policy, stage, Shared};
 use deadbolt_store::NewRun;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,10 +28,16 @@ pub struct Gateway {
     /// This replica's driver id (`gateway-<pid>-<random>`).
     pub driver_id: String,
     driving: Arc<Mutex<HashSet<Uuid>>>,
+    /// Run feeds shared by this process's watchers.
+    feeds: crate::watch::Feeds,
 }
 
 pub fn routes(g: Gateway) -> tonic::service::Routes {
-    tonic::service::Routes::new(ExperimentServiceServer::new(g))
+    tonic::service::Routes::new(
+        ExperimentServiceServer::new(g)
+            .max_decoding_message_size(deadbolt_runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(deadbolt_runtime::server::MAX_RESPONSE_BYTES),
+    )
 }
 
 impl Gateway {
@@ -39,10 +45,14 @@ impl Gateway {
     pub fn new(shared: Shared) -> anyhow::Result<Gateway> {
         let clients = Clients::from_config(&shared.config)?;
         Ok(Gateway {
-            shared,
             clients,
             driver_id: deadbolt_runtime::worker::worker_id("gateway"),
             driving: Arc::default(),
+            feeds: crate::watch::Feeds::new(
+                shared.store.clone(),
+                deadbolt_runtime::stage::fallback(shared.config.poll()),
+            ),
+            shared,
         })
     }
 
@@ -147,10 +157,25 @@ impl ExperimentService for Gateway {
         req: Request<pb::SubmitExperimentRequest>,
     ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
         let req = req.into_inner();
-        let spec = convert::spec_from_submit(req.spec.as_ref())?;
+        let config = &self.shared.config;
+        let crid = req.client_request_id.trim();
+        if crid.len() > config.limits.max_name_len {
+            return Err(deadbolt_proto::validate::invalid_argument(
+                "client_request_id",
+                format!(
+                    "{} bytes is above this service's limit of {}",
+                    crid.len(),
+                    config.limits.max_name_len
+                ),
+            ));
+        }
+        let mut spec = convert::spec_from_submit(req.spec.as_ref())?;
+        policy::check_limits(&spec, &config.limits)?;
+        if !config.allow_local_paths {
+            policy::resolve_remote_paths(&mut spec, &config.datasets, config.data_root.as_deref())?;
+        }
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;
-        let crid = req.client_request_id.trim();
         let (run, created) = self
             .shared
             .store
@@ -230,43 +255,42 @@ impl ExperimentService for Gateway {
     ) -> Result<Response<Self::WatchExperimentStream>, Status> {
         let req = req.into_inner();
         let id = stage::parse_run_id("run_id", &req.run_id)?;
-        let store = self.shared.store.clone();
-        store.get_run(id).await?;
-        let poll = self.shared.config.poll();
+        let run = self.shared.store.get_run(id).await?;
+        let feeds = self.feeds.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(128);
         tokio::spawn(async move {
             let mut after = req.after_seq;
+            let mut feed = feeds.subscribe(id, run.status);
             loop {
-                // status first: events recorded before a final status are
-                // all listed below, so the stream ends with them
-                let run = match store.get_run(id).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                let events = match store.list_events(id, after).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                for e in &events {
+                let snap = feed.borrow_and_update().clone();
+                if let Some(e) = snap.error {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                let from = after;
+                for e in snap.events.iter().filter(|e| e.seq > from) {
                     after = e.seq;
                     if tx
-                        .send(Ok(convert::event_to_proto(e, run.status)))
+                        .send(Ok(convert::event_to_proto(e, snap.status)))
                         .await
                         .is_err()
                     {
                         return;
                     }
                 }
-                if run.status.is_terminal() {
+                if snap.status.is_terminal() {
                     return;
                 }
-                tokio::time::sleep(poll).await;
+                tokio::select! {
+                    r = feed.changed() => {
+                        if r.is_err() {
+                            // the feed ended before the run did (its other
+                            // watchers left): follow a new one
+                            feed = feeds.subscribe(id, snap.status);
+                        }
+                    }
+                    _ = tx.closed() => return,
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -18,7 +18,8 @@
 //!
 //! Environment: `DEADBOLT_DATABASE_URL`, `DEADBOLT_ARTIFACT_URL`,
 //! `DEADBOLT_WORK_DIR`, `DEADBOLT_LEASE_SECS`, `DEADBOLT_HEARTBEAT_SECS`,
-//! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_DRAIN_SECS`, `DEADBOLT_S3_ENDPOINT`,
+//! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_DRAIN_SECS`,
+//! `DEADBOLT_METRICS_LISTEN`, `DEADBOLT_LOG_FORMAT` (`json` or `text`), `DEADBOLT_S3_ENDPOINT`,
 //! `DEADBOLT_S3_ALLOW_HTTP`, `DEADBOLT_S3_REGION`,
 //! `DEADBOLT_S3_ACCESS_KEY_ID`, `DEADBOLT_S3_SECRET_ACCESS_KEY`, and per
 //! service `DEADBOLT_<SERVICE>_LISTEN` and `DEADBOLT_<SERVICE>_PEERS`
@@ -172,6 +173,26 @@ pub struct Config {
     /// counting the attempt.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: f64,
+    /// Where the process serves Prometheus metrics (`host:port`, `/metrics`);
+    /// none when unset (the container image sets `0.0.0.0:9464`).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// Deadline of a gateway request (to its response headers).
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: f64,
+    /// Bounds on what a run may cost (`[limits]`).
+    #[serde(default)]
+    pub limits: crate::policy::Limits,
+    /// Datasets remote specs may name (`[datasets.<name>] root = "..."`).
+    #[serde(default)]
+    pub datasets: std::collections::BTreeMap<String, crate::policy::DatasetEntry>,
+    /// Every configured dataset root must lie under this folder.
+    #[serde(default)]
+    pub data_root: Option<PathBuf>,
+    /// Let submitted specs name local paths (only the embedded `deadbolt
+    /// experiment`, which runs on the user's own files, sets this).
+    #[serde(default)]
+    pub allow_local_paths: bool,
     /// Listen address per service (`host:port`).
     #[serde(default)]
     pub listen: PerService<String>,
@@ -200,6 +221,9 @@ fn default_poll_ms() -> u64 {
     200
 }
 fn default_drain_secs() -> f64 {
+    30.0
+}
+fn default_request_timeout_secs() -> f64 {
     30.0
 }
 
@@ -276,6 +300,9 @@ impl Config {
         if let Some(v) = parse_env("DEADBOLT_DRAIN_SECS")? {
             self.drain_secs = v;
         }
+        if let Some(v) = env("DEADBOLT_METRICS_LISTEN") {
+            self.metrics_listen = Some(v);
+        }
         if let Some(v) = env("DEADBOLT_S3_ENDPOINT") {
             self.s3.endpoint = Some(v);
         }
@@ -349,6 +376,9 @@ impl Config {
     }
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms.max(10))
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_secs)
     }
     pub fn drain(&self) -> Duration {
         Duration::from_secs_f64(self.drain_secs)

@@ -17,6 +17,9 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod stage;
 pub mod tensor_thread;

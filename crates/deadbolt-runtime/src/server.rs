@@ -1,6 +1,6 @@
 //! A tonic server for one service, with `grpc.health.v1` (the service and
-//! the whole server report SERVING) and reflection over
-//! `deadbolt_proto::FILE_DESCRIPTOR_SET`.
+//! the whole server report SERVING), reflection (v1 and v1alpha) over
+//! `deadbolt_proto::FILE_DESCRIPTOR_SET`, and request metrics.
 
 use std::net::SocketAddr;
 
@@ -9,6 +9,14 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+
+/// The largest request a deadbolt server decodes (4 MiB; a spec is a few KiB).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// The largest response it encodes (16 MiB: a page of runs with their
+/// artifacts and stages).
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Concurrent HTTP/2 streams per connection (a watcher holds one).
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// Binds `addr` (port 0 = an ephemeral port).
 pub async fn bind(addr: &str) -> Result<TcpListener> {
@@ -25,6 +33,18 @@ pub async fn spawn(
     routes: Routes,
     listener: TcpListener,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
+    spawn_with(service_name, routes, listener, None).await
+}
+
+/// [`spawn`], with a per-request deadline (the time to the response
+/// headers: a streaming call is bounded until it returns its stream).
+/// Stage services take none: their calls wait on jobs that run for hours.
+pub async fn spawn_with(
+    service_name: &'static str,
+    routes: Routes,
+    listener: TcpListener,
+    request_timeout: Option<std::time::Duration>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
     let addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -33,16 +53,34 @@ pub async fn spawn(
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
+    // reflection as v1 and v1alpha: grpcio-reflection (Python), grpcui and
+    // several GUI clients speak only v1alpha
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(deadbolt_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let routes = routes.add_service(health).add_service(reflection);
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(deadbolt_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")?;
+    let routes = routes
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha);
     tracing::info!(service = service_name, addr = %addr, "grpc server listening");
     let task = tokio::spawn(async move {
         // keep the reporter alive as long as the server
         let _reporter = reporter;
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+        if let Some(t) = request_timeout {
+            builder = builder.timeout(t);
+        }
+        builder
+            .layer(crate::metrics::GrpcMetricsLayer {
+                service: service_name,
+            })
             .add_routes(routes)
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await

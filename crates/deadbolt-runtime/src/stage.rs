@@ -213,12 +213,34 @@ pub async fn run_stage<S: Stage>(
     decode_output::<S>(&job).map_err(Status::from)
 }
 
-/// Waits until a job succeeded (Ok) or failed/was cancelled (its error).
+/// Resolves when the store says run `run_id` changed (or when
+/// notifications were lost: the caller re-reads either way).
+pub async fn changed(rx: &mut tokio::sync::broadcast::Receiver<Uuid>, run_id: Uuid) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match rx.recv().await {
+            Ok(id) if id == run_id => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// How long a waiter sleeps without a change notification before it
+/// re-reads anyway (notifications can be lost: a listener reconnecting).
+pub fn fallback(poll: Duration) -> Duration {
+    (poll * 10).max(Duration::from_secs(1))
+}
+
+/// Waits until a job succeeded (Ok) or failed/was cancelled (its error),
+/// woken by the store's change notifications (a slow poll as fallback).
 pub async fn wait_job(
     store: &dyn MetadataStore,
     job_id: Uuid,
     poll: Duration,
 ) -> Result<Job, Status> {
+    let mut changes = store.changes();
     loop {
         let j = store.get_job(job_id).await?;
         match j.status {
@@ -234,7 +256,12 @@ pub async fn wait_job(
             JobStatus::Cancelled => {
                 return Err(Status::cancelled(format!("job {job_id} was cancelled")))
             }
-            JobStatus::Queued | JobStatus::Leased => tokio::time::sleep(poll).await,
+            JobStatus::Queued | JobStatus::Leased => {
+                tokio::select! {
+                    _ = changed(&mut changes, j.run_id) => {}
+                    _ = tokio::time::sleep(fallback(poll)) => {}
+                }
+            }
         }
     }
 }

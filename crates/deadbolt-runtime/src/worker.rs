@@ -36,6 +36,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::JobError;
+use crate::metrics::names;
 use crate::stage::{decode_output, Handlers, Stage};
 
 /// The process-wide drain signal (SIGTERM, Ctrl-C): workers stop leasing
@@ -310,13 +311,24 @@ impl Worker {
             .map(|k| k.as_str().to_string())
             .collect();
         tracing::info!(service = self.service, worker_id = %self.worker_id, stages = ?stages, "worker started");
+        let up = |v: f64| {
+            for s in &stages {
+                metrics::gauge!(names::WORKER_UP, "stage" => s.clone(), "service" => self.service)
+                    .set(v);
+            }
+        };
+        up(1.0);
         while !self.drain.is_draining() {
             match self
                 .store
                 .lease_job(&self.worker_id, &stages, self.lease)
                 .await
             {
-                Ok(Some(job)) => self.run_job(job).await,
+                Ok(Some(job)) => {
+                    metrics::counter!(names::JOBS_LEASED, "stage" => job.stage.clone())
+                        .increment(1);
+                    self.run_job(job).await
+                }
                 Ok(None) => {
                     tokio::select! {
                         _ = tokio::time::sleep(self.poll) => {}
@@ -332,6 +344,7 @@ impl Worker {
                 }
             }
         }
+        up(0.0);
         tracing::info!(service = self.service, worker_id = %self.worker_id, "worker drained");
     }
 
@@ -444,6 +457,7 @@ impl Worker {
         deadline.abort();
         drop(work_dir);
         if flags.lost.load(Ordering::SeqCst) {
+            metrics::counter!(names::JOBS_LEASE_LOST, "stage" => stage.clone()).increment(1);
             tracing::warn!("lease lost; result dropped");
             return;
         }
@@ -452,6 +466,7 @@ impl Worker {
         if stopped_by_drain {
             match self.store.release_job(job_id, token).await {
                 Ok(_) => {
+                    metrics::counter!(names::JOBS_RELEASED, "stage" => stage.clone()).increment(1);
                     tracing::info!("job released for another worker (drain)");
                     let _ = self
                         .store
@@ -480,6 +495,12 @@ impl Worker {
         attempt: i32,
     ) {
         let (job_id, token) = (fence.job_id, fence.lease_token);
+        let counter = match &outcome {
+            Ok(_) => names::JOBS_SUCCEEDED,
+            Err(e) if e.retryable => names::JOBS_RETRIED,
+            Err(_) => names::JOBS_FAILED,
+        };
+        metrics::counter!(counter, "stage" => stage.to_string()).increment(1);
         let r = match outcome {
             Ok(v) => {
                 tracing::info!(job_id = %job_id, stage, "job succeeded");

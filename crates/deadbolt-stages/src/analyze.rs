@@ -161,7 +161,11 @@ pub struct Analyzer {
 }
 
 pub fn routes(shared: Shared) -> tonic::service::Routes {
-    tonic::service::Routes::new(AnalyzerServiceServer::new(Analyzer { shared }))
+    tonic::service::Routes::new(
+        AnalyzerServiceServer::new(Analyzer { shared })
+            .max_decoding_message_size(deadbolt_runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(deadbolt_runtime::server::MAX_RESPONSE_BYTES),
+    )
 }
 
 fn norm_to_proto(n: Norm) -> pb::Norm {

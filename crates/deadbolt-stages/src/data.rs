@@ -74,7 +74,11 @@ pub struct Poisoner {
 }
 
 pub fn routes(shared: Shared) -> tonic::service::Routes {
-    tonic::service::Routes::new(PoisonerServiceServer::new(Poisoner { shared }))
+    tonic::service::Routes::new(
+        PoisonerServiceServer::new(Poisoner { shared })
+            .max_decoding_message_size(deadbolt_runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(deadbolt_runtime::server::MAX_RESPONSE_BYTES),
+    )
 }
 
 #[tonic::async_trait]

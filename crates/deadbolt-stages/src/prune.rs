@@ -76,6 +76,8 @@ impl Work<Prune> for PruneWork {
             &JobProgress::new(ctx),
         ))?;
         let prune_seconds = t.elapsed().as_secs_f64();
+        metrics::histogram!(deadbolt_runtime::metrics::names::PRUNE_SWEEP_SECONDS)
+            .record(prune_seconds);
         for (c, r) in &p.pruning {
             let points: Vec<CurvePoint> = r.curve.iter().map(store_point).collect();
             ctx.put_pruning(c.as_str(), &points, store_point(&r.chosen))?;
@@ -173,7 +175,11 @@ pub struct Pruner {
 }
 
 pub fn routes(shared: Shared) -> tonic::service::Routes {
-    tonic::service::Routes::new(PrunerServiceServer::new(Pruner { shared }))
+    tonic::service::Routes::new(
+        PrunerServiceServer::new(Pruner { shared })
+            .max_decoding_message_size(deadbolt_runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(deadbolt_runtime::server::MAX_RESPONSE_BYTES),
+    )
 }
 
 fn point_to_proto(p: &deadbolt_core::prune::CurvePoint) -> pb::CurvePoint {

@@ -27,6 +27,7 @@ use deadbolt_core::workflow;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::trainer_service_server::{TrainerService, TrainerServiceServer};
 use deadbolt_proto::validate::invalid_argument;
+use deadbolt_runtime::metrics::names;
 use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Work};
 use deadbolt_store::{metric_names, ArtifactRef};
 use tonic::{Request, Response, Status};
@@ -71,6 +72,10 @@ impl Progress for EpochUploader<'_> {
         self.inner.finish(message)
     }
     fn epoch_saved(&self, report: &EpochReport) {
+        let stage = self.tag.kind().as_str();
+        metrics::gauge!(names::TRAIN_IMAGES_PER_SECOND, "stage" => stage)
+            .set(report.images_per_sec);
+        metrics::histogram!(names::TRAIN_EPOCH_SECONDS, "stage" => stage).record(report.seconds);
         match self.sync(report) {
             Err(e) => {
                 tracing::warn!(error = %e, epoch = report.epoch, "epoch checkpoint upload failed");
@@ -290,7 +295,11 @@ pub struct Trainer {
 }
 
 pub fn routes(shared: Shared) -> tonic::service::Routes {
-    tonic::service::Routes::new(TrainerServiceServer::new(Trainer { shared }))
+    tonic::service::Routes::new(
+        TrainerServiceServer::new(Trainer { shared })
+            .max_decoding_message_size(deadbolt_runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(deadbolt_runtime::server::MAX_RESPONSE_BYTES),
+    )
 }
 
 #[tonic::async_trait]

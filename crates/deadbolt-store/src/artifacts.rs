@@ -307,6 +307,7 @@ impl ArtifactStore {
         self.store
             .put_opts(&self.object_path(&key), PutPayload::from(bytes), opts)
             .await?;
+        metrics::counter!("deadbolt_artifact_bytes_total", "direction" => "out").increment(size);
         tracing::debug!(key = %key, size, sha256 = %sha256, "stored artifact");
         Ok(ArtifactRef {
             uri: self.uri(&key),
@@ -320,8 +321,11 @@ impl ArtifactStore {
     /// (StoreError::Checksum naming the object on mismatch).
     pub async fn get(&self, r: &ArtifactRef) -> Result<Bytes> {
         let bytes = self.get_unverified(&r.key).await?;
+        metrics::counter!("deadbolt_artifact_bytes_total", "direction" => "in")
+            .increment(bytes.len() as u64);
         let actual = sha256_hex(&bytes);
         if !actual.eq_ignore_ascii_case(&r.sha256) {
+            metrics::counter!("deadbolt_artifact_checksum_failures_total").increment(1);
             tracing::error!(uri = %r.uri, expected = %r.sha256, actual = %actual, "artifact checksum mismatch");
             return Err(StoreError::Checksum {
                 key: r.uri.clone(),
@@ -340,6 +344,20 @@ impl ArtifactStore {
             Ok(r) => Ok(r.bytes().await?),
             Err(object_store::Error::NotFound { .. }) => {
                 Err(StoreError::not_found("artifact", self.uri(key)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the object of `r` (after the metadata record is gone, see
+    /// `MetadataStore::delete_artifact`). A missing object is Ok, so a
+    /// repeated or interrupted delete can be run again.
+    pub async fn delete(&self, r: &ArtifactRef) -> Result<()> {
+        validate_key(&r.key)?;
+        match self.store.delete(&self.object_path(&r.key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                tracing::debug!(key = %r.key, "deleted artifact");
+                Ok(())
             }
             Err(e) => Err(e.into()),
         }

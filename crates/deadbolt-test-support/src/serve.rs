@@ -74,7 +74,8 @@ impl Drop for Proc {
 }
 
 /// Starts `deadbolt serve --config <dir>/<name>.toml --services <services>`
-/// and waits until every service printed its address.
+/// and waits until every service printed its address (the metrics
+/// endpoint's, when configured, is `addrs["metrics"]`).
 pub fn serve(bin: &Path, dir: &Path, name: &str, services: &str, config: &str) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config).unwrap();
@@ -100,7 +101,8 @@ pub fn serve(bin: &Path, dir: &Path, name: &str, services: &str, config: &str) -
     let want: Vec<&str> = services.split(',').collect();
     let mut addrs = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while addrs.len() < want.len() {
+    // `metrics listening on ...` comes first when metrics are configured
+    while !want.iter().all(|w| addrs.contains_key(*w)) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
@@ -151,6 +153,8 @@ pub fn config(database_url: &str, artifact_url: &str, work: &Path, extra: &str) 
 }
 
 /// [`config`] with another lease period (heartbeats at a sixth of it).
+/// Every config offers the real MNIST digits as the dataset `mnist`
+/// (remote specs name datasets, never server paths).
 pub fn config_with_lease(
     database_url: &str,
     artifact_url: &str,
@@ -159,9 +163,10 @@ pub fn config_with_lease(
     extra: &str,
 ) -> String {
     format!(
-        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = {lease_secs:?}\nheartbeat_secs = {:?}\npoll_ms = 100\nmax_attempts = 3\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n",
+        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = {lease_secs:?}\nheartbeat_secs = {:?}\npoll_ms = 100\nmax_attempts = 3\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n[datasets.mnist]\nroot = \"{}\"\n",
         work.display(),
-        lease_secs / 6.0
+        lease_secs / 6.0,
+        crate::specs::mnist_dir().display()
     )
 }
 

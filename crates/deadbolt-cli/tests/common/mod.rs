@@ -9,7 +9,7 @@ pub use deadbolt_test_support::s3::Moto;
 pub use deadbolt_test_support::serve::{
     config, config_with_lease, gateway, peers, pid_of, submit_toml, wait_for, watch, Proc,
 };
-pub use deadbolt_test_support::specs::{repo, tiny_spec};
+pub use deadbolt_test_support::specs::{repo, tiny_spec, tiny_spec_local};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_deadbolt")

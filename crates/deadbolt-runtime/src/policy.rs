@@ -1,0 +1,214 @@
+//! What a spec that arrives over the network may ask for.
+//!
+//! - **Limits**: operator-configured upper bounds on every cost field
+//!   (epochs, batch size, fine-tune epochs, synthetic-trigger steps and
+//!   images, statistics images, threads, training-set size) and on the
+//!   lengths of names; a spec over a bound is refused with
+//!   INVALID_ARGUMENT naming the field and the bound.
+//! - **No server paths**: a remote spec never names a file of the server.
+//!   `dataset.path` must be the *name* of a dataset the operator configured
+//!   (`[datasets.<name>] root = ...`, under `data_root` when that is set);
+//!   the gateway replaces it by the configured root before the spec is
+//!   stored. Trigger images (`pattern = { image = ... }`) are refused. The
+//!   answer never depends on whether a path exists on the server. The
+//!   embedded `deadbolt experiment` (the user's own files) allows local
+//!   paths (`allow_local_paths`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use deadbolt_proto::validate::Violations;
+use deadbolt_spec::{BlendPattern, ExperimentSpec, PatchPattern, TriggerSpec};
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+/// Upper bounds on what one run may cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_epochs: usize,
+    pub max_batch_size: usize,
+    pub max_fine_tune_epochs: usize,
+    pub max_synthetic_steps: usize,
+    pub max_synthetic_images: usize,
+    pub max_stats_images: usize,
+    pub max_threads: usize,
+    /// Largest training split a run may use (`dataset.train_limit`; 0, all
+    /// of it, counts as this bound being asked for).
+    pub max_train_images: usize,
+    /// Longest run name and client request id, in bytes.
+    pub max_name_len: usize,
+    /// Runs (queued or running) a team may have at once.
+    pub max_runs_in_flight: i64,
+}
+
+impl Limits {
+    /// No bounds (the embedded `deadbolt experiment`: the user's machine).
+    pub fn unbounded() -> Limits {
+        Limits {
+            max_epochs: usize::MAX,
+            max_batch_size: usize::MAX,
+            max_fine_tune_epochs: usize::MAX,
+            max_synthetic_steps: usize::MAX,
+            max_synthetic_images: usize::MAX,
+            max_stats_images: usize::MAX,
+            max_threads: usize::MAX,
+            max_train_images: usize::MAX,
+            max_name_len: usize::MAX,
+            max_runs_in_flight: i64::MAX,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_epochs: 200,
+            max_batch_size: 4096,
+            max_fine_tune_epochs: 50,
+            max_synthetic_steps: 5000,
+            max_synthetic_images: 5000,
+            max_stats_images: 20_000,
+            max_threads: 64,
+            max_train_images: 1_000_000,
+            max_name_len: 128,
+            max_runs_in_flight: 32,
+        }
+    }
+}
+
+/// A dataset the operator offers to remote specs by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetEntry {
+    /// Its folder on the servers.
+    pub root: PathBuf,
+}
+
+/// Checks `spec` against `limits` (INVALID_ARGUMENT naming each field over
+/// its bound, e.g. `spec.training.epochs`).
+pub fn check_limits(spec: &ExperimentSpec, limits: &Limits) -> Result<(), Status> {
+    let mut v = Violations::new();
+    let mut at_most = |field: &str, value: usize, bound: usize| {
+        if value > bound {
+            v.add(
+                format!("spec.{field}"),
+                format!("{value} is above this service's limit of {bound}"),
+            );
+        }
+    };
+    at_most("name", spec.name.len(), limits.max_name_len);
+    at_most("training.epochs", spec.training.epochs, limits.max_epochs);
+    at_most(
+        "training.batch_size",
+        spec.training.batch_size,
+        limits.max_batch_size,
+    );
+    at_most(
+        "training.threads",
+        spec.training.threads,
+        limits.max_threads,
+    );
+    at_most(
+        "defense.fine_tune_epochs",
+        spec.defense.fine_tune_epochs,
+        limits.max_fine_tune_epochs,
+    );
+    at_most(
+        "defense.synthetic.steps",
+        spec.defense.synthetic.steps,
+        limits.max_synthetic_steps,
+    );
+    at_most(
+        "defense.synthetic.images",
+        spec.defense.synthetic.images,
+        limits.max_synthetic_images,
+    );
+    at_most(
+        "defense.stats_images",
+        spec.defense.stats_images,
+        limits.max_stats_images,
+    );
+    let train = match spec.dataset.train_limit {
+        0 => usize::MAX,
+        n => n,
+    };
+    if train > limits.max_train_images {
+        v.add(
+            "spec.dataset.train_limit",
+            format!(
+                "{} is above this service's limit of {} training images (set train_limit)",
+                if train == usize::MAX {
+                    "all images (0)".to_string()
+                } else {
+                    train.to_string()
+                },
+                limits.max_train_images
+            ),
+        );
+    }
+    v.check()
+}
+
+/// Replaces a remote spec's dataset name by the configured root, and
+/// refuses anything else that would name a server file.
+pub fn resolve_remote_paths(
+    spec: &mut ExperimentSpec,
+    datasets: &BTreeMap<String, DatasetEntry>,
+    data_root: Option<&std::path::Path>,
+) -> Result<(), Status> {
+    let mut v = Violations::new();
+    let names = || {
+        let n: Vec<&str> = datasets.keys().map(String::as_str).collect();
+        if n.is_empty() {
+            "none is configured".to_string()
+        } else {
+            format!("one of: {}", n.join(", "))
+        }
+    };
+    if let Some(p) = &spec.dataset.path {
+        let name = p.to_string_lossy().to_string();
+        match datasets.get(&name) {
+            Some(entry) => {
+                let inside = data_root.is_none_or(|r| entry.root.starts_with(r));
+                if inside {
+                    spec.dataset.path = Some(entry.root.clone());
+                } else {
+                    tracing::error!(dataset = %name, "configured dataset root is outside data_root");
+                    v.add(
+                        "spec.dataset.path",
+                        format!("dataset {name:?} is not available"),
+                    );
+                }
+            }
+            None => {
+                v.add(
+                    "spec.dataset.path",
+                    format!(
+                        "remote specs name a dataset this service offers ({}), never a path",
+                        names()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(a) = &spec.attack {
+        let image = matches!(
+            &a.trigger,
+            TriggerSpec::Patch {
+                pattern: PatchPattern::Image(_),
+                ..
+            } | TriggerSpec::Blend {
+                pattern: BlendPattern::Image(_),
+                ..
+            }
+        );
+        if image {
+            v.add(
+                "spec.attack.trigger.pattern",
+                "remote specs cannot name an image file on the server; use a built-in pattern",
+            );
+        }
+    }
+    v.check()
+}
