@@ -55,6 +55,10 @@ artifact_url = "$artifacts"
 work_dir = "$out/work-$name"
 lease_secs = 30.0
 heartbeat_secs = 2.0
+# a local benchmark: one local team, the spec's local data path
+auth = "none"
+allow_local_paths = true
+internal_token = "bench-internal-credential-$$"
 $extra
 $s3_conf
 [listen]

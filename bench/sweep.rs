@@ -1,14 +1,18 @@
 //! Benchmark: the pruning sweep over every k = 0..=C for every criterion,
-//! with cached activations (features once per evaluation set, only the head
-//! per k) vs re-running the whole model per k.
+//! with cached activations (features once per evaluation set, then per k
+//! either the incremental update of the head's pre-activations, which is
+//! what `sweep_cached` does for the default layer, or the whole head) vs
+//! re-running the whole model per k.
 //!
 //!     source scripts/env.sh
-//!     cargo run --release -p deadbolt-core --example sweep -- [RUN_DIR]
+//!     cargo run --release -p deadbolt-core --example sweep -- [RUN_DIR] [--repeats R]
 //!
 //! RUN_DIR is an experiment folder (`deadbolt experiment ... --out RUN_DIR`
 //! or the real-data test's `DEADBOLT_TEST_OUT`); its `backdoored/`
 //! checkpoint is used, and trained there (default spec) when missing.
-//! Prints both timings and the ratio.
+//! The three sweeps run interleaved R times (default 3); prints each one's
+//! median and range, the ratios of the medians, and the largest difference
+//! of ACC/ASR/RA between the cached sweeps and the naive one.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,10 +26,21 @@ use deadbolt_core::spec::{Criterion, ExperimentSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("runs/bench-sweep"));
+    let mut dir = root.join("runs/bench-sweep");
+    let mut repeats = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--repeats" => {
+                repeats = args
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .filter(|&r| r > 0)
+                    .ok_or("--repeats needs a positive count")?
+            }
+            _ => dir = PathBuf::from(a),
+        }
+    }
     let mut spec = ExperimentSpec::from_file(&root.join("examples/mnist-badnets.toml"))?;
     if spec.dataset.path.is_none() && std::env::var_os("DEADBOLT_DATA_DIR").is_none() {
         spec.dataset.path = Some(root.join("data/mnist"));
@@ -66,34 +81,74 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         test_trig.len()
     );
 
-    let t = Instant::now();
-    let cache = prune::cache_features(&model, &layer, &data.test, &test_trig)?;
-    let mut cached = Vec::new();
-    for (_, order) in &orders {
-        cached.push(prune::sweep_cached(&model, &cache, order, &ks)?);
-    }
-    let t_cached = t.elapsed().as_secs_f64();
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut max_diff = [0f64; 2];
+    for _ in 0..repeats {
+        // cached, incremental (what `sweep_cached` does for this layer)
+        let t = Instant::now();
+        let cache = prune::cache_features(&model, &layer, &data.test, &test_trig)?;
+        let mut incremental = Vec::new();
+        for (_, order) in &orders {
+            incremental.push(prune::sweep_cached(&model, &cache, order, &ks)?);
+        }
+        times[0].push(t.elapsed().as_secs_f64());
+        drop(cache);
 
-    let t = Instant::now();
-    let mut naive = Vec::new();
-    for (_, order) in &orders {
-        naive.push(prune::sweep_naive(
-            &mut model, &layer, &data.test, &test_trig, order, &ks,
-        )?);
-    }
-    let t_naive = t.elapsed().as_secs_f64();
+        // cached, the whole head per k
+        let t = Instant::now();
+        let cache = prune::cache_features(&model, &layer, &data.test, &test_trig)?;
+        let mut heads = Vec::new();
+        for (_, order) in &orders {
+            heads.push(prune::sweep_cached_heads(&model, &cache, order, &ks)?);
+        }
+        times[1].push(t.elapsed().as_secs_f64());
+        drop(cache);
 
-    let mut max_diff = 0f64;
-    for (a, b) in cached.iter().flatten().zip(naive.iter().flatten()) {
-        max_diff = max_diff
-            .max((a.acc - b.acc).abs())
-            .max((a.asr - b.asr).abs());
+        let t = Instant::now();
+        let mut naive = Vec::new();
+        for (_, order) in &orders {
+            naive.push(prune::sweep_naive(
+                &mut model, &layer, &data.test, &test_trig, order, &ks,
+            )?);
+        }
+        times[2].push(t.elapsed().as_secs_f64());
+
+        for (i, cached) in [&incremental, &heads].into_iter().enumerate() {
+            for (a, b) in cached.iter().flatten().zip(naive.iter().flatten()) {
+                max_diff[i] = max_diff[i]
+                    .max((a.acc - b.acc).abs())
+                    .max((a.asr - b.asr).abs())
+                    .max((a.ra - b.ra).abs());
+            }
+        }
     }
-    println!("cached sweep (features once, head per k): {t_cached:.3} s");
-    println!("naive sweep (whole model per k):          {t_naive:.3} s");
+    let summary = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        (s[s.len() / 2], s[0], s[s.len() - 1])
+    };
+    let labels = [
+        "cached, incremental (sweep_cached)",
+        "cached, head per k",
+        "naive, whole model per k",
+    ];
+    let med: Vec<f64> = times
+        .iter()
+        .zip(labels)
+        .map(|(v, label)| {
+            let (m, lo, hi) = summary(v);
+            println!("{label:36} median {m:7.3} s  (range {lo:.3}..{hi:.3}, {repeats} runs)");
+            m
+        })
+        .collect();
     println!(
-        "speed-up: {:.1}x (max |difference| of ACC/ASR between the two: {max_diff:.2e})",
-        t_naive / t_cached
+        "speed-up vs naive: incremental {:.1}x, head per k {:.1}x",
+        med[2] / med[0],
+        med[2] / med[1]
+    );
+    println!(
+        "max |difference| of ACC/ASR/RA vs naive: incremental {:.2e}, head per k {:.2e}",
+        max_diff[0], max_diff[1]
     );
     Ok(())
 }

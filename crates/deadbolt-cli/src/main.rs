@@ -1,5 +1,6 @@
 //! `deadbolt`: plant, find and remove backdoors in image classifiers.
 
+mod local;
 mod progress;
 mod services;
 
@@ -84,6 +85,18 @@ enum Command {
         #[arg(long)]
         direct: bool,
     },
+    /// Scan a model deadbolt did not train (a PyTorch state_dict in
+    /// safetensors plus its model card) for a backdoor, with clean data
+    /// only: reverse-engineered triggers per label, activation outliers,
+    /// CLP scores, Grad-CAM; a verdict (backdoored / clean / inconclusive)
+    /// with its evidence. Prints a JSON summary; writes report.json,
+    /// report.md and figures into --out.
+    Scan(local::ScanArgs),
+    /// Repair a model deadbolt did not train: prune the channels its
+    /// synthetic trigger drives, fine-tune on part of the clean data, and
+    /// measure ACC and ASR (with confidence intervals) on the rest. Writes
+    /// the repaired state_dict (same parameter names) and a report into --out.
+    Repair(local::RepairArgs),
     /// Run services (all by default): gRPC servers with health and
     /// reflection, plus the stage-job workers.
     Serve {
@@ -112,6 +125,14 @@ enum Command {
         run: String,
         #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
         gateway: String,
+    },
+    /// Teams and API keys (operators: talks to the metadata store of the
+    /// config; the gateway's clients present a key in DEADBOLT_API_KEY).
+    Admin {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: services::Admin,
     },
     /// Cancel a queued or running run (a finished run answers
     /// FAILED_PRECONDITION); prints the run.
@@ -161,13 +182,7 @@ fn main() {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    deadbolt_runtime::logging::init(default_filter);
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -299,6 +314,20 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
+        Command::Scan(args) => {
+            let r = local::scan(&args, &bars)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&local::scan_summary(&r))?
+            );
+        }
+        Command::Repair(args) => {
+            let r = local::repair(&args, &bars)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&local::repair_summary(&r))?
+            );
+        }
         Command::Serve {
             config,
             services: names,
@@ -333,6 +362,10 @@ fn run(cli: Cli) -> Result<()> {
             if r.status != deadbolt_proto::v1::JobStatus::Succeeded as i32 {
                 anyhow::bail!("run {} did not succeed: {}", r.id, r.error);
             }
+        }
+        Command::Admin { config, command } => {
+            let config = Config::load(config.as_deref())?;
+            tokio_rt()?.block_on(services::admin(config, command))?;
         }
         Command::Cancel { run, gateway } => {
             let r = tokio_rt()?.block_on(async {

@@ -13,6 +13,7 @@ use deadbolt_core::report::Report;
 use deadbolt_gateway::Gateway;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
+use deadbolt_runtime::auth::WithBearer;
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::{server, Config, Shared};
 use deadbolt_store::{ArtifactRecord, ArtifactStore};
@@ -115,11 +116,22 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
         shared: shared.clone(),
     };
     let mut shared = shared.clone();
+    let internal = shared.config.internal_token.clone();
     for &k in kinds.iter().filter(|k| **k != ServiceKind::Gateway) {
+        let Some(token) = internal.as_deref() else {
+            bail!(
+                "the {} service needs internal_token (DEADBOLT_INTERNAL_TOKEN): stage \
+                 services answer only the gateway, which presents it",
+                k.as_str()
+            );
+        };
         let listener = server::bind(&shared.config.listen_addr(k)).await?;
         let (routes, name, handlers) =
             deadbolt_stages::service(k, shared.clone()).expect("the gateway is started below");
-        let (addr, task) = server::spawn(name, routes, listener).await?;
+        let guard = server::Guard::Internal(deadbolt_runtime::auth::InternalLayer {
+            token: token.into(),
+        });
+        let (addr, task) = server::spawn_with(name, routes, listener, None, guard).await?;
         run.servers.push(task);
         run.addrs.insert(k, addr);
         let worker = shared.worker(k.as_str(), handlers)?;
@@ -146,6 +158,10 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
             deadbolt_gateway::routes(g),
             listener,
             Some(shared.config.request_timeout()),
+            server::Guard::Keys(deadbolt_runtime::auth::AuthLayer {
+                store: shared.store.clone(),
+                mode: shared.config.auth,
+            }),
         )
         .await?;
         run.servers.push(task);
@@ -180,15 +196,44 @@ pub async fn serve(config: Config, kinds: Vec<ServiceKind>) -> Result<()> {
     running.wait().await
 }
 
-pub async fn client(url: &str) -> Result<ExperimentServiceClient<Channel>> {
-    ExperimentServiceClient::connect(url.to_string())
+/// A gateway client. It presents the API key of `DEADBOLT_API_KEY`, or of
+/// the file named by `DEADBOLT_API_KEY_FILE` (keys never go on the command
+/// line, where shell history would keep them).
+pub type Client = ExperimentServiceClient<WithBearer<Channel>>;
+
+pub async fn client(url: &str) -> Result<Client> {
+    let key = match (
+        std::env::var("DEADBOLT_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+        std::env::var_os("DEADBOLT_API_KEY_FILE"),
+    ) {
+        (Some(k), _) => Some(k),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| {
+                    format!("reading DEADBOLT_API_KEY_FILE {}", Path::new(&f).display())
+                })?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad gateway address {url:?}"))?
+        .connect()
         .await
-        .with_context(|| format!("connecting to the gateway at {url}"))
+        .with_context(|| format!("connecting to the gateway at {url}"))?;
+    Ok(ExperimentServiceClient::new(WithBearer::new(
+        ch,
+        key.as_deref(),
+        "DEADBOLT_API_KEY",
+    )?))
 }
 
 /// Submits a TOML spec file.
 pub async fn submit(
-    c: &mut ExperimentServiceClient<Channel>,
+    c: &mut Client,
     spec: &Path,
     request_id: Option<String>,
 ) -> Result<pb::SubmitExperimentResponse> {
@@ -217,11 +262,7 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 
 /// Streams a run's events until it ends (progress bars on a terminal,
 /// lines otherwise); returns the final run.
-pub async fn watch(
-    c: &mut ExperimentServiceClient<Channel>,
-    run_id: &str,
-    quiet: bool,
-) -> Result<pb::Run> {
+pub async fn watch(c: &mut Client, run_id: &str, quiet: bool) -> Result<pb::Run> {
     let hidden = quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = ProgressBar::new(1000);
     if hidden {
@@ -291,6 +332,21 @@ fn local_path(name: &str, with_models: bool) -> Option<PathBuf> {
     keep.then(|| PathBuf::from(name))
 }
 
+/// Refuses an artifact name (from the server) that is not a plain relative
+/// path of safe segments.
+pub fn safe_name(name: &str) -> Result<()> {
+    deadbolt_store::validate_name(name)
+        .with_context(|| format!("the server sent artifact name {name:?}; refusing to write it"))?;
+    let p = Path::new(name);
+    if !p
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        bail!("the server sent artifact name {name:?} that would leave --out; refusing it");
+    }
+    Ok(())
+}
+
 /// Downloads a run's report (and with `with_models` its models) into `out`
 /// (sha256-verified), then rebases the report's paths onto `out`.
 pub async fn download_report(
@@ -302,6 +358,9 @@ pub async fn download_report(
     let run_id: uuid::Uuid = run.id.parse()?;
     let mut n = 0;
     for a in &run.artifacts {
+        // the names come from the server: one that could leave `out` (an
+        // absolute path, `..`, odd characters) is refused, never written
+        safe_name(&a.name)?;
         let Some(rel) = local_path(&a.name, with_models) else {
             continue;
         };
@@ -371,8 +430,15 @@ pub fn embedded_config(out: &Path) -> Result<Config> {
         lease_secs: 60.0,
         heartbeat_secs: 1.0,
         poll_ms: 100,
-        // the user's own machine and files
+        // the user's own machine and files: one local team, and a fresh
+        // internal credential between the in-process services
         allow_local_paths: true,
+        auth: deadbolt_runtime::auth::AuthMode::None,
+        internal_token: Some(format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )),
         limits: deadbolt_runtime::policy::Limits::unbounded(),
         ..Config::default()
     };
@@ -410,6 +476,97 @@ pub async fn experiment(spec: &Path, out: &Path, quiet: bool) -> Result<Report> 
     Ok(report)
 }
 
+/// `deadbolt admin`: teams and API keys, straight in the metadata store
+/// named by the config (operators only; keys are printed once).
+#[derive(clap::Subcommand, Debug)]
+pub enum Admin {
+    /// Create a team.
+    TeamCreate { name: String },
+    /// List the teams.
+    Teams,
+    /// Create an API key; prints it once (only its hash is stored).
+    KeyCreate {
+        #[arg(long)]
+        team: String,
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: submit, read, admin.
+        #[arg(long, value_delimiter = ',', default_value = "submit,read")]
+        scopes: Vec<String>,
+        /// Expire after this many days (none: never).
+        #[arg(long, allow_negative_numbers = true)]
+        expires_in_days: Option<f64>,
+    },
+    /// List keys (never the keys themselves).
+    Keys {
+        #[arg(long)]
+        team: Option<String>,
+    },
+    /// Revoke a key by id.
+    KeyRevoke { id: uuid::Uuid },
+    /// Set (or with no --days, clear) a key's expiry.
+    KeyExpire {
+        id: uuid::Uuid,
+        #[arg(long, allow_negative_numbers = true)]
+        days: Option<f64>,
+    },
+}
+
+pub async fn admin(config: Config, cmd: Admin) -> Result<()> {
+    let store = deadbolt_store::connect(&config.database_url).await?;
+    let days = |d: f64| -> Result<chrono::DateTime<chrono::Utc>> {
+        anyhow::ensure!(d.is_finite(), "days must be a number");
+        Ok(chrono::Utc::now() + chrono::Duration::milliseconds((d * 86_400_000.0) as i64))
+    };
+    let key_line = |k: &deadbolt_store::ApiKey| {
+        serde_json::json!({
+            "id": k.id, "team": k.team, "name": k.name, "prefix": k.prefix,
+            "scopes": k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "expires_at": k.expires_at, "revoked_at": k.revoked_at,
+            "last_used_at": k.last_used_at,
+        })
+    };
+    match cmd {
+        Admin::TeamCreate { name } => {
+            let t = store.create_team(&name).await?;
+            println!("{}", serde_json::json!({ "team": t.name }));
+        }
+        Admin::Teams => {
+            for t in store.list_teams().await? {
+                println!("{}", t.name);
+            }
+        }
+        Admin::KeyCreate {
+            team,
+            name,
+            scopes,
+            expires_in_days,
+        } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| s.trim().parse::<deadbolt_store::Scope>())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let expires = expires_in_days.map(days).transpose()?;
+            let (k, plain) = store.create_api_key(&team, &name, &scopes, expires).await?;
+            let mut line = key_line(&k);
+            line["key"] = serde_json::Value::String(plain);
+            println!("{line}");
+            eprintln!("the key is shown once; only its hash is stored");
+        }
+        Admin::Keys { team } => {
+            for k in store.list_api_keys(team.as_deref()).await? {
+                println!("{}", key_line(&k));
+            }
+        }
+        Admin::KeyRevoke { id } => println!("{}", key_line(&store.revoke_api_key(id).await?)),
+        Admin::KeyExpire { id, days: d } => {
+            let at = d.map(days).transpose()?;
+            println!("{}", key_line(&store.set_api_key_expiry(id, at).await?));
+        }
+    }
+    Ok(())
+}
+
 /// One line per run for `deadbolt runs`.
 pub fn run_line(r: &pb::Run) -> String {
     let f = r.figures.clone().unwrap_or_default();
@@ -431,4 +588,27 @@ pub fn run_line(r: &pb::Run) -> String {
         pct(f.backdoored_acc),
         pct(f.backdoored_asr),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_artifact_names_are_refused() {
+        for bad in [
+            "../escape.png",
+            "report/../../etc/passwd",
+            "/etc/passwd",
+            "report//x.png",
+            "report/./x.png",
+            "report\\..\\x",
+            "",
+        ] {
+            assert!(safe_name(bad).is_err(), "{bad:?} was accepted");
+        }
+        for ok in ["report/report.json", "pruned/linf/model.safetensors"] {
+            safe_name(ok).unwrap();
+        }
+    }
 }

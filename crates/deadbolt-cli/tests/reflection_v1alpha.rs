@@ -26,6 +26,7 @@ async fn a_python_client_discovers_the_api_by_v1alpha_reflection() {
     store
         .create_run(NewRun {
             client_request_id: None,
+            team: deadbolt_store::LOCAL_TEAM.into(),
             name: "reflected".into(),
             spec_json: serde_json::json!({}),
         })

@@ -82,7 +82,14 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         )))
         .await
         .unwrap_err();
-    assert_eq!(field_of(&e), "spec");
+    assert!(field_of(&e).starts_with("spec.training"), "{e:?}");
+    let e = c
+        .submit_experiment(submit(pb::submit_experiment_request::Spec::SpecToml(
+            text.replace("epochs = 1", "epochs = -3"),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&e), "spec.training.epochs");
     let e = c
         .submit_experiment(pb::SubmitExperimentRequest::default())
         .await
@@ -178,9 +185,19 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .await
         .unwrap_err();
     assert_eq!(field_of(&e), "run_id");
-    let mut trainer = TrainerServiceClient::connect(all.url("trainer"))
+    // only the gateway may call a stage service
+    let e = TrainerServiceClient::connect(all.url("trainer"))
         .await
-        .unwrap();
+        .unwrap()
+        .train(pb::TrainRequest {
+            run_id: unknown.clone(),
+            tag: pb::ModelTag::Clean as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let mut trainer =
+        TrainerServiceClient::with_interceptor(channel(&all.url("trainer")).await, internal);
     let train = |run_id: &str, tag: pb::ModelTag| pb::TrainRequest {
         run_id: run_id.into(),
         tag: tag as i32,
@@ -197,6 +214,7 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     let (run, _) = store
         .create_run(NewRun {
             client_request_id: None,
+            team: deadbolt_store::LOCAL_TEAM.into(),
             name: "corrupt".into(),
             spec_json: serde_json::to_value(&spec).unwrap(),
         })
@@ -226,9 +244,8 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(store.list_jobs(run.id).await.unwrap().is_empty());
-    let mut poisoner = PoisonerServiceClient::connect(all.url("poisoner"))
-        .await
-        .unwrap();
+    let mut poisoner =
+        PoisonerServiceClient::with_interceptor(channel(&all.url("poisoner")).await, internal);
     let r = poisoner
         .poison(pb::PoisonRequest { run_id: id.clone() })
         .await
@@ -254,9 +271,8 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
     std::fs::write(&file, bytes).unwrap();
-    let mut analyzer = AnalyzerServiceClient::connect(all.url("analyzer"))
-        .await
-        .unwrap();
+    let mut analyzer =
+        AnalyzerServiceClient::with_interceptor(channel(&all.url("analyzer")).await, internal);
     let e = analyzer
         .statistics(pb::StatisticsRequest { run_id: id.clone() })
         .await

@@ -104,7 +104,7 @@ async fn cancelled_runs_stay_cancelled_and_finished_runs_cannot_be_cancelled() {
     wait_for("every job to settle", Duration::from_secs(60), || {
         let store = store.clone();
         async move {
-            let runs = store.list_runs(500, 0).await.unwrap();
+            let runs = store.list_runs(None, 500, 0).await.unwrap();
             let mut busy = false;
             for r in runs {
                 busy |= store

@@ -92,12 +92,10 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let url_of = |svc: &str| stages.iter().find(|p| p.name == svc).unwrap().url(svc);
-    let mut pruner = PrunerServiceClient::connect(url_of("pruner"))
-        .await
-        .unwrap();
-    let mut analyzer = AnalyzerServiceClient::connect(url_of("analyzer"))
-        .await
-        .unwrap();
+    let mut pruner =
+        PrunerServiceClient::with_interceptor(channel(&url_of("pruner")).await, internal);
+    let mut analyzer =
+        AnalyzerServiceClient::with_interceptor(channel(&url_of("analyzer")).await, internal);
     let e = pruner
         .prune(pb::PruneRequest {
             run_id: sub.run_id.clone(),

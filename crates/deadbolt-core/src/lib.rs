@@ -4,6 +4,9 @@
 //! models ([`model`]), training ([`train`]) and evaluation ([`eval`]).
 
 pub mod analysis;
+pub mod card;
+pub mod cleanse;
+pub mod clp;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -16,8 +19,10 @@ pub mod plot;
 pub mod poison;
 pub mod progress;
 pub mod prune;
+pub mod repair;
 pub mod report;
 pub mod rng;
+pub mod scan;
 pub mod train;
 pub mod trigger;
 pub mod workflow;

@@ -24,16 +24,65 @@ const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
 
 /// An optimizer over a model's trainable parameters, by PyTorch name.
+///
+/// When the parameters are float32 on one device (every model here), the
+/// optimizer lays them out back to back in one tensor, of which each
+/// parameter becomes a view (the model's variables are the same tensors;
+/// only where their values live changes), and their gradients and state
+/// likewise once the first backward pass has made the gradients: a step
+/// is then a handful of ops over all parameters at once instead of a
+/// handful per parameter, the same arithmetic element by element.
 pub struct Optimizer {
     kind: OptimizerKind,
     momentum: f64,
     weight_decay: f64,
     params: Vec<(String, Tensor)>,
     /// Per parameter: `[momentum_buffer]` (SGD) or `[exp_avg, exp_avg_sq]`
-    /// (Adam); created on the first step.
+    /// (Adam); created on the first step (views of `flat.state` when flat).
     state: BTreeMap<String, Vec<Tensor>>,
+    flat: Option<Flat>,
     /// Steps taken.
     pub step: i64,
+}
+
+/// The parameters, gradients and state back to back.
+struct Flat {
+    params: Tensor,
+    /// Set on the first step whose parameters all have gradients.
+    grads: Option<Tensor>,
+    /// Set with `grads` (from the loaded state) or by the first update.
+    state: Option<Vec<Tensor>>,
+    /// `(offset, shape)` of each parameter, in `params` order.
+    layout: Vec<(i64, Vec<i64>)>,
+}
+
+impl Flat {
+    /// Lays out `tensors` (one per parameter) back to back and makes each
+    /// one a view of the result.
+    fn adopt(&self, tensors: &mut [Tensor]) -> Tensor {
+        let flat = Tensor::cat(
+            &tensors
+                .iter()
+                .map(|t| t.detach().flatten(0, -1))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        for (t, view) in tensors.iter_mut().zip(self.views(&flat)) {
+            t.set_data(&view);
+        }
+        flat
+    }
+
+    /// One view of `flat` per parameter.
+    fn views(&self, flat: &Tensor) -> Vec<Tensor> {
+        self.layout
+            .iter()
+            .map(|(offset, shape)| {
+                let n = shape.iter().product::<i64>();
+                flat.narrow(0, *offset, n).view(shape.as_slice())
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for Optimizer {
@@ -41,6 +90,7 @@ impl std::fmt::Debug for Optimizer {
         f.debug_struct("Optimizer")
             .field("kind", &self.kind)
             .field("params", &self.params.len())
+            .field("flat", &self.flat.is_some())
             .field("step", &self.step)
             .finish()
     }
@@ -53,83 +103,196 @@ fn slots(kind: OptimizerKind) -> &'static [&'static str] {
     }
 }
 
+/// What one update needs besides the tensors.
+#[derive(Clone, Copy)]
+struct Hyper {
+    kind: OptimizerKind,
+    momentum: f64,
+    weight_decay: f64,
+    step: i64,
+    lr: f64,
+}
+
+impl Hyper {
+    /// Updates `p` from its gradient `g` (weight decay is added to `g` in
+    /// place: it is zeroed before the next backward) and its state, created
+    /// when `None`. 0-d factors, so every update is one fused in-place op
+    /// per tensor with no temporaries, as libtorch's own SGD.
+    fn update(self, p: &mut Tensor, g: &mut Tensor, state: &mut Option<Vec<Tensor>>) -> Result<()> {
+        let factor = |v: f64| Tensor::scalar_tensor(v, (Kind::Float, p.device()));
+        if self.weight_decay != 0.0 {
+            let _ = g.f_addcmul_(&*p, &factor(self.weight_decay))?;
+        }
+        match self.kind {
+            OptimizerKind::Sgd => {
+                let d = if self.momentum != 0.0 {
+                    match state {
+                        Some(s) => {
+                            let _ = s[0].f_mul_scalar_(self.momentum)?.f_add_(&*g)?;
+                            s[0].shallow_clone()
+                        }
+                        None => {
+                            let b = g.copy();
+                            *state = Some(vec![b.shallow_clone()]);
+                            b
+                        }
+                    }
+                } else {
+                    g.shallow_clone()
+                };
+                let _ = p.f_addcmul_(&d, &factor(-self.lr))?;
+            }
+            OptimizerKind::Adam => {
+                let s = state.get_or_insert_with(|| vec![g.zeros_like(), g.zeros_like()]);
+                let _ = s[0].f_lerp_(&*g, 1.0 - BETA1)?;
+                let _ = s[1]
+                    .f_mul_scalar_(BETA2)?
+                    .f_addcmul_(&*g, &(&*g * (1.0 - BETA2)))?;
+                let c1 = 1.0 - BETA1.powi(self.step as i32);
+                let c2 = 1.0 - BETA2.powi(self.step as i32);
+                let denom = (s[1].sqrt() / c2.sqrt()) + EPS;
+                let _ = p.f_addcmul_(&(&s[0] / denom), &factor(-self.lr / c1))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Optimizer {
+    /// An optimizer over the model's trainable parameters, which it lays
+    /// out back to back (see the type's docs).
     pub fn new(model: &Model, spec: &TrainingSpec) -> Optimizer {
         let vars: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
+        let params: Vec<(String, Tensor)> = vars
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        let flat = params.first().and_then(|(_, first)| {
+            let dev = first.device();
+            if !params
+                .iter()
+                .all(|(_, p)| p.kind() == Kind::Float && p.device() == dev)
+            {
+                return None;
+            }
+            let mut offset = 0;
+            let layout = params
+                .iter()
+                .map(|(_, p)| {
+                    let at = offset;
+                    offset += p.numel() as i64;
+                    (at, p.size())
+                })
+                .collect();
+            let mut flat = Flat {
+                params: Tensor::new(),
+                grads: None,
+                state: None,
+                layout,
+            };
+            let mut tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+            flat.params = tch::no_grad(|| flat.adopt(&mut tensors));
+            Some(flat)
+        });
         Optimizer {
             kind: spec.optimizer,
             momentum: spec.momentum,
             weight_decay: spec.weight_decay,
-            params: vars
-                .into_iter()
-                .filter(|(_, t)| t.requires_grad())
-                .collect(),
+            params,
             state: BTreeMap::new(),
+            flat,
             step: 0,
         }
     }
 
     pub fn zero_grad(&mut self) {
+        if let Some(Flat { grads: Some(g), .. }) = &mut self.flat {
+            let _ = g.zero_();
+            return;
+        }
         for (_, p) in &mut self.params {
             p.zero_grad();
         }
     }
 
+    /// Makes the gradients (and any loaded state) flat on the first step
+    /// where every parameter has a gradient; whether the step can be flat.
+    fn flat_ready(&mut self) -> bool {
+        let Some(flat) = &mut self.flat else {
+            return false;
+        };
+        if flat.grads.is_some() {
+            return true;
+        }
+        let mut grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        if !grads.iter().all(Tensor::defined) {
+            return false;
+        }
+        let n_slots = slots(self.kind).len();
+        let have = self
+            .params
+            .iter()
+            .filter(|(name, _)| self.state.contains_key(name))
+            .count();
+        if have != 0 && have != self.params.len() {
+            // a state for some parameters only: stay per parameter
+            self.flat = None;
+            return false;
+        }
+        flat.grads = Some(flat.adopt(&mut grads));
+        if have != 0 {
+            let state = (0..n_slots)
+                .map(|i| {
+                    let mut per: Vec<Tensor> = self
+                        .params
+                        .iter()
+                        .map(|(name, _)| self.state[name][i].shallow_clone())
+                        .collect();
+                    flat.adopt(&mut per)
+                })
+                .collect();
+            flat.state = Some(state);
+        }
+        true
+    }
+
     /// One update with learning rate `lr` from the parameters' gradients.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.step += 1;
-        let (kind, momentum, wd, step) = (self.kind, self.momentum, self.weight_decay, self.step);
-        let Some(dev) = self.params.first().map(|(_, p)| p.device()) else {
-            return Ok(());
+        let hyper = Hyper {
+            kind: self.kind,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            step: self.step,
+            lr,
         };
-        // 0-d factors, so every update is one fused in-place op per tensor
-        // (addcmul_) with no temporaries: the step costs ~4 small kernels
-        // per parameter, as libtorch's own SGD
-        let factor = |v: f64| Tensor::scalar_tensor(v, (Kind::Float, dev));
-        let (wd_t, neg_lr) = (factor(wd), factor(-lr));
         tch::no_grad(|| -> Result<()> {
+            if self.flat_ready() {
+                let flat = self.flat.as_mut().expect("flat is ready");
+                let had_state = flat.state.is_some();
+                let mut grads = flat.grads.as_ref().expect("flat is ready").shallow_clone();
+                hyper.update(&mut flat.params, &mut grads, &mut flat.state)?;
+                if !had_state {
+                    if let Some(state) = &flat.state {
+                        let per_slot: Vec<Vec<Tensor>> =
+                            state.iter().map(|s| flat.views(s)).collect();
+                        for (i, (name, _)) in self.params.iter().enumerate() {
+                            let views = per_slot.iter().map(|v| v[i].shallow_clone()).collect();
+                            self.state.insert(name.clone(), views);
+                        }
+                    }
+                }
+                return Ok(());
+            }
             for (name, p) in &mut self.params {
                 let mut g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                if wd != 0.0 {
-                    // in place: the gradient is zeroed before the next backward
-                    let _ = g.f_addcmul_(&*p, &wd_t)?;
-                }
-                match kind {
-                    OptimizerKind::Sgd => {
-                        let d = if momentum != 0.0 {
-                            match self.state.get_mut(name.as_str()) {
-                                Some(s) => {
-                                    let _ = s[0].f_mul_scalar_(momentum)?.f_add_(&g)?;
-                                    s[0].shallow_clone()
-                                }
-                                None => {
-                                    let b = g.copy();
-                                    self.state.insert(name.clone(), vec![b.shallow_clone()]);
-                                    b
-                                }
-                            }
-                        } else {
-                            g
-                        };
-                        let _ = p.f_addcmul_(&d, &neg_lr)?;
-                    }
-                    OptimizerKind::Adam => {
-                        let s = self
-                            .state
-                            .entry(name.clone())
-                            .or_insert_with(|| vec![g.zeros_like(), g.zeros_like()]);
-                        let _ = s[0].f_lerp_(&g, 1.0 - BETA1)?;
-                        let _ = s[1]
-                            .f_mul_scalar_(BETA2)?
-                            .f_addcmul_(&g, &(&g * (1.0 - BETA2)))?;
-                        let c1 = 1.0 - BETA1.powi(step as i32);
-                        let c2 = 1.0 - BETA2.powi(step as i32);
-                        let denom = (s[1].sqrt() / c2.sqrt()) + EPS;
-                        let _ = p.f_addcmul_(&(&s[0] / denom), &factor(-lr / c1))?;
-                    }
+                let mut state = self.state.remove(name.as_str());
+                hyper.update(p, &mut g, &mut state)?;
+                if let Some(s) = state {
+                    self.state.insert(name.clone(), s);
                 }
             }
             Ok(())
@@ -212,6 +375,11 @@ impl Optimizer {
         }
         self.state = state;
         self.step = step;
+        if let Some(flat) = &mut self.flat {
+            // laid out again from the loaded state on the next step
+            flat.grads = None;
+            flat.state = None;
+        }
         Ok(())
     }
 }

@@ -11,8 +11,13 @@
 //! - `random`: a permutation seeded by `defense.seed`.
 //!
 //! The sweep ([`sweep_cached`]) computes the layer's activations once per
-//! evaluation set and re-runs only the model's head with a channel mask per
-//! `k`; [`sweep_naive`] sets the mask on the model and runs the whole model
+//! evaluation set. Where the head after the layer is linear in each channel
+//! up to its first linear map ([`LinearHead`]: the BadNet CNN's `conv2`,
+//! preact-resnet18's `layer4`), it also computes that map's pre-activations
+//! once, and each `k` subtracts the newly pruned channel's term from the
+//! previous `k`'s pre-activations (one rank-`B` update) before running the
+//! rest of the head; elsewhere it re-runs the head with a channel mask per
+//! `k`. [`sweep_naive`] sets the mask on the model and runs the whole model
 //! per `k` (for benchmarks and as a reference).
 //!
 //! Operating point ([`choose_k`]): on the validation curve, the smallest `k`
@@ -31,7 +36,7 @@ use crate::analysis::stats::{ActivationStats, Norm};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::{self, EVAL_BATCH};
-use crate::model::Model;
+use crate::model::{HeadOp, LinearHead, Model};
 use crate::poison::TriggeredSet;
 use crate::spec::Criterion;
 
@@ -140,12 +145,270 @@ pub struct FeatureCache {
     pub clean_labels: Tensor,
     pub triggered_labels: Tensor,
     pub triggered_targets: Tensor,
+    /// The incremental form of the sweep, where the head has one.
+    incremental: Option<Incremental>,
 }
+
+/// What the incremental sweep keeps (see [`LinearHead`]).
+#[derive(Debug)]
+struct Incremental {
+    head: LinearHead,
+    /// `[C, N, B]`: every image's block of each channel, contiguous per
+    /// channel.
+    blocks: Tensor,
+    /// `[C, B, O]`: minus each channel's columns of the linear map,
+    /// transposed, so `z += blocks[c] · neg_weight_t[c]` prunes channel `c`.
+    neg_weight_t: Tensor,
+    /// `[N, O]`: the pre-activations of the linear map, no channel pruned
+    /// by the sweep (the model's own mask applies).
+    z0: Tensor,
+}
+
+impl Incremental {
+    fn new(head: LinearHead, features: &Tensor) -> Result<Incremental> {
+        tch::no_grad(|| {
+            let n = features.size()[0];
+            let mut parts = Vec::new();
+            let mut s = 0;
+            while s < n {
+                let len = HEAD_BATCH.min(n - s);
+                parts.push((head.blocks)(&features.narrow(0, s, len)));
+                s += len;
+            }
+            let blocks = Tensor::cat(&parts, 0);
+            let (c, b) = match blocks.size()[..] {
+                [_, c, b] => (c, b),
+                ref other => {
+                    return Err(Error::Other(format!(
+                        "a linear head's blocks must be [N, C, B], got {other:?}"
+                    )))
+                }
+            };
+            let o = head.weight.size()[0];
+            if head.weight.size() != [o, c * b] {
+                return Err(Error::Other(format!(
+                    "a linear head's weight must be [O, {}], got {:?}",
+                    c * b,
+                    head.weight.size()
+                )));
+            }
+            // the same op as the head's own first linear map
+            let z0 = blocks
+                .flatten(1, -1)
+                .linear(&head.weight, head.bias.as_ref());
+            let blocks = blocks.permute([1, 0, 2]).contiguous();
+            let neg_weight_t = head
+                .weight
+                .view([o, c, b])
+                .permute([1, 2, 0])
+                .neg()
+                .contiguous();
+            Ok(Incremental {
+                head,
+                blocks,
+                neg_weight_t,
+                z0,
+            })
+        })
+    }
+
+    /// Runs the sweep for ascending, distinct `ks`, writing each step's
+    /// predicted labels (`out`: `[ks.len(), N]`, int64) or logits (`[ks.len(),
+    /// N, classes]`, float). On the CPU, the images go in tiles whose
+    /// pre-activations stay in cache across all `k`, and libtorch's threads
+    /// take whole tiles each, with one libtorch thread apiece (the ops of a
+    /// tile are too small to split well); a GPU takes all images at once.
+    fn run(&self, order: &[i64], ks: &[usize], out: &Tensor, emit: Emit) -> Result<()> {
+        let n = self.z0.size()[0];
+        let dev = self.z0.device();
+        let tile = if dev == Device::Cpu {
+            INCREMENTAL_TILE
+        } else {
+            n.max(1)
+        };
+        let tiles: Vec<(i64, i64)> = (0..n)
+            .step_by(tile as usize)
+            .map(|s| (s, tile.min(n - s)))
+            .collect();
+        let threads = match dev {
+            Device::Cpu => (tch::get_num_threads().max(1) as usize).min(tiles.len()),
+            _ => 1,
+        };
+        if threads <= 1 {
+            return self.handles(out).run(order, ks, &tiles, emit);
+        }
+        let _one = crate::train::OneThread::here();
+        let mine = |t: usize| -> Vec<(i64, i64)> {
+            tiles.iter().skip(t).step_by(threads).copied().collect()
+        };
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (1..threads)
+                .map(|t| {
+                    let (handles, tiles) = (self.handles(out), mine(t));
+                    scope.spawn(move || {
+                        let _one = crate::train::OneThread::here();
+                        handles.run(order, ks, &tiles, emit)
+                    })
+                })
+                .collect();
+            let own = self.handles(out).run(order, ks, &mine(0), emit);
+            workers.into_iter().fold(own, |acc, w| {
+                let r = w
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Other("a sweep thread panicked".into())));
+                acc.and(r)
+            })
+        })
+    }
+
+    /// This thread's handles of what the sweep reads and writes.
+    fn handles(&self, out: &Tensor) -> Handles {
+        Handles {
+            blocks: self.blocks.shallow_clone(),
+            neg_weight_t: self.neg_weight_t.shallow_clone(),
+            z0: self.z0.shallow_clone(),
+            rest: self.head.rest.iter().map(HeadOp::shallow_clone).collect(),
+            out: out.shallow_clone(),
+        }
+    }
+}
+
+/// What each step of the incremental sweep writes.
+#[derive(Debug, Clone, Copy)]
+enum Emit {
+    Labels,
+    Logits,
+}
+
+/// One thread's handles of an [`Incremental`] sweep's tensors.
+struct Handles {
+    blocks: Tensor,
+    neg_weight_t: Tensor,
+    z0: Tensor,
+    rest: Vec<HeadOp>,
+    out: Tensor,
+}
+
+impl Handles {
+    /// The sweep over the given tiles `(first image, images)`.
+    fn run(&self, order: &[i64], ks: &[usize], tiles: &[(i64, i64)], emit: Emit) -> Result<()> {
+        let o = self.z0.size()[1];
+        let dev = self.z0.device();
+        tch::no_grad(|| {
+            for &(s, len) in tiles {
+                let mut z = self.z0.narrow(0, s, len).copy();
+                // one output buffer per op of the rest of the head
+                let mut width = o;
+                let bufs: Vec<Tensor> = self
+                    .rest
+                    .iter()
+                    .map(|op| {
+                        if let HeadOp::Linear { weight, .. } = op {
+                            width = weight.size()[0];
+                        }
+                        Tensor::empty([len, width], (Kind::Float, dev))
+                    })
+                    .collect();
+                let mut done = 0;
+                for (j, &k) in ks.iter().enumerate() {
+                    for &c in &order[done..k] {
+                        let _ = z.f_addmm_(
+                            &self.blocks.get(c).narrow(0, s, len),
+                            &self.neg_weight_t.get(c),
+                        )?;
+                    }
+                    done = k;
+                    let mut x = z.shallow_clone();
+                    for (op, buf) in self.rest.iter().zip(&bufs) {
+                        x = match op {
+                            HeadOp::Relu => x.f_clamp_min_out(buf, 0.0)?,
+                            // as `linear` computes it (addmm with the bias)
+                            HeadOp::Linear {
+                                weight,
+                                bias: Some(b),
+                            } => b.f_addmm_out(buf, &x, &weight.tr())?,
+                            HeadOp::Linear { weight, bias: None } => {
+                                x.f_mm_out(buf, &weight.tr())?
+                            }
+                        };
+                    }
+                    let mut rows = self.out.get(j as i64).narrow(0, s, len);
+                    match emit {
+                        Emit::Labels => {
+                            let _ = x.f_argmax_out(&rows, 1, false)?;
+                        }
+                        Emit::Logits => {
+                            rows.f_copy_(&x)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The logits `[ks.len(), N, classes]` of every `k` in `ks` (ascending,
+/// distinct) as the incremental sweep computes them, when the cache has
+/// the incremental form (for tests and checks; [`sweep_cached`] keeps only
+/// the predictions).
+pub fn incremental_logits(
+    cache: &FeatureCache,
+    order: &[i64],
+    ks: &[usize],
+) -> Result<Option<Tensor>> {
+    check_order(&cache.layer, cache.channels, order, ks)?;
+    if !ks.windows(2).all(|w| w[0] < w[1]) {
+        return Err(Error::invalid(
+            "k",
+            "the counts must be ascending and distinct",
+        ));
+    }
+    let Some(inc) = &cache.incremental else {
+        return Ok(None);
+    };
+    let n = inc.z0.size()[0];
+    let classes = match inc.head.rest.iter().rev().find_map(|op| match op {
+        HeadOp::Linear { weight, .. } => Some(weight.size()[0]),
+        HeadOp::Relu => None,
+    }) {
+        Some(c) => c,
+        None => inc.z0.size()[1],
+    };
+    let out = Tensor::zeros(
+        [ks.len() as i64, n, classes],
+        (Kind::Float, inc.z0.device()),
+    );
+    inc.run(order, ks, &out, Emit::Logits)?;
+    Ok(Some(out))
+}
+
+/// Images per tile of the incremental sweep on the CPU.
+const INCREMENTAL_TILE: i64 = 512;
 
 impl FeatureCache {
     /// The clean images' activations.
     pub fn clean(&self) -> Tensor {
         self.features.narrow(0, 0, self.n_clean)
+    }
+
+    /// Whether [`sweep_cached`] updates the head's pre-activations channel
+    /// by channel (the layer's head is a [`LinearHead`]).
+    pub fn is_incremental(&self) -> bool {
+        self.incremental.is_some()
+    }
+
+    /// The figures of one `k` from predictions for all cached images.
+    fn point(&self, k: usize, pred: &Tensor) -> CurvePoint {
+        let n = self.features.size()[0];
+        let clean = pred.narrow(0, 0, self.n_clean);
+        let trig = pred.narrow(0, self.n_clean, n - self.n_clean);
+        CurvePoint {
+            k,
+            acc: eval::share_equal(&clean, &self.clean_labels),
+            asr: eval::share_equal(&trig, &self.triggered_targets),
+            ra: eval::share_equal(&trig, &self.triggered_labels),
+        }
     }
 }
 
@@ -191,6 +454,10 @@ pub fn cache_features(
         ],
         0,
     );
+    let incremental = match model.linear_head(layer)? {
+        Some(head) => Some(Incremental::new(head, &features)?),
+        None => None,
+    };
     Ok(FeatureCache {
         layer: layer.to_string(),
         channels: info.channels,
@@ -199,6 +466,7 @@ pub fn cache_features(
         clean_labels: clean.labels.to_device(dev),
         triggered_labels: triggered.labels.to_device(dev),
         triggered_targets: triggered.targets.to_device(dev),
+        incremental,
     })
 }
 
@@ -278,9 +546,40 @@ fn head_predictions(
 /// Images per head call in the cached sweep.
 pub const HEAD_BATCH: i64 = 4096;
 
-/// ACC/ASR/RA for each `k` in `ks`, from cached activations: only the head
-/// runs per `k`, once over the clean and triggered images together.
+/// ACC/ASR/RA for each `k` in `ks`, from cached activations: once over the
+/// clean and triggered images together, either updating the head's
+/// pre-activations channel by channel (where the head is a
+/// [`LinearHead`]) or running the head per `k`.
 pub fn sweep_cached(
+    model: &Model,
+    cache: &FeatureCache,
+    order: &[i64],
+    ks: &[usize],
+) -> Result<Vec<CurvePoint>> {
+    check_order(&cache.layer, cache.channels, order, ks)?;
+    let n = cache.features.size()[0];
+    if let Some(inc) = &cache.incremental {
+        let mut steps = ks.to_vec();
+        steps.sort_unstable();
+        steps.dedup();
+        let n_steps = steps.len() as i64;
+        let preds = Tensor::empty([n_steps, n], (Kind::Int64, cache.features.device()));
+        inc.run(order, &steps, &preds, Emit::Labels)?;
+        return Ok(ks
+            .iter()
+            .map(|&k| {
+                let j = steps.binary_search(&k).expect("every k is a step");
+                cache.point(k, &preds.get(j as i64))
+            })
+            .collect());
+    }
+    sweep_cached_heads(model, cache, order, ks)
+}
+
+/// The figures of [`sweep_cached`] running the model's head per `k` on the
+/// masked cached activations, even where the incremental form exists (for
+/// benchmarks and as a reference).
+pub fn sweep_cached_heads(
     model: &Model,
     cache: &FeatureCache,
     order: &[i64],
@@ -289,19 +588,11 @@ pub fn sweep_cached(
     check_order(&cache.layer, cache.channels, order, ks)?;
     let dev = cache.features.device();
     let buf = cache.features.empty_like();
-    let n = cache.features.size()[0];
     ks.iter()
         .map(|&k| {
             let keep = keep_mask(cache.channels, order, k, dev);
             let p = head_predictions(model, &cache.layer, &cache.features, &keep, &buf)?;
-            let clean = p.narrow(0, 0, cache.n_clean);
-            let trig = p.narrow(0, cache.n_clean, n - cache.n_clean);
-            Ok(CurvePoint {
-                k,
-                acc: eval::share_equal(&clean, &cache.clean_labels),
-                asr: eval::share_equal(&trig, &cache.triggered_targets),
-                ra: eval::share_equal(&trig, &cache.triggered_labels),
-            })
+            Ok(cache.point(k, &p))
         })
         .collect()
 }

@@ -8,6 +8,7 @@ use deadbolt_proto::v1::analyzer_service_client::AnalyzerServiceClient;
 use deadbolt_proto::v1::poisoner_service_client::PoisonerServiceClient;
 use deadbolt_proto::v1::pruner_service_client::PrunerServiceClient;
 use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
+use deadbolt_runtime::auth::WithBearer;
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::server::balanced_channel;
 use deadbolt_runtime::{convert, Shared, StageKind};
@@ -22,19 +23,28 @@ use crate::error::{retryable, GatewayError};
 /// Give up on a stage whose calls keep failing transiently for this long.
 pub const STAGE_RETRY_WINDOW: Duration = Duration::from_secs(15 * 60);
 
+/// A channel to a stage service that presents the internal credential.
+pub type StageChannel = WithBearer<Channel>;
+
 /// Clients of the four stage services (each over all configured addresses).
 #[derive(Clone)]
 pub struct Clients {
-    pub poisoner: PoisonerServiceClient<Channel>,
-    pub trainer: TrainerServiceClient<Channel>,
-    pub analyzer: AnalyzerServiceClient<Channel>,
-    pub pruner: PrunerServiceClient<Channel>,
+    pub poisoner: PoisonerServiceClient<StageChannel>,
+    pub trainer: TrainerServiceClient<StageChannel>,
+    pub analyzer: AnalyzerServiceClient<StageChannel>,
+    pub pruner: PrunerServiceClient<StageChannel>,
 }
 
 impl Clients {
     /// Must be called inside a tokio runtime.
     pub fn from_config(c: &deadbolt_runtime::Config) -> anyhow::Result<Clients> {
-        let ch = |k: ServiceKind| balanced_channel(&c.peer_urls(k));
+        let ch = |k: ServiceKind| {
+            WithBearer::new(
+                balanced_channel(&c.peer_urls(k))?,
+                c.internal_token.as_deref(),
+                "internal_token",
+            )
+        };
         Ok(Clients {
             poisoner: PoisonerServiceClient::new(ch(ServiceKind::Poisoner)?),
             trainer: TrainerServiceClient::new(ch(ServiceKind::Trainer)?),
@@ -82,7 +92,12 @@ impl Driver {
     }
 
     /// Calls a stage until it succeeds, fails for good, or the run is cancelled.
-    async fn stage<T, F, Fut>(&self, stage: &str, mut call: F) -> Result<T, GatewayError>
+    async fn stage<T, F, Fut>(
+        &self,
+        stage: &str,
+        kind: StageKind,
+        mut call: F,
+    ) -> Result<(), GatewayError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -93,12 +108,20 @@ impl Driver {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match call().await {
-                Ok(r) => {
+            // the call, or the stage's job ending in the store, whichever
+            // comes first: a call stuck on an instance that stopped
+            // answering (paused, partitioned) does not hold the run up,
+            // since another worker leases the job once its lease expires
+            let outcome = tokio::select! {
+                r = call() => r.map(|_| ()),
+                r = self.job_ended(kind) => r,
+            };
+            match outcome {
+                Ok(()) => {
                     let secs = t0.elapsed().as_secs_f64();
                     tracing::info!(run_id = %self.run_id, stage, attempt, seconds = secs, "stage done");
                     self.event(stage, "finished", &format!("{secs:.1} s")).await;
-                    return Ok(r.into_inner());
+                    return Ok(());
                 }
                 Err(s) => {
                     self.check_cancelled().await?;
@@ -117,6 +140,40 @@ impl Driver {
                         status: s,
                     });
                 }
+            }
+        }
+    }
+
+    /// Resolves once the run's job of `kind` succeeded (Ok) or failed for
+    /// good (its error), woken by the store's change notifications.
+    async fn job_ended(&self, kind: StageKind) -> Result<(), Status> {
+        let store = &self.shared.store;
+        let mut changes = store.changes();
+        let fallback = deadbolt_runtime::stage::fallback(self.shared.config.poll());
+        loop {
+            let jobs = store.list_jobs(self.run_id).await?;
+            if let Some(j) = jobs.iter().find(|j| j.stage == kind.as_str()) {
+                match j.status {
+                    deadbolt_store::JobStatus::Succeeded => return Ok(()),
+                    deadbolt_store::JobStatus::Failed => {
+                        let e = j
+                            .error
+                            .as_ref()
+                            .map(deadbolt_runtime::JobError::from_failure)
+                            .unwrap_or_else(|| {
+                                deadbolt_runtime::JobError::permanent(
+                                    tonic::Code::Internal,
+                                    "job failed",
+                                )
+                            });
+                        return Err(e.into());
+                    }
+                    _ => {}
+                }
+            }
+            tokio::select! {
+                _ = deadbolt_runtime::stage::changed(&mut changes, self.run_id) => {}
+                _ = tokio::time::sleep(fallback) => {}
             }
         }
     }
@@ -186,16 +243,21 @@ impl Driver {
             }
             Err(e) => (RunStatus::Failed, Some(e.to_string()), e.to_string()),
         };
+        // the outcome's event first, then the status: a watcher's stream
+        // ends at the final status, so every event must be recorded by then
+        if status == RunStatus::Succeeded {
+            self.event("run", "finished", "succeeded").await;
+        } else {
+            self.event("run", "failed", &what).await;
+        }
         match store
             .set_run_status_fenced(self.run_id, self.token, status, error)
             .await
         {
             Ok(_) if status == RunStatus::Succeeded => {
-                self.event("run", "finished", "succeeded").await;
                 tracing::info!(run_id = %self.run_id, "run succeeded");
             }
             Ok(_) => {
-                self.event("run", "failed", &what).await;
                 tracing::warn!(run_id = %self.run_id, error = %what, "run failed");
             }
             Err(StoreError::DriveLost { .. }) => {
@@ -203,7 +265,8 @@ impl Driver {
             }
             Err(StoreError::FailedPrecondition(why)) => {
                 // cancelled (or already ended) while the last stage
-                // finished: the store keeps the status it has
+                // finished: the store keeps the status it has, and says so
+                self.event("run", "outcome-not-recorded", &why).await;
                 tracing::info!(run_id = %self.run_id, outcome = %what, reason = %why, "run ended elsewhere; outcome not recorded");
             }
             Err(e) => {
@@ -236,7 +299,7 @@ impl Driver {
         let id = self.run_id.to_string();
         let c = &self.clients;
 
-        self.stage(StageKind::Data.as_str(), || {
+        self.stage(StageKind::Data.as_str(), StageKind::Data, || {
             let mut cl = c.poisoner.clone();
             let req = pb::PoisonRequest { run_id: id.clone() };
             async move { cl.poison(req).await }
@@ -246,7 +309,7 @@ impl Driver {
             (StageKind::TrainClean, pb::ModelTag::Clean),
             (StageKind::TrainBackdoored, pb::ModelTag::Backdoored),
         ] {
-            self.stage(stage.as_str(), || {
+            self.stage(stage.as_str(), stage, || {
                 let mut cl = c.trainer.clone();
                 let req = pb::TrainRequest {
                     run_id: id.clone(),
@@ -258,19 +321,19 @@ impl Driver {
         }
         // the synthetic trigger, statistics and Grad-CAM are parts of the
         // one analyze job
-        self.stage(StageKind::Analyze.as_str(), || {
+        self.stage(StageKind::Analyze.as_str(), StageKind::Analyze, || {
             let mut cl = c.analyzer.clone();
             let req = pb::ReverseEngineerRequest { run_id: id.clone() };
             async move { cl.reverse_engineer(req).await }
         })
         .await?;
-        self.stage("analyze-statistics", || {
+        self.stage("analyze-statistics", StageKind::Analyze, || {
             let mut cl = c.analyzer.clone();
             let req = pb::StatisticsRequest { run_id: id.clone() };
             async move { cl.statistics(req).await }
         })
         .await?;
-        self.stage("analyze-gradcam", || {
+        self.stage("analyze-gradcam", StageKind::Analyze, || {
             let mut cl = c.analyzer.clone();
             let req = pb::GradCamRequest { run_id: id.clone() };
             async move { cl.grad_cam(req).await }
@@ -279,7 +342,7 @@ impl Driver {
 
         for criterion in &spec.defense.criteria {
             let stage = format!("{}-{}", StageKind::Prune, criterion.as_str());
-            self.stage(&stage, || {
+            self.stage(&stage, StageKind::Prune, || {
                 let mut cl = c.pruner.clone();
                 let req = pb::PruneRequest {
                     run_id: id.clone(),

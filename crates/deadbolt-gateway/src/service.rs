@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
-use deadbolt_runtime::{convert, policy, stage, Shared};
-use deadbolt_store::NewRun;
+use deadbolt_runtime::{auth, convert, policy, stage, Shared};
+use deadbolt_store::{NewRun, RunStatus};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -131,9 +131,21 @@ impl Gateway {
         self.driving.lock().expect("lock").len()
     }
 
-    async fn run_proto(&self, id: Uuid) -> Result<pb::Run, Status> {
+    /// The run, if it is `team`'s: another team's run is NOT_FOUND, with
+    /// the same answer as a run that does not exist.
+    async fn team_run(&self, team: &str, id: Uuid) -> Result<deadbolt_store::Run, Status> {
+        match self.shared.store.get_run(id).await {
+            Ok(r) if r.team == team => Ok(r),
+            Ok(_) => Err(Status::from(deadbolt_store::StoreError::not_found(
+                "run", id,
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn run_proto(&self, team: &str, id: Uuid) -> Result<pb::Run, Status> {
         let s = &self.shared.store;
-        let run = s.get_run(id).await?;
+        let run = self.team_run(team, id).await?;
         let summary = s.run_summary(id).await.ok();
         let choices = s.list_pruning_choices(id).await?;
         let artifacts = s.list_artifacts(id).await?;
@@ -156,6 +168,7 @@ impl ExperimentService for Gateway {
         &self,
         req: Request<pb::SubmitExperimentRequest>,
     ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
+        let team = auth::principal(&req)?.team.clone();
         let req = req.into_inner();
         let config = &self.shared.config;
         let crid = req.client_request_id.trim();
@@ -176,10 +189,22 @@ impl ExperimentService for Gateway {
         }
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;
+        let in_flight = self
+            .shared
+            .store
+            .count_runs(&team, &[RunStatus::Queued, RunStatus::Running])
+            .await?;
+        if in_flight >= config.limits.max_runs_in_flight {
+            return Err(Status::resource_exhausted(format!(
+                "team {team} has {in_flight} runs queued or running, its quota is {}",
+                config.limits.max_runs_in_flight
+            )));
+        }
         let (run, created) = self
             .shared
             .store
             .create_run(NewRun {
+                team: team.clone(),
                 client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
                 name: spec.name.clone(),
                 spec_json,
@@ -208,14 +233,16 @@ impl ExperimentService for Gateway {
         &self,
         req: Request<pb::GetExperimentRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let team = auth::principal(&req)?.team.clone();
         let id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
-        Ok(Response::new(self.run_proto(id).await?))
+        Ok(Response::new(self.run_proto(&team, id).await?))
     }
 
     async fn list_experiments(
         &self,
         req: Request<pb::ListExperimentsRequest>,
     ) -> Result<Response<pb::ListExperimentsResponse>, Status> {
+        let team = auth::principal(&req)?.team.clone();
         let req = req.into_inner();
         let size = match req.page_size {
             0 => 50,
@@ -231,16 +258,29 @@ impl ExperimentService for Gateway {
                 )
             })?
         };
-        let runs = self.shared.store.list_runs(size, offset).await?;
-        let next = if runs.len() as i64 == size {
+        // one page in a constant number of queries
+        let pages = self
+            .shared
+            .store
+            .list_run_pages(Some(&team), size, offset)
+            .await?;
+        let next = if pages.len() as i64 == size {
             (offset + size).to_string()
         } else {
             String::new()
         };
-        let mut out = Vec::with_capacity(runs.len());
-        for r in &runs {
-            out.push(self.run_proto(r.id).await?);
-        }
+        let out: Vec<pb::Run> = pages
+            .iter()
+            .map(|p| {
+                convert::run_to_proto(
+                    &p.run,
+                    p.summary.as_ref(),
+                    &p.choices,
+                    &p.artifacts,
+                    &p.jobs,
+                )
+            })
+            .collect();
         Ok(Response::new(pb::ListExperimentsResponse {
             runs: out,
             next_page_token: next,
@@ -253,9 +293,10 @@ impl ExperimentService for Gateway {
         &self,
         req: Request<pb::WatchExperimentRequest>,
     ) -> Result<Response<Self::WatchExperimentStream>, Status> {
+        let team = auth::principal(&req)?.team.clone();
         let req = req.into_inner();
         let id = stage::parse_run_id("run_id", &req.run_id)?;
-        let run = self.shared.store.get_run(id).await?;
+        let run = self.team_run(&team, id).await?;
         let feeds = self.feeds.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(128);
         tokio::spawn(async move {
@@ -300,13 +341,15 @@ impl ExperimentService for Gateway {
         &self,
         req: Request<pb::CancelExperimentRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let team = auth::principal(&req)?.team.clone();
         let id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        self.team_run(&team, id).await?;
         self.shared.store.cancel_run(id).await?;
         let _ = self
             .shared
             .store
             .append_event(None, id, "run", "cancelled", "cancelled by request", None)
             .await;
-        Ok(Response::new(self.run_proto(id).await?))
+        Ok(Response::new(self.run_proto(&team, id).await?))
     }
 }

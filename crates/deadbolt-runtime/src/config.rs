@@ -19,7 +19,8 @@
 //! Environment: `DEADBOLT_DATABASE_URL`, `DEADBOLT_ARTIFACT_URL`,
 //! `DEADBOLT_WORK_DIR`, `DEADBOLT_LEASE_SECS`, `DEADBOLT_HEARTBEAT_SECS`,
 //! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_DRAIN_SECS`,
-//! `DEADBOLT_METRICS_LISTEN`, `DEADBOLT_LOG_FORMAT` (`json` or `text`), `DEADBOLT_S3_ENDPOINT`,
+//! `DEADBOLT_METRICS_LISTEN`, `DEADBOLT_LOG_FORMAT` (`json` or `text`),
+//! `DEADBOLT_AUTH` (`keys` or `none`), `DEADBOLT_INTERNAL_TOKEN`, `DEADBOLT_S3_ENDPOINT`,
 //! `DEADBOLT_S3_ALLOW_HTTP`, `DEADBOLT_S3_REGION`,
 //! `DEADBOLT_S3_ACCESS_KEY_ID`, `DEADBOLT_S3_SECRET_ACCESS_KEY`, and per
 //! service `DEADBOLT_<SERVICE>_LISTEN` and `DEADBOLT_<SERVICE>_PEERS`
@@ -177,6 +178,19 @@ pub struct Config {
     /// none when unset (the container image sets `0.0.0.0:9464`).
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Epoch checkpoints a training job keeps (older ones are deleted once
+    /// a newer one is stored), so a run's storage is bounded by the model
+    /// size, not its epoch count.
+    #[serde(default = "default_keep_epochs")]
+    pub keep_epochs: usize,
+    /// How the gateway authenticates callers: `keys` (team API keys, the
+    /// default) or `none` (everyone is the local team: the embedded mode).
+    #[serde(default)]
+    pub auth: crate::auth::AuthMode,
+    /// The credential the gateway presents to the stage services, which
+    /// refuse calls without it (from a Secret: `DEADBOLT_INTERNAL_TOKEN`).
+    #[serde(default, skip_serializing)]
+    pub internal_token: Option<String>,
     /// Deadline of a gateway request (to its response headers).
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: f64,
@@ -222,6 +236,9 @@ fn default_poll_ms() -> u64 {
 }
 fn default_drain_secs() -> f64 {
     30.0
+}
+fn default_keep_epochs() -> usize {
+    2
 }
 fn default_request_timeout_secs() -> f64 {
     30.0
@@ -300,6 +317,16 @@ impl Config {
         if let Some(v) = parse_env("DEADBOLT_DRAIN_SECS")? {
             self.drain_secs = v;
         }
+        if let Some(v) = env("DEADBOLT_INTERNAL_TOKEN") {
+            self.internal_token = Some(v);
+        }
+        if let Some(v) = env("DEADBOLT_AUTH") {
+            self.auth = match v.as_str() {
+                "keys" => crate::auth::AuthMode::Keys,
+                "none" => crate::auth::AuthMode::None,
+                other => bail!("DEADBOLT_AUTH={other:?}: expected keys or none"),
+            };
+        }
         if let Some(v) = env("DEADBOLT_METRICS_LISTEN") {
             self.metrics_listen = Some(v);
         }
@@ -343,6 +370,9 @@ impl Config {
         }
         if self.drain_secs.is_nan() || self.drain_secs < 0.0 {
             bail!("drain_secs must be >= 0");
+        }
+        if self.keep_epochs < 1 {
+            bail!("keep_epochs must be >= 1 (resuming needs the latest epoch)");
         }
         if self.max_attempts < 1 {
             bail!("max_attempts must be >= 1");

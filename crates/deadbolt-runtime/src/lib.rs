@@ -14,6 +14,7 @@
 //!   fail) that runs a stage's work on the tensor thread;
 //! - [`error`]: [`JobError`], a job's structured failure.
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -80,6 +81,7 @@ impl Shared {
             work_root,
             drain: self.drain.clone(),
             drain_deadline: self.config.drain(),
+            keep_epochs: self.config.keep_epochs,
         })
     }
 

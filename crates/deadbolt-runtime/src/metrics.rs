@@ -156,11 +156,14 @@ pub fn spawn_queue_gauges(
         loop {
             match store.queue_stats().await {
                 Ok(stats) => {
-                    for s in stats {
-                        metrics::gauge!(names::QUEUE_DEPTH, "stage" => s.stage.clone())
-                            .set(s.queued as f64);
-                        metrics::gauge!(names::QUEUE_OLDEST, "stage" => s.stage)
-                            .set(s.oldest_seconds);
+                    // every stage, so an emptied queue reads 0, not its
+                    // last depth
+                    for k in crate::stage::StageKind::ALL {
+                        let s = stats.iter().find(|s| s.stage == k.as_str());
+                        metrics::gauge!(names::QUEUE_DEPTH, "stage" => k.as_str())
+                            .set(s.map(|s| s.queued as f64).unwrap_or(0.0));
+                        metrics::gauge!(names::QUEUE_OLDEST, "stage" => k.as_str())
+                            .set(s.map(|s| s.oldest_seconds).unwrap_or(0.0));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "reading queue stats failed"),

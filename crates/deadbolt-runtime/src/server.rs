@@ -33,7 +33,18 @@ pub async fn spawn(
     routes: Routes,
     listener: TcpListener,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
-    spawn_with(service_name, routes, listener, None).await
+    spawn_with(service_name, routes, listener, None, Guard::Open).await
+}
+
+/// Who may call a server (see [`crate::auth`]).
+#[derive(Clone)]
+pub enum Guard {
+    /// Team API keys (the gateway).
+    Keys(crate::auth::AuthLayer),
+    /// The internal credential (stage services).
+    Internal(crate::auth::InternalLayer),
+    /// Anyone (tests of the server itself).
+    Open,
 }
 
 /// [`spawn`], with a per-request deadline (the time to the response
@@ -44,7 +55,13 @@ pub async fn spawn_with(
     routes: Routes,
     listener: TcpListener,
     request_timeout: Option<std::time::Duration>,
+    guard: Guard,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
+    let (keys, internal) = match guard {
+        Guard::Keys(k) => (Some(k), None),
+        Guard::Internal(i) => (None, Some(i)),
+        Guard::Open => (None, None),
+    };
     let addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -81,6 +98,8 @@ pub async fn spawn_with(
             .layer(crate::metrics::GrpcMetricsLayer {
                 service: service_name,
             })
+            .layer(tower::util::option_layer(keys))
+            .layer(tower::util::option_layer(internal))
             .add_routes(routes)
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await

@@ -81,6 +81,7 @@ pub struct JobContext {
     /// A fresh folder for this attempt (removed afterwards).
     pub work_dir: PathBuf,
     fence: Fence,
+    keep_epochs: usize,
     handle: tokio::runtime::Handle,
     progress: Arc<Mutex<Option<(f64, String)>>>,
     cancelled: Arc<AtomicBool>,
@@ -95,6 +96,28 @@ impl JobContext {
     /// The job's lease, which every write carries.
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    /// Epoch checkpoints a training job keeps (config `keep_epochs`).
+    pub fn keep_epochs(&self) -> usize {
+        self.keep_epochs
+    }
+
+    /// Deletes artifact `name` of the run: its record (fenced), then its
+    /// object. Nothing to delete is fine.
+    pub fn delete_artifact(&self, name: &str) -> Result<(), JobError> {
+        self.block_on(async {
+            if let Some(rec) = self
+                .store
+                .delete_artifact(Some(&self.fence), self.run_id(), name)
+                .await?
+            {
+                let r = self.artifacts.ref_from_record(&rec)?;
+                self.artifacts.delete(&r).await?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .map_err(JobError::from)
     }
 
     /// Runs a future to completion from the work's thread.
@@ -277,6 +300,8 @@ pub struct Worker {
     pub drain: Drain,
     /// How long a draining job may go on before it is stopped.
     pub drain_deadline: Duration,
+    /// Epoch checkpoints a training job keeps.
+    pub keep_epochs: usize,
 }
 
 /// `<service>-<pid>-<random>`: the pid lets operators (and tests) find the
@@ -409,6 +434,7 @@ impl Worker {
             artifacts: self.artifacts.clone(),
             work_dir: work_dir.path().to_path_buf(),
             fence,
+            keep_epochs: self.keep_epochs,
             handle: tokio::runtime::Handle::current(),
             progress: progress.clone(),
             cancelled: flags.cancelled.clone(),

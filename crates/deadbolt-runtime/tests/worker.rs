@@ -64,6 +64,9 @@ fn worker(
         heartbeat: Duration::from_millis(200),
         poll: Duration::from_millis(20),
         work_root: dir.to_path_buf(),
+        drain: deadbolt_runtime::Drain::new(),
+        drain_deadline: Duration::from_secs(5),
+        keep_epochs: 2,
     }
 }
 
@@ -71,6 +74,7 @@ async fn run_with(store: &Arc<dyn MetadataStore>, mode: &str) -> Uuid {
     let (run, _) = store
         .create_run(NewRun {
             client_request_id: None,
+            team: deadbolt_store::LOCAL_TEAM.into(),
             name: mode.into(),
             spec_json: serde_json::json!({}),
         })

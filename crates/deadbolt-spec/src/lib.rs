@@ -98,6 +98,8 @@ pub enum Arch {
     BadnetCnn,
     #[serde(rename = "preact-resnet18")]
     PreactResnet18,
+    /// torchvision's `resnet18` (its parameter names).
+    Resnet18,
 }
 
 impl Arch {
@@ -105,6 +107,7 @@ impl Arch {
         match self {
             Arch::BadnetCnn => "badnet-cnn",
             Arch::PreactResnet18 => "preact-resnet18",
+            Arch::Resnet18 => "resnet18",
         }
     }
 }
@@ -115,9 +118,10 @@ impl std::str::FromStr for Arch {
         match s {
             "badnet-cnn" => Ok(Arch::BadnetCnn),
             "preact-resnet18" => Ok(Arch::PreactResnet18),
+            "resnet18" => Ok(Arch::Resnet18),
             other => Err(Error::invalid(
                 "model.arch",
-                format!("unknown architecture {other:?} (expected badnet-cnn or preact-resnet18)"),
+                format!("unknown architecture {other:?} (expected badnet-cnn, preact-resnet18 or resnet18)"),
             )),
         }
     }
@@ -467,18 +471,63 @@ fn default_nc_threshold() -> f64 {
     2.0
 }
 
+/// The dotted key (`table.key`) of the TOML line holding byte `offset` of
+/// `text`, when that line is a `key = value` line (or a `[table]` header).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = start + line.len();
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim();
+            table = name.to_string();
+            if (start..end).contains(&offset) {
+                return (!table.is_empty()).then(|| table.clone());
+            }
+        } else if (start..end).contains(&offset) {
+            let key = t.split('=').next()?.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('#') || !t.contains('=') {
+                return None;
+            }
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        start = end;
+    }
+    None
+}
+
 impl ExperimentSpec {
     /// Parses and validates a TOML spec; errors name the offending key.
     pub fn from_toml_str(text: &str) -> Result<Self> {
         let spec: ExperimentSpec = toml::from_str(text).map_err(|e| {
-            let key = e.span().map(|s| {
-                // toml reports the span of the offending key/value; show the text.
-                text.get(s).unwrap_or("").trim().to_string()
-            });
-            Error::Spec(match key {
-                Some(k) if !k.is_empty() => format!("{} (at `{k}`)", e.message()),
-                _ => e.message().to_string(),
-            })
+            // toml reports the span of the offending key/value: name the
+            // dotted key there (`training.epochs`), else show the text
+            let field = e.span().and_then(|s| key_at(text, s.start));
+            match field {
+                Some(field) => Error::Invalid {
+                    field,
+                    message: e.message().trim().to_string(),
+                },
+                None => {
+                    let at = e
+                        .span()
+                        .map(|s| text.get(s).unwrap_or("").trim().to_string());
+                    Error::Spec(match at {
+                        Some(k) if !k.is_empty() => format!("{} (at `{k}`)", e.message()),
+                        _ => e.message().to_string(),
+                    })
+                }
+            }
         })?;
         spec.validate()?;
         Ok(spec)
@@ -486,7 +535,7 @@ impl ExperimentSpec {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml_str(&text).map_err(|e| match e {
+        ExperimentSpec::from_toml_str(&text).map_err(|e| match e {
             Error::Spec(m) => Error::Spec(format!("{}: {m}", path.display())),
             Error::Invalid { field, message } => Error::Spec(format!(
                 "{}: invalid value for `{field}`: {message}",
@@ -743,5 +792,25 @@ mod tests {
         let s = ExperimentSpec::from_toml_str(MIN).unwrap();
         let again = ExperimentSpec::from_toml_str(&s.to_toml_string()).unwrap();
         assert_eq!(s, again);
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn type_errors_name_their_key() {
+        let text = "name = \"x\"\n[dataset]\nkind = \"mnist\"\n[training]\nepochs = -3\n";
+        match ExperimentSpec::from_toml_str(text) {
+            Err(Error::Invalid { field, .. }) => assert_eq!(field, "training.epochs"),
+            other => panic!("{other:?}"),
+        }
+        let text = "[dataset]\nkind = \"mnist\"\n[training]\nbogus = 1\n";
+        match ExperimentSpec::from_toml_str(text) {
+            Err(Error::Invalid { field, .. }) => assert!(field.starts_with("training"), "{field}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(key_at("a = 1\n[b.c]\nd = 2\n", 14), Some("b.c.d".into()));
     }
 }

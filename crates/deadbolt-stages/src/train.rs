@@ -56,8 +56,22 @@ impl EpochUploader<'_> {
         if !self.uploaded.lock().expect("lock").insert(report.epoch) {
             return Ok(());
         }
+        // the epoch's metrics first, its sidecar last: an epoch whose
+        // checkpoint is complete (what a resumed attempt starts from) has
+        // its metrics recorded
+        record_epoch(self.ctx, self.tag, report)?;
         upload_epoch(self.ctx, self.tag, self.out, report.epoch)?;
-        record_epoch(self.ctx, self.tag, report)
+        // keep the last `keep_epochs` epoch checkpoints (resuming needs
+        // only the latest): storage stays bounded by the model size
+        let keep = self.ctx.keep_epochs().max(1);
+        if report.epoch > keep {
+            let old = report.epoch - keep;
+            for f in ["model.safetensors", "model.json", workflow::OPTIMIZER_STATE] {
+                self.ctx
+                    .delete_artifact(&format!("{}/epoch-{old}/{f}", self.tag.as_str()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -228,8 +242,13 @@ fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
         error: Mutex::new(None),
         stop: AtomicBool::new(false),
     };
+    // `training.threads` applies to this job only: the process's libtorch
+    // thread count is put back afterwards, so one spec cannot slow every
+    // later job of this trainer
+    let threads = tch::get_num_threads();
     let trained =
         experiment::stage_train(&spec, data, &bundle.test, attack.as_ref(), &out, &progress);
+    tch::set_num_threads(threads);
     if let Some(e) = progress.error.lock().expect("lock").take() {
         return Err(e);
     }

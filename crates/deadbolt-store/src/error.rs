@@ -77,11 +77,28 @@ impl StoreError {
 /// Maps a foreign-key violation (the run does not exist) to NotFound, a
 /// unique violation to Conflict, and passes everything else through.
 pub(crate) fn map_db(err: sqlx::Error, run_id: Option<Uuid>) -> StoreError {
+    match run_id {
+        Some(id) => map_db_missing(err, "run", id),
+        None => map_db_as(err, None),
+    }
+}
+
+/// [`map_db`] for a write whose one foreign key names `what` `id` (NotFound
+/// when it does not exist).
+pub(crate) fn map_db_missing(
+    err: sqlx::Error,
+    what: &'static str,
+    id: impl ToString,
+) -> StoreError {
+    map_db_as(err, Some((what, id.to_string())))
+}
+
+fn map_db_as(err: sqlx::Error, missing: Option<(&'static str, String)>) -> StoreError {
     if let sqlx::Error::Database(db) = &err {
         match db.kind() {
             sqlx::error::ErrorKind::ForeignKeyViolation => {
-                if let Some(id) = run_id {
-                    return StoreError::not_found("run", id);
+                if let Some((what, id)) = missing {
+                    return StoreError::not_found(what, id);
                 }
             }
             sqlx::error::ErrorKind::UniqueViolation => {

@@ -2,9 +2,9 @@
 //!
 //! - [`MetadataStore`]: one async trait over the run metadata (runs, the
 //!   stage-job queue with leases, metrics, neuron statistics, pruning curves,
-//!   artifact records, progress events, API keys, dashboard views), with a
-//!   Postgres implementation ([`PgStore`]) and an embedded SQLite one
-//!   ([`SqliteStore`]); [`connect`] picks one from a URL.
+//!   artifact records, progress events, teams and API keys, dashboard
+//!   views), with a Postgres implementation ([`PgStore`]) and an embedded
+//!   SQLite one ([`SqliteStore`]); [`connect`] picks one from a URL.
 //! - [`ArtifactStore`]: artifacts in object storage (local filesystem or
 //!   S3-compatible), keyed `runs/<run_id>/<name>`, with sha256 checksums
 //!   verified on read.
@@ -25,6 +25,10 @@
 //!   refused with [`StoreError::LeaseLost`] once that lease is no longer
 //!   current; a draining worker gives its job back with
 //!   [`MetadataStore::release_job`] (no attempt counted);
+//! - runs belong to a team ([`Run::team`]; `client_request_id` is unique per
+//!   team); API keys belong to a team, carry [`Scope`]s, and are stored
+//!   only as their sha256 ([`MetadataStore::authenticate`] turns a key into
+//!   a [`Principal`]); the team [`LOCAL_TEAM`] always exists;
 //! - driving a run is leased in the store ([`MetadataStore::claim_run`],
 //!   `claim_runs`, `renew_run`, `release_run`), and the driver's status
 //!   changes go through [`MetadataStore::set_run_status_fenced`]
@@ -44,6 +48,7 @@
 //! `deadbolt-test-support`.
 
 pub mod artifacts;
+pub mod changes;
 pub mod error;
 pub mod metadata;
 pub mod model;
@@ -61,13 +66,14 @@ pub use model::*;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-/// A reused client_request_id must carry the same spec.
+/// A reused client_request_id must carry the same name and spec. The
+/// message names neither the existing run nor its spec: the id is the
+/// client's, the run may not be.
 pub(crate) fn check_same_request(existing: &Run, new: &NewRun) -> Result<()> {
     if existing.spec_json != new.spec_json || existing.name != new.name {
         return Err(StoreError::Conflict(format!(
-            "client_request_id {:?} was already used for run {} with a different spec",
+            "client_request_id {:?} was already used with a different name or spec",
             new.client_request_id.as_deref().unwrap_or_default(),
-            existing.id
         )));
     }
     Ok(())

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -11,7 +12,7 @@ use crate::error::{Result, StoreError};
 use crate::model::*;
 
 /// Run metadata: runs, the stage-job queue, metrics, neuron statistics,
-/// pruning curves, artifacts, progress events and API keys.
+/// pruning curves, artifacts, progress events, teams and API keys.
 ///
 /// Implemented by [`crate::PgStore`] (production) and
 /// [`crate::SqliteStore`] (embedded default); both pass the same test suite.
@@ -37,13 +38,41 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// Round-trips to the database (for health checks).
     async fn ping(&self) -> Result<()>;
 
+    /// Notifications of run changes (see [`crate::changes`]): the id of a
+    /// run whose events, jobs or status changed, from any process sharing
+    /// the database on Postgres, from this process on SQLite.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+
+    /// Runnable queued jobs per stage (for the queue gauges).
+    async fn queue_stats(&self) -> Result<Vec<QueueStat>>;
+
+    /// (connections, idle connections) of the pool.
+    fn pool_stats(&self) -> (u32, u32);
+
     // ---- runs ----
-    /// Creates a run; the same `client_request_id` returns the existing run
-    /// with `created == false` (Conflict if its spec differs).
+    /// Creates a run of `new.team`; the same `client_request_id` in the same
+    /// team returns the existing run with `created == false` (Conflict if its
+    /// name or spec differs; the message does not name the existing run).
+    /// Other teams may use the same `client_request_id`. NotFound for an
+    /// unknown team.
     async fn create_run(&self, new: NewRun) -> Result<(Run, bool)>;
+    /// Any team's run: callers serving a team check `run.team`.
     async fn get_run(&self, id: Uuid) -> Result<Run>;
-    /// Newest first.
-    async fn list_runs(&self, limit: i64, offset: i64) -> Result<Vec<Run>>;
+    /// The runs of `team` (of every team with None, for operators), newest
+    /// first.
+    async fn list_runs(&self, team: Option<&str>, limit: i64, offset: i64) -> Result<Vec<Run>>;
+    /// [`Self::list_runs`] with each run's summary, pruning choices,
+    /// artifacts and jobs (each as its per-run read returns it), in five
+    /// queries for the whole page, whatever its size.
+    async fn list_run_pages(
+        &self,
+        team: Option<&str>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<RunPage>>;
+    /// How many runs of `team` have one of `statuses` (0 when it is empty),
+    /// for quotas.
+    async fn count_runs(&self, team: &str, statuses: &[RunStatus]) -> Result<i64>;
     /// Sets the status (and error) of a run, as a compare-and-set in SQL: a
     /// finished run (succeeded, failed, cancelled) never changes, a running
     /// run does not go back to queued; anything else is allowed. A refused
@@ -198,6 +227,16 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn record_artifact(&self, fence: Option<&Fence>, rec: ArtifactRecord) -> Result<()>;
     async fn get_artifact(&self, run_id: Uuid, name: &str) -> Result<ArtifactRecord>;
     async fn list_artifacts(&self, run_id: Uuid) -> Result<Vec<ArtifactRecord>>;
+    /// Removes the record of artifact `name` of the run and returns it, so
+    /// that the caller can delete the object
+    /// ([`crate::ArtifactStore::delete`]); Ok(None) when there was none.
+    /// Fenced.
+    async fn delete_artifact(
+        &self,
+        fence: Option<&Fence>,
+        run_id: Uuid,
+        name: &str,
+    ) -> Result<Option<ArtifactRecord>>;
 
     // ---- events ----
     /// Returns the event's seq, monotonic across the store. Fenced.
@@ -213,11 +252,42 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// Events with seq > `after_seq`, in seq order.
     async fn list_events(&self, run_id: Uuid, after_seq: i64) -> Result<Vec<RunEvent>>;
 
-    // ---- API keys ----
-    /// Returns the plaintext key (shown once); only its sha256 is stored.
-    async fn create_api_key(&self, name: &str) -> Result<String>;
-    /// The key's name, or None for an unknown key.
-    async fn verify_api_key(&self, key: &str) -> Result<Option<String>>;
+    // ---- teams and API keys ----
+    /// Creates a team. Invalid (field `team`) unless the name is 1 to 64
+    /// characters of `[a-z0-9-]`; Conflict if it exists (`local` always
+    /// does).
+    async fn create_team(&self, name: &str) -> Result<Team>;
+    /// By name.
+    async fn list_teams(&self) -> Result<Vec<Team>>;
+    /// Creates an API key of `team` with `scopes` (at least one) that
+    /// expires at `expires_at` (never with None). Returns the key's record
+    /// and the key itself: `dbk_` and 64 hex digits (32 bytes from the OS
+    /// RNG), shown only here; the store keeps only its sha256 and its first
+    /// characters ([`ApiKey::prefix`]). NotFound for an unknown team.
+    async fn create_api_key(
+        &self,
+        team: &str,
+        name: &str,
+        scopes: &[Scope],
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<(ApiKey, String)>;
+    /// The keys of `team` (of every team with None), by team then age.
+    async fn list_api_keys(&self, team: Option<&str>) -> Result<Vec<ApiKey>>;
+    /// Revokes the key for good; idempotent (the first revocation time
+    /// stays). NotFound for an unknown key.
+    async fn revoke_api_key(&self, id: Uuid) -> Result<ApiKey>;
+    /// Sets (or with None clears) the key's expiry. NotFound for an unknown
+    /// key.
+    async fn set_api_key_expiry(
+        &self,
+        id: Uuid,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<ApiKey>;
+    /// The team and scopes of `key`, or None for an unknown, revoked or
+    /// expired key. Looks the key up by its sha256 and compares the hashes
+    /// in constant time; records the use in `last_used_at` (at most once a
+    /// minute). Never logs the key.
+    async fn authenticate(&self, key: &str) -> Result<Option<Principal>>;
 
     // ---- dashboard views ----
     /// The run's row of the `run_summary` view.

@@ -89,9 +89,21 @@ string_enum!(
     }
 );
 
-/// A run to create. `client_request_id` makes creation idempotent.
+/// The runnable queued jobs of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueStat {
+    pub stage: String,
+    pub queued: i64,
+    /// Age of the oldest of them (0 when none).
+    pub oldest_seconds: f64,
+}
+
+/// A run to create. `client_request_id` makes creation idempotent within
+/// the team.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewRun {
+    /// The team that owns the run (it must exist; `local` always does).
+    pub team: String,
     pub client_request_id: Option<String>,
     pub name: String,
     pub spec_json: Value,
@@ -100,6 +112,8 @@ pub struct NewRun {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Run {
     pub id: Uuid,
+    /// The team that owns the run.
+    pub team: String,
     pub client_request_id: Option<String>,
     pub name: String,
     pub status: RunStatus,
@@ -112,6 +126,114 @@ pub struct Run {
     pub driver_id: Option<String>,
     /// When that drive lease expires (or expired); None when released.
     pub driver_expires_at: Option<DateTime<Utc>>,
+}
+
+/// A run with everything a listing shows of it, read for a whole page at
+/// once (see `MetadataStore::list_run_pages`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunPage {
+    pub run: Run,
+    /// The run's row of the `run_summary` view.
+    pub summary: Option<RunSummary>,
+    /// As `list_pruning_choices`: by criterion.
+    pub choices: Vec<PruningChoice>,
+    /// As `list_artifacts`: by name.
+    pub artifacts: Vec<ArtifactRecord>,
+    /// As `list_jobs`: oldest first.
+    pub jobs: Vec<Job>,
+}
+
+/// The team that every store has: the embedded `deadbolt experiment` runs
+/// as it, and runs and keys made before teams existed belong to it.
+pub const LOCAL_TEAM: &str = "local";
+
+/// A team: the owner of runs and API keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Team {
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Checks a team name: 1 to 64 characters of `[a-z0-9-]`.
+pub fn validate_team_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(StoreError::invalid(
+            "team",
+            format!("{} characters (expected 1 to 64)", name.chars().count()),
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(StoreError::invalid(
+            "team",
+            format!("{name:?} (expected only a-z, 0-9 and -)"),
+        ));
+    }
+    Ok(())
+}
+
+string_enum!(
+    /// What an API key may do. `admin` implies every scope.
+    Scope, "api_key.scopes" {
+        Submit => "submit",
+        Read => "read",
+        Admin => "admin",
+    }
+);
+
+/// An API key as listed: never the key itself, which is shown only once,
+/// when it is created, and stored only as its sha256.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub team: String,
+    pub name: String,
+    /// Distinct, in the order of [`Scope::ALL`].
+    pub scopes: Vec<Scope>,
+    /// The first characters of the key (not secret), for operators to tell
+    /// keys apart; empty for keys made before teams existed.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// When the key last authenticated (updated at most once a minute).
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// Who a request comes from: the team and key that an API key authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    pub team: String,
+    pub key_id: Uuid,
+    pub key_name: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Principal {
+    /// Whether the key has scope `s` (`admin` implies every scope).
+    pub fn has(&self, s: Scope) -> bool {
+        self.scopes.iter().any(|&k| k == s || k == Scope::Admin)
+    }
+}
+
+/// Scopes in the order of [`Scope::ALL`], each once.
+pub(crate) fn normalize_scopes(scopes: &[Scope]) -> Vec<Scope> {
+    Scope::ALL
+        .iter()
+        .copied()
+        .filter(|s| scopes.contains(s))
+        .collect()
+}
+
+/// The scopes as stored: space-separated.
+pub(crate) fn scopes_text(scopes: &[Scope]) -> String {
+    normalize_scopes(scopes)
+        .iter()
+        .map(Scope::as_str)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A stage job to enqueue; one per (run_id, stage).
@@ -363,6 +485,25 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-pub(crate) fn new_api_key() -> String {
-    format!("dbk_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+/// How API keys begin.
+pub const API_KEY_PREFIX: &str = "dbk_";
+
+/// How many leading characters of a key are kept (not secret) as
+/// [`ApiKey::prefix`]: `dbk_` and 8 hex digits, 32 of the key's 256 bits.
+pub(crate) const API_KEY_SHOWN: usize = 12;
+
+/// A new API key: `dbk_` and 64 hex digits, 32 bytes from the OS RNG.
+pub(crate) fn new_api_key() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        StoreError::Database(sqlx::Error::Io(std::io::Error::other(format!(
+            "the OS random number generator failed: {e}"
+        ))))
+    })?;
+    Ok(format!("{API_KEY_PREFIX}{}", hex::encode(bytes)))
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their lengths.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -19,7 +19,7 @@ use sqlx::types::Json;
 use sqlx::{Decode, Postgres};
 use uuid::Uuid;
 
-use crate::error::{map_db, Result, StoreError};
+use crate::error::{map_db, map_db_missing, Result, StoreError};
 use crate::model::*;
 use crate::rows::*;
 use crate::sql::*;
@@ -30,17 +30,20 @@ const DIALECT: Dialect = Dialect {
     now: "now()",
     later: "now() + make_interval(secs => {})",
     each: "SELECT jsonb_array_elements_text({})",
+    each_id: "SELECT jsonb_array_elements_text({})::uuid",
     skip_locked: "FOR NO KEY UPDATE SKIP LOCKED",
     share_lock: "FOR SHARE",
     begin: "BEGIN",
     // 0x6465_6164_6576_7473, "deadevts".
     event_lock: Some("SELECT pg_advisory_xact_lock(7234295460267455603)"),
+    notify: Some("SELECT pg_notify('deadbolt_changes', $1)"),
 };
 
 /// Metadata in Postgres.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    changes: crate::changes::Changes,
 }
 
 impl PgStore {
@@ -58,11 +61,57 @@ impl PgStore {
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         MIGRATOR.run(&pool).await?;
         tracing::info!("postgres metadata store ready");
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            changes: Default::default(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// One `LISTEN deadbolt_changes` connection per store (the first
+    /// subscriber starts it), forwarding other processes' changes. It
+    /// reconnects by itself; notifications sent while it was down are
+    /// lost, which only delays waiters until their fallback poll.
+    fn start_listener(&self) {
+        let pool = self.pool.clone();
+        self.changes.listen_once(|tx| {
+            let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            handle.spawn(async move {
+                loop {
+                    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "change listener cannot connect");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            continue;
+                        }
+                    };
+                    if let Err(e) = listener.listen(crate::changes::CHANNEL).await {
+                        tracing::warn!(error = %e, "change listener cannot listen");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        continue;
+                    }
+                    loop {
+                        match listener.recv().await {
+                            Ok(n) => {
+                                if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                    let _ = tx.send(id);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "change listener lost its connection");
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        });
     }
 }
 
@@ -74,6 +123,7 @@ encode_as!(Postgres:
     Id => Uuid, |id| id.0;
     Clock => DateTime<Utc>, |c| c.0;
     Later => f64, |l| l.0.as_secs_f64();
+    At => DateTime<Utc>, |t| t.0;
 );
 
 impl Decode<'_, Postgres> for Id {

@@ -12,6 +12,7 @@ use crate::sql::Id;
 #[derive(sqlx::FromRow)]
 pub(crate) struct RunRow {
     id: Id,
+    team: String,
     client_request_id: Option<String>,
     name: String,
     #[sqlx(try_from = "String")]
@@ -29,6 +30,7 @@ impl From<RunRow> for Run {
     fn from(r: RunRow) -> Run {
         Run {
             id: r.id.0,
+            team: r.team,
             client_request_id: r.client_request_id,
             name: r.name,
             status: r.status,
@@ -126,6 +128,14 @@ pub(crate) struct CurveRow {
     pub point: CurvePoint,
 }
 
+/// A row of `pruning_choices` with its run.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ChoiceRow {
+    pub run_id: Id,
+    #[sqlx(flatten)]
+    pub choice: PruningChoice,
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct ArtifactRow {
     run_id: Id,
@@ -171,6 +181,52 @@ impl From<EventRow> for RunEvent {
             message: r.message,
             progress: r.progress,
             created_at: r.created_at,
+        }
+    }
+}
+
+/// The space-separated scopes of an API key.
+pub(crate) struct ScopeList(Vec<Scope>);
+
+impl TryFrom<String> for ScopeList {
+    type Error = crate::StoreError;
+    fn try_from(s: String) -> crate::Result<Self> {
+        let scopes = s
+            .split_ascii_whitespace()
+            .map(str::parse)
+            .collect::<crate::Result<Vec<Scope>>>()?;
+        Ok(ScopeList(normalize_scopes(&scopes)))
+    }
+}
+
+/// A row of `api_keys`: the key's hash stays here.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ApiKeyRow {
+    id: Id,
+    team: String,
+    name: String,
+    pub key_hash: String,
+    prefix: String,
+    #[sqlx(try_from = "String")]
+    scopes: ScopeList,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+impl From<ApiKeyRow> for ApiKey {
+    fn from(r: ApiKeyRow) -> ApiKey {
+        ApiKey {
+            id: r.id.0,
+            team: r.team,
+            name: r.name,
+            scopes: r.scopes.0,
+            prefix: r.prefix,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            last_used_at: r.last_used_at,
         }
     }
 }

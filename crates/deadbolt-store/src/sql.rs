@@ -12,6 +12,8 @@
 //!   - `{later $n}`: the time that the [`Later`] bound as `$n` stands for;
 //!   - `{each $n}`: the strings of the JSON array `$n`, as a one-column
 //!     `SELECT` (for `x IN ({each $n})`);
+//!   - `{each_id $n}`: the same for the ids (hyphenated UUID text) of the
+//!     JSON array `$n`, for an id column (`run_id IN ({each_id $n})`);
 //!   - `{skip_locked}`: lock the selected row, skipping rows that other
 //!     transactions hold (nothing on SQLite, which has one writer at a time);
 //!   - `{share_lock}`: lock the selected row against updates until the
@@ -24,7 +26,8 @@
 //!   each `{later $n}`: SQLite stores those values; Postgres expands `{now}`
 //!   to `now()` (the database clock, so that workers on machines with skewed
 //!   clocks agree on lease expiry), leaves `$1` unused and adds the seconds
-//!   of a `Later` to `now()`.
+//!   of a `Later` to `now()`. A time that the caller gives (a key's expiry)
+//!   is bound as an [`At`], so that SQLite stores it in the same text form.
 //! - [`sql_store!`] expands the trait implementation for one backend, so the
 //!   code is written once and type-checked against each driver.
 
@@ -40,6 +43,8 @@ pub(crate) struct Dialect {
     pub later: &'static str,
     /// `{each $n}`; `{}` stands for the placeholder.
     pub each: &'static str,
+    /// `{each_id $n}`; `{}` stands for the placeholder.
+    pub each_id: &'static str,
     /// `{skip_locked}`.
     pub skip_locked: &'static str,
     /// `{share_lock}`.
@@ -49,6 +54,8 @@ pub(crate) struct Dialect {
     /// Run first in the transaction that appends an event, so that commit
     /// order equals `seq` order (watchers polling `seq > n` never skip one).
     pub event_lock: Option<&'static str>,
+    /// Tells other processes that a run changed (`$1`: its id as text).
+    pub notify: Option<&'static str>,
 }
 
 impl Dialect {
@@ -65,6 +72,7 @@ impl Dialect {
                 "now" => out.push_str(self.now),
                 "later" => out.push_str(&self.later.replace("{}", arg)),
                 "each" => out.push_str(&self.each.replace("{}", arg)),
+                "each_id" => out.push_str(&self.each_id.replace("{}", arg)),
                 "skip_locked" => out.push_str(self.skip_locked),
                 "share_lock" => out.push_str(self.share_lock),
                 _ => panic!("unknown SQL token {{{token}}}"),
@@ -97,6 +105,19 @@ impl Clock {
         Clock(Utc::now())
     }
 }
+
+/// A time given by the caller (not "now"): a `TIMESTAMPTZ` on Postgres, the
+/// fixed-width text of the other times on SQLite.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct At(pub DateTime<Utc>);
+
+/// How long after its last recorded use a key's `last_used_at` is written
+/// again (so that authenticating is not a write per request).
+pub(crate) const LAST_USED_PRECISION: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// The longest string that [`MetadataStore::authenticate`](crate::MetadataStore::authenticate)
+/// hashes; longer ones are no key.
+pub(crate) const MAX_API_KEY_LEN: usize = 256;
 
 /// A time this long after now, bound for a `{later $n}`: on Postgres as the
 /// seconds to add to `now()`, on SQLite as the time by the application's clock.
@@ -246,6 +267,7 @@ macro_rules! sql_store {
                 .await?;
                 if let Some(row) = row {
                     tracing::info!(run_id = %id, status = %status, "run status set");
+                    self.changed(id).await;
                     return Ok(Run::from(row));
                 }
                 let current: Option<(String, Option<Id>)> =
@@ -264,6 +286,21 @@ macro_rules! sql_store {
                 Err(StoreError::FailedPrecondition(format!(
                     "run {id} is {current}; it cannot become {status}"
                 )))
+            }
+
+            /// Tells the waiters of this process (and, on Postgres, of every
+            /// process) that something about `run_id` changed.
+            async fn changed(&self, run_id: Uuid) {
+                self.changes.send(run_id);
+                if let Some(sql) = $dialect.notify {
+                    if let Err(e) = sqlx::query(sql)
+                        .bind(run_id.to_string())
+                        .execute(&self.pool)
+                        .await
+                    {
+                        tracing::warn!(%run_id, error = %e, "change notification failed");
+                    }
+                }
             }
 
             /// After a fenced job update matched nothing: NotFound or LeaseLost.
@@ -310,6 +347,7 @@ macro_rules! sql_store {
                     job_id = %job_id, status = %j.status, attempt = j.attempts, %error,
                     "job attempt failed"
                 );
+                self.changed(j.run_id).await;
                 Ok(j)
             }
         }
@@ -325,28 +363,65 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            fn changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+                self.start_listener();
+                self.changes.subscribe()
+            }
+
+            async fn queue_stats(&self) -> Result<Vec<QueueStat>> {
+                let rows: Vec<(String, i64, Option<chrono::DateTime<chrono::Utc>>)> =
+                    Self::timed_as(
+                        "SELECT stage, count(*), min(created_at) FROM stage_jobs \
+                         WHERE status = 'queued' AND run_after <= {now} GROUP BY stage",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?;
+                let now = chrono::Utc::now();
+                Ok(rows
+                    .into_iter()
+                    .map(|(stage, queued, oldest)| QueueStat {
+                        stage,
+                        queued,
+                        oldest_seconds: oldest
+                            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+                            .unwrap_or(0.0),
+                    })
+                    .collect())
+            }
+
+            fn pool_stats(&self) -> (u32, u32) {
+                (self.pool.size(), self.pool.num_idle() as u32)
+            }
+
             async fn create_run(&self, new: NewRun) -> Result<(Run, bool)> {
                 let inserted: Option<RunRow> = Self::timed_as(
-                    "INSERT INTO runs (id, client_request_id, name, status, spec_json, \
+                    "INSERT INTO runs (id, team, client_request_id, name, status, spec_json, \
                      created_at, updated_at) \
-                     VALUES ($2, $3, $4, 'queued', $5, {now}, {now}) \
-                     ON CONFLICT (client_request_id) DO NOTHING RETURNING *",
+                     VALUES ($2, $3, $4, $5, 'queued', $6, {now}, {now}) \
+                     ON CONFLICT (team, client_request_id) DO NOTHING RETURNING *",
                 )
                 .bind(Id(Uuid::new_v4()))
+                .bind(&new.team)
                 .bind(&new.client_request_id)
                 .bind(&new.name)
                 .bind(Json(&new.spec_json))
                 .fetch_optional(&self.pool)
-                .await?;
+                .await
+                .map_err(|e| map_db_missing(e, "team", &new.team))?;
                 if let Some(row) = inserted {
                     let run = Run::from(row);
-                    tracing::info!(run_id = %run.id, name = %run.name, "created run");
+                    tracing::info!(
+                        run_id = %run.id, team = %run.team, name = %run.name, "created run"
+                    );
                     return Ok((run, true));
                 }
-                let row: RunRow = sqlx::query_as("SELECT * FROM runs WHERE client_request_id = $1")
-                    .bind(&new.client_request_id)
-                    .fetch_one(&self.pool)
-                    .await?;
+                let row: RunRow = sqlx::query_as(
+                    "SELECT * FROM runs WHERE team = $1 AND client_request_id = $2",
+                )
+                .bind(&new.team)
+                .bind(&new.client_request_id)
+                .fetch_one(&self.pool)
+                .await?;
                 let run = Run::from(row);
                 $crate::check_same_request(&run, &new)?;
                 Ok((run, false))
@@ -358,15 +433,121 @@ macro_rules! sql_store {
                     .ok_or_else(|| StoreError::not_found("run", id))
             }
 
-            async fn list_runs(&self, limit: i64, offset: i64) -> Result<Vec<Run>> {
-                let rows: Vec<RunRow> = sqlx::query_as(
-                    "SELECT * FROM runs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2",
+            async fn list_runs(
+                &self,
+                team: Option<&str>,
+                limit: i64,
+                offset: i64,
+            ) -> Result<Vec<Run>> {
+                // Two texts rather than `$1 IS NULL OR team = $1`, so that
+                // each gets its own plan (the team's uses its index).
+                let query = match team {
+                    Some(team) => sqlx::query_as(
+                        "SELECT * FROM runs WHERE team = $3 \
+                         ORDER BY created_at DESC, id LIMIT $1 OFFSET $2",
+                    )
+                    .bind(limit.max(0))
+                    .bind(offset.max(0))
+                    .bind(team),
+                    None => sqlx::query_as(
+                        "SELECT * FROM runs ORDER BY created_at DESC, id LIMIT $1 OFFSET $2",
+                    )
+                    .bind(limit.max(0))
+                    .bind(offset.max(0)),
+                };
+                let rows: Vec<RunRow> = query.fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(Run::from).collect())
+            }
+
+            async fn list_run_pages(
+                &self,
+                team: Option<&str>,
+                limit: i64,
+                offset: i64,
+            ) -> Result<Vec<RunPage>> {
+                let runs = self.list_runs(team, limit, offset).await?;
+                if runs.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
+                let summaries: Vec<SummaryRow> = sqlx::query_as(
+                    $dialect.sql("SELECT * FROM run_summary WHERE id IN ({each_id $1})"),
                 )
-                .bind(limit.max(0))
-                .bind(offset.max(0))
+                .bind(Json(&ids))
                 .fetch_all(&self.pool)
                 .await?;
-                Ok(rows.into_iter().map(Run::from).collect())
+                let choices: Vec<ChoiceRow> = sqlx::query_as($dialect.sql(
+                    "SELECT run_id, criterion, k, acc, asr, ra FROM pruning_choices \
+                     WHERE run_id IN ({each_id $1}) ORDER BY criterion",
+                ))
+                .bind(Json(&ids))
+                .fetch_all(&self.pool)
+                .await?;
+                let artifacts: Vec<ArtifactRow> = sqlx::query_as($dialect.sql(
+                    "SELECT * FROM artifacts WHERE run_id IN ({each_id $1}) ORDER BY name",
+                ))
+                .bind(Json(&ids))
+                .fetch_all(&self.pool)
+                .await?;
+                let jobs: Vec<JobRow> = sqlx::query_as($dialect.sql(
+                    "SELECT * FROM stage_jobs WHERE run_id IN ({each_id $1}) \
+                     ORDER BY created_at, id",
+                ))
+                .bind(Json(&ids))
+                .fetch_all(&self.pool)
+                .await?;
+
+                let at: std::collections::HashMap<Uuid, usize> =
+                    runs.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+                let mut pages: Vec<RunPage> = runs
+                    .into_iter()
+                    .map(|run| RunPage {
+                        run,
+                        summary: None,
+                        choices: Vec::new(),
+                        artifacts: Vec::new(),
+                        jobs: Vec::new(),
+                    })
+                    .collect();
+                // Each kind comes in its per-run order, so pushing keeps it.
+                for r in summaries {
+                    let r = RunSummary::from(r);
+                    if let Some(&i) = at.get(&r.id) {
+                        pages[i].summary = Some(r);
+                    }
+                }
+                for r in choices {
+                    if let Some(&i) = at.get(&r.run_id.0) {
+                        pages[i].choices.push(r.choice);
+                    }
+                }
+                for r in artifacts {
+                    let r = ArtifactRecord::from(r);
+                    if let Some(&i) = at.get(&r.run_id) {
+                        pages[i].artifacts.push(r);
+                    }
+                }
+                for r in jobs {
+                    let r = Job::from(r);
+                    if let Some(&i) = at.get(&r.run_id) {
+                        pages[i].jobs.push(r);
+                    }
+                }
+                Ok(pages)
+            }
+
+            async fn count_runs(&self, team: &str, statuses: &[RunStatus]) -> Result<i64> {
+                if statuses.is_empty() {
+                    return Ok(0);
+                }
+                let statuses: Vec<&str> = statuses.iter().map(RunStatus::as_str).collect();
+                Ok(sqlx::query_scalar($dialect.sql(
+                    "SELECT count(*) FROM runs WHERE team = $1 AND status IN ({each $2})",
+                ))
+                .bind(team)
+                .bind(Json(&statuses))
+                .fetch_one(&self.pool)
+                .await?)
             }
 
             async fn set_run_status(
@@ -414,6 +595,7 @@ macro_rules! sql_store {
                 .await?;
                 tx.commit().await?;
                 tracing::info!(run_id = %id, jobs = jobs.rows_affected(), "run cancelled");
+                self.changed(id).await;
                 Ok(run)
             }
 
@@ -666,7 +848,9 @@ macro_rules! sql_store {
                 match row {
                     Some(row) => {
                         tracing::info!(job_id = %job_id, "job succeeded");
-                        Ok(Job::from(row))
+                        let j = Job::from(row);
+                        self.changed(j.run_id).await;
+                        Ok(j)
                     }
                     // Repeating the completion with the same token is a no-op.
                     None => match self.fetch_job(job_id).await? {
@@ -719,6 +903,7 @@ macro_rules! sql_store {
                 };
                 let j = Job::from(row);
                 tracing::info!(job_id = %job_id, attempts = j.attempts, "job released");
+                self.changed(j.run_id).await;
                 Ok(j)
             }
 
@@ -953,6 +1138,29 @@ macro_rules! sql_store {
                 Ok(rows.into_iter().map(ArtifactRecord::from).collect())
             }
 
+            async fn delete_artifact(
+                &self,
+                fence: Option<&Fence>,
+                run_id: Uuid,
+                name: &str,
+            ) -> Result<Option<ArtifactRecord>> {
+                let mut tx = self.write_tx().await?;
+                Self::check_fence(&mut tx, fence, run_id).await?;
+                let row: Option<ArtifactRow> = sqlx::query_as(
+                    "DELETE FROM artifacts WHERE run_id = $1 AND name = $2 RETURNING *",
+                )
+                .bind(Id(run_id))
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let rec = row.map(ArtifactRecord::from);
+                if let Some(r) = &rec {
+                    tracing::info!(%run_id, name, uri = %r.uri, "deleted artifact record");
+                }
+                Ok(rec)
+            }
+
             async fn append_event(
                 &self,
                 fence: Option<&Fence>,
@@ -982,6 +1190,7 @@ macro_rules! sql_store {
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
                 tx.commit().await?;
+                self.changed(run_id).await;
                 Ok(seq)
             }
 
@@ -996,28 +1205,146 @@ macro_rules! sql_store {
                 Ok(rows.into_iter().map(RunEvent::from).collect())
             }
 
-            async fn create_api_key(&self, name: &str) -> Result<String> {
-                let key = new_api_key();
-                Self::timed(
-                    "INSERT INTO api_keys (id, name, key_hash, created_at) \
-                     VALUES ($2, $3, $4, {now})",
+            async fn create_team(&self, name: &str) -> Result<Team> {
+                validate_team_name(name)?;
+                let team: Option<Team> = Self::timed_as(
+                    "INSERT INTO teams (name, created_at) VALUES ($2, {now}) \
+                     ON CONFLICT (name) DO NOTHING RETURNING name, created_at",
                 )
-                .bind(Id(Uuid::new_v4()))
                 .bind(name)
-                .bind(sha256_hex(key.as_bytes()))
-                .execute(&self.pool)
+                .fetch_optional(&self.pool)
                 .await?;
-                tracing::info!(name, "created api key");
-                Ok(key)
+                let team = team.ok_or_else(|| {
+                    StoreError::Conflict(format!("team {name:?} already exists"))
+                })?;
+                tracing::info!(team = name, "created team");
+                Ok(team)
             }
 
-            async fn verify_api_key(&self, key: &str) -> Result<Option<String>> {
+            async fn list_teams(&self) -> Result<Vec<Team>> {
                 Ok(
-                    sqlx::query_scalar("SELECT name FROM api_keys WHERE key_hash = $1")
-                        .bind(sha256_hex(key.as_bytes()))
-                        .fetch_optional(&self.pool)
+                    sqlx::query_as("SELECT name, created_at FROM teams ORDER BY name")
+                        .fetch_all(&self.pool)
                         .await?,
                 )
+            }
+
+            async fn create_api_key(
+                &self,
+                team: &str,
+                name: &str,
+                scopes: &[Scope],
+                expires_at: Option<DateTime<Utc>>,
+            ) -> Result<(ApiKey, String)> {
+                if name.is_empty() || name.chars().count() > 128 {
+                    return Err(StoreError::invalid(
+                        "api_key.name",
+                        "must be 1 to 128 characters",
+                    ));
+                }
+                if scopes.is_empty() {
+                    return Err(StoreError::invalid(
+                        "api_key.scopes",
+                        "a key needs at least one scope",
+                    ));
+                }
+                let key = new_api_key()?;
+                let row: ApiKeyRow = Self::timed_as(
+                    "INSERT INTO api_keys (id, team, name, key_hash, prefix, scopes, \
+                     created_at, expires_at) \
+                     VALUES ($2, $3, $4, $5, $6, $7, {now}, $8) RETURNING *",
+                )
+                .bind(Id(Uuid::new_v4()))
+                .bind(team)
+                .bind(name)
+                .bind(sha256_hex(key.as_bytes()))
+                .bind(&key[..API_KEY_SHOWN])
+                .bind(scopes_text(scopes))
+                .bind(expires_at.map(At))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| map_db_missing(e, "team", team))?;
+                let k = ApiKey::from(row);
+                tracing::info!(
+                    key_id = %k.id, team, name, prefix = %k.prefix, "created api key"
+                );
+                Ok((k, key))
+            }
+
+            async fn list_api_keys(&self, team: Option<&str>) -> Result<Vec<ApiKey>> {
+                let rows: Vec<ApiKeyRow> = sqlx::query_as(
+                    "SELECT * FROM api_keys WHERE ($1 IS NULL OR team = $1) \
+                     ORDER BY team, created_at, id",
+                )
+                .bind(team)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(ApiKey::from).collect())
+            }
+
+            async fn revoke_api_key(&self, id: Uuid) -> Result<ApiKey> {
+                let row: Option<ApiKeyRow> = Self::timed_as(
+                    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, {now}) \
+                     WHERE id = $2 RETURNING *",
+                )
+                .bind(Id(id))
+                .fetch_optional(&self.pool)
+                .await?;
+                let k = ApiKey::from(row.ok_or_else(|| StoreError::not_found("api key", id))?);
+                tracing::info!(key_id = %id, team = %k.team, "revoked api key");
+                Ok(k)
+            }
+
+            async fn set_api_key_expiry(
+                &self,
+                id: Uuid,
+                expires_at: Option<DateTime<Utc>>,
+            ) -> Result<ApiKey> {
+                let row: Option<ApiKeyRow> =
+                    sqlx::query_as("UPDATE api_keys SET expires_at = $1 WHERE id = $2 RETURNING *")
+                        .bind(expires_at.map(At))
+                        .bind(Id(id))
+                        .fetch_optional(&self.pool)
+                        .await?;
+                let k = ApiKey::from(row.ok_or_else(|| StoreError::not_found("api key", id))?);
+                tracing::info!(key_id = %id, team = %k.team, expires_at = ?k.expires_at, "set api key expiry");
+                Ok(k)
+            }
+
+            async fn authenticate(&self, key: &str) -> Result<Option<Principal>> {
+                if key.is_empty() || key.len() > $crate::sql::MAX_API_KEY_LEN {
+                    return Ok(None);
+                }
+                let hash = sha256_hex(key.as_bytes());
+                let row: Option<ApiKeyRow> = Self::timed_as(
+                    "SELECT * FROM api_keys WHERE key_hash = $2 AND revoked_at IS NULL \
+                     AND (expires_at IS NULL OR expires_at > {now})",
+                )
+                .bind(&hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                if !constant_time_eq(row.key_hash.as_bytes(), hash.as_bytes()) {
+                    return Ok(None);
+                }
+                let k = ApiKey::from(row);
+                let stale = k.last_used_at.is_none_or(|t| {
+                    Utc::now().signed_duration_since(t) >= $crate::sql::LAST_USED_PRECISION
+                });
+                if stale {
+                    Self::timed("UPDATE api_keys SET last_used_at = {now} WHERE id = $2")
+                        .bind(Id(k.id))
+                        .execute(&self.pool)
+                        .await?;
+                }
+                Ok(Some(Principal {
+                    team: k.team,
+                    key_id: k.id,
+                    key_name: k.name,
+                    scopes: k.scopes,
+                }))
             }
 
             async fn run_summary(&self, run_id: Uuid) -> Result<RunSummary> {
@@ -1045,14 +1372,17 @@ mod tests {
             now: "NOW",
             later: "LATER({})",
             each: "EACH({})",
+            each_id: "IDS({})",
             skip_locked: "SKIP",
             share_lock: "SHARE",
             begin: "BEGIN",
             event_lock: None,
+            notify: None,
         };
         let sql = d.sql("a = {now}, b = {later $3} WHERE x IN ({each $4}) {skip_locked}");
         assert_eq!(sql.0, "a = NOW, b = LATER($3) WHERE x IN (EACH($4)) SKIP");
         assert_eq!(d.sql("SELECT 1 {share_lock}").0, "SELECT 1 SHARE");
+        assert_eq!(d.sql("id IN ({each_id $1})").0, "id IN (IDS($1))");
         assert_eq!(d.sql("SELECT 1").0, "SELECT 1");
     }
 }

@@ -23,7 +23,7 @@ use sqlx::types::Json;
 use sqlx::{Decode, Sqlite};
 use uuid::Uuid;
 
-use crate::error::{map_db, Result, StoreError};
+use crate::error::{map_db, map_db_missing, Result, StoreError};
 use crate::model::*;
 use crate::rows::*;
 use crate::sql::*;
@@ -34,16 +34,19 @@ const DIALECT: Dialect = Dialect {
     now: "$1",
     later: "{}",
     each: "SELECT value FROM json_each({})",
+    each_id: "SELECT value FROM json_each({})",
     skip_locked: "",
     share_lock: "",
     begin: "BEGIN IMMEDIATE",
     event_lock: None,
+    notify: None,
 };
 
 /// Metadata in a SQLite file (the embedded default).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    changes: crate::changes::Changes,
 }
 
 impl SqliteStore {
@@ -70,7 +73,10 @@ impl SqliteStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         tracing::info!(path = %path.display(), "sqlite metadata store ready");
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            changes: Default::default(),
+        })
     }
 
     /// A private in-memory database (one connection, gone when dropped), for
@@ -87,8 +93,15 @@ impl SqliteStore {
             .connect_with(opts)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            changes: Default::default(),
+        })
     }
+
+    /// Changes reach only this process's subscribers (the embedded store
+    /// runs every service in one process).
+    fn start_listener(&self) {}
 
     /// The underlying pool (for ad-hoc dashboard queries and tests).
     pub fn pool(&self) -> &SqlitePool {
@@ -102,6 +115,7 @@ encode_as!(Sqlite:
     Id => String, |id| id.0.hyphenated().to_string();
     Clock => String, |c| time_text(c.0);
     Later => String, |l| time_text(later(l.0));
+    At => String, |t| time_text(t.0);
 );
 
 impl Decode<'_, Sqlite> for Id {

@@ -131,6 +131,44 @@ async fn corruption_is_caught_on_read(s: ArtifactStore) {
     );
 }
 
+async fn delete_removes_the_object(s: ArtifactStore) {
+    let run = Uuid::new_v4();
+    let r = s
+        .put(run, "ckpt/epoch-1.safetensors", Bytes::from_static(DATA))
+        .await
+        .unwrap();
+    let kept = s
+        .put(run, "ckpt/epoch-2.safetensors", Bytes::from_static(b"v2"))
+        .await
+        .unwrap();
+    s.delete(&r).await.unwrap();
+    assert!(s.get(&r).await.unwrap_err().is_not_found());
+    let names: Vec<_> = s
+        .list(run)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["ckpt/epoch-2.safetensors"]);
+    assert_eq!(s.get(&kept).await.unwrap(), Bytes::from_static(b"v2"));
+    // A missing object is fine (a repeated or interrupted delete).
+    s.delete(&r).await.unwrap();
+    // A reference that escapes the store's keys deletes nothing.
+    let mut bad = kept.clone();
+    bad.key = format!("runs/{run}/../../etc/passwd");
+    assert!(matches!(
+        s.delete(&bad).await,
+        Err(StoreError::InvalidKey { .. })
+    ));
+    bad.key = "elsewhere/x".into();
+    assert!(matches!(
+        s.delete(&bad).await,
+        Err(StoreError::InvalidKey { .. })
+    ));
+    assert_eq!(s.get(&kept).await.unwrap(), Bytes::from_static(b"v2"));
+}
+
 /// Expands every case into one `#[tokio::test]` per backend: a module per
 /// backend, a test per case, each on a fresh [`Fixture`].
 macro_rules! artifact_test_suite {
@@ -159,6 +197,7 @@ artifact_test_suite!(
         names_cannot_escape,
         missing_object_is_not_found,
         corruption_is_caught_on_read,
+        delete_removes_the_object,
     ],
 );
 

@@ -21,7 +21,12 @@ fn stage(tag: &str) -> String {
 }
 
 async fn new_run(s: &Store, name: &str) -> Run {
+    new_run_in(s, LOCAL_TEAM, name).await
+}
+
+async fn new_run_in(s: &Store, team: &str, name: &str) -> Run {
     s.create_run(NewRun {
+        team: team.into(),
         client_request_id: None,
         name: name.into(),
         spec_json: json!({"name": name}),
@@ -61,6 +66,7 @@ fn is_failed_precondition<T: std::fmt::Debug>(r: &Result<T>) -> bool {
 async fn runs_are_idempotent(s: Store) {
     let key = format!("req-{}", Uuid::new_v4());
     let new = NewRun {
+        team: LOCAL_TEAM.into(),
         client_request_id: Some(key.clone()),
         name: "mnist-badnets".into(),
         spec_json: json!({"seed": 1, "attack": {"rate": 0.1}}),
@@ -86,6 +92,7 @@ async fn runs_are_idempotent(s: Store) {
         .map(|_| {
             let s = s.clone();
             let new = NewRun {
+                team: LOCAL_TEAM.into(),
                 client_request_id: Some(key.clone()),
                 name: "race".into(),
                 spec_json: json!({}),
@@ -109,9 +116,10 @@ async fn runs_are_idempotent(s: Store) {
 
     let got = s.get_run(a.id).await.unwrap();
     assert_eq!(got, a);
-    let listed = s.list_runs(1000, 0).await.unwrap();
+    let listed = s.list_runs(None, 1000, 0).await.unwrap();
     assert!(listed.iter().any(|r| r.id == a.id));
-    assert_eq!(s.list_runs(1, 0).await.unwrap().len(), 1);
+    assert_eq!(s.list_runs(None, 1, 0).await.unwrap().len(), 1);
+    assert_eq!(a.team, LOCAL_TEAM);
 
     let r = s
         .set_run_status(a.id, RunStatus::Failed, Some("boom".into()))
@@ -647,15 +655,639 @@ async fn events_are_ordered(s: Store) {
         .is_not_found());
 }
 
-async fn api_keys(s: Store) {
-    let k1 = s.create_api_key("ci").await.unwrap();
-    let k2 = s.create_api_key("ci").await.unwrap();
-    assert_ne!(k1, k2);
-    assert!(k1.len() >= 40);
-    assert_eq!(s.verify_api_key(&k1).await.unwrap().as_deref(), Some("ci"));
-    assert_eq!(s.verify_api_key(&k2).await.unwrap().as_deref(), Some("ci"));
-    assert_eq!(s.verify_api_key("dbk_nope").await.unwrap(), None);
-    assert_eq!(s.verify_api_key(&k1[..k1.len() - 1]).await.unwrap(), None);
+// ---- teams and API keys ----
+
+/// A new team name.
+fn team(tag: &str) -> String {
+    format!("{tag}-{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+async fn new_team(s: &Store, tag: &str) -> String {
+    let name = team(tag);
+    let t = s.create_team(&name).await.unwrap();
+    assert_eq!(t.name, name);
+    name
+}
+
+async fn teams_are_validated_and_unique(s: Store) {
+    let a = new_team(&s, "alpha").await;
+    let b = new_team(&s, "0-beta").await;
+    assert!(matches!(
+        s.create_team(&a).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // `local` always exists.
+    assert!(matches!(
+        s.create_team(LOCAL_TEAM).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let long = "a".repeat(65);
+    for bad in ["", "Upper", "a_b", "a b", "a/b", "é", "../x", long.as_str()] {
+        match s.create_team(bad).await {
+            Err(StoreError::Invalid { field: "team", .. }) => {}
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    s.create_team(&"z".repeat(64)).await.unwrap();
+    let names: Vec<String> = s
+        .list_teams()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    for t in [&a, &b, &LOCAL_TEAM.to_string(), &"z".repeat(64)] {
+        assert!(names.contains(t), "{t} in {names:?}");
+    }
+    assert_eq!(names.len(), 4);
+}
+
+/// Every value of every table of the database, as text.
+async fn dump(db: &Db) -> Vec<String> {
+    use sqlx::Row;
+    let mut out = Vec::new();
+    match db {
+        Db::Pg(pool) => {
+            let tables: Vec<String> = sqlx::query_scalar(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            assert!(tables.contains(&"api_keys".to_string()), "{tables:?}");
+            for t in tables {
+                let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT row_to_json(t)::text FROM \"{t}\" t"
+                )))
+                .fetch_all(pool)
+                .await
+                .unwrap();
+                out.extend(rows.into_iter().map(|r| format!("{t}: {r}")));
+            }
+        }
+        Db::Sqlite(pool) => {
+            let tables: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            assert!(tables.contains(&"api_keys".to_string()), "{tables:?}");
+            for t in tables {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM \"{t}\"")))
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                for row in rows {
+                    for i in 0..row.len() {
+                        // Any column as bytes (SQLite converts numbers to text).
+                        let v: Option<Vec<u8>> = row.try_get_unchecked(i).unwrap();
+                        if let Some(v) = v {
+                            out.push(format!("{t}: {}", String::from_utf8_lossy(&v)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn api_keys_are_shown_once_and_stored_hashed(s: Store, db: Db) {
+    let t = new_team(&s, "hashed").await;
+    let (k, key) = s
+        .create_api_key(&t, "ci", &[Scope::Submit, Scope::Read], None)
+        .await
+        .unwrap();
+    // dbk_ and 64 hex digits: 32 random bytes.
+    let body = key.strip_prefix("dbk_").expect("keys start with dbk_");
+    assert_eq!(body.len(), 64);
+    assert!(body
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_eq!((k.team.as_str(), k.name.as_str()), (t.as_str(), "ci"));
+    assert_eq!(k.scopes, [Scope::Submit, Scope::Read]);
+    assert!(
+        k.prefix.len() <= 12 && key.starts_with(&k.prefix),
+        "{}",
+        k.prefix
+    );
+    assert!(k.prefix.len() > 4);
+    assert_eq!(
+        (k.expires_at, k.revoked_at, k.last_used_at),
+        (None, None, None)
+    );
+    let (k2, key2) = s
+        .create_api_key(&t, "ci", &[Scope::Read], None)
+        .await
+        .unwrap();
+    assert_ne!(key, key2);
+    assert_ne!(k.id, k2.id);
+    // The key works (and its use is recorded in the table).
+    assert_eq!(s.authenticate(&key).await.unwrap().unwrap().key_id, k.id);
+
+    // Listing never shows a key again.
+    let listed = s.list_api_keys(Some(&t)).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let json = serde_json::to_string(&listed).unwrap();
+    let secret = &key[k.prefix.len()..];
+    assert!(!json.contains(secret) && !json.contains(&key2[k2.prefix.len()..]));
+
+    // The database holds the key's sha256 and its prefix, nothing more of it.
+    let hash = sha256_hex(key.as_bytes());
+    let values = dump(&db).await;
+    assert!(
+        values.iter().any(|v| v.contains(&hash)),
+        "the hash is stored"
+    );
+    for v in &values {
+        assert!(!v.contains(secret), "the key is stored in clear: {v}");
+        assert!(!v.contains(&key2[k2.prefix.len()..]), "{v}");
+        assert!(!v.contains(body), "{v}");
+    }
+}
+
+async fn keys_authenticate_until_revoked_or_expired(s: Store) {
+    let t = new_team(&s, "keys").await;
+    let other = new_team(&s, "others").await;
+    let (k, key) = s
+        .create_api_key(&t, "deploy", &[Scope::Submit, Scope::Read], None)
+        .await
+        .unwrap();
+    let p = s.authenticate(&key).await.unwrap().expect("a valid key");
+    assert_eq!(
+        p,
+        Principal {
+            team: t.clone(),
+            key_id: k.id,
+            key_name: "deploy".into(),
+            scopes: vec![Scope::Submit, Scope::Read],
+        }
+    );
+    let used = s.list_api_keys(Some(&t)).await.unwrap();
+    assert!(used[0].last_used_at.is_some());
+
+    // Unknown keys.
+    let zeros = format!("dbk_{}", "0".repeat(64));
+    let upper = key.to_ascii_uppercase();
+    let huge = format!("{key}{}", "0".repeat(10_000));
+    for bad in [
+        "",
+        "dbk_nope",
+        zeros.as_str(),
+        &key[..key.len() - 1],
+        &key[4..],
+        upper.as_str(),
+        huge.as_str(),
+        k.prefix.as_str(),
+    ] {
+        assert_eq!(s.authenticate(bad).await.unwrap(), None, "{bad:?}");
+    }
+
+    // Expiry.
+    let past = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let future = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (e, expired) = s
+        .create_api_key(&t, "old", &[Scope::Read], Some(past))
+        .await
+        .unwrap();
+    assert!(e.expires_at.is_some());
+    assert_eq!(s.authenticate(&expired).await.unwrap(), None);
+    let (f, fresh) = s
+        .create_api_key(&t, "new", &[Scope::Read], Some(future))
+        .await
+        .unwrap();
+    let at = f.expires_at.unwrap();
+    assert!(
+        (at - future).num_milliseconds().abs() < 1000,
+        "{at} vs {future}"
+    );
+    assert!(s.authenticate(&fresh).await.unwrap().is_some());
+    let f2 = s.set_api_key_expiry(f.id, Some(past)).await.unwrap();
+    assert!(f2.expires_at.unwrap() < chrono::Utc::now());
+    assert_eq!(s.authenticate(&fresh).await.unwrap(), None);
+    assert_eq!(
+        s.set_api_key_expiry(f.id, None).await.unwrap().expires_at,
+        None
+    );
+    assert!(s.authenticate(&fresh).await.unwrap().is_some());
+    assert!(s.authenticate(&expired).await.unwrap().is_none());
+    s.set_api_key_expiry(e.id, Some(future)).await.unwrap();
+    assert!(s.authenticate(&expired).await.unwrap().is_some());
+
+    // Revocation is for good, and idempotent.
+    let r1 = s.revoke_api_key(k.id).await.unwrap();
+    let revoked_at = r1.revoked_at.expect("revoked");
+    assert_eq!(s.authenticate(&key).await.unwrap(), None);
+    let r2 = s.revoke_api_key(k.id).await.unwrap();
+    assert_eq!(r2.revoked_at, Some(revoked_at));
+    s.set_api_key_expiry(k.id, None).await.unwrap();
+    assert_eq!(s.authenticate(&key).await.unwrap(), None);
+    // Other keys are untouched.
+    assert!(s.authenticate(&fresh).await.unwrap().is_some());
+
+    // Unknowns and invalid requests.
+    let nobody = Uuid::new_v4();
+    assert!(s.revoke_api_key(nobody).await.unwrap_err().is_not_found());
+    assert!(s
+        .set_api_key_expiry(nobody, None)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    match s
+        .create_api_key("no-such-team", "x", &[Scope::Read], None)
+        .await
+    {
+        Err(StoreError::NotFound { what: "team", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.create_api_key(&t, "x", &[], None).await,
+        Err(StoreError::Invalid {
+            field: "api_key.scopes",
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.create_api_key(&t, "", &[Scope::Read], None).await,
+        Err(StoreError::Invalid {
+            field: "api_key.name",
+            ..
+        })
+    ));
+
+    // Listing: per team, or all.
+    let (o, _) = s
+        .create_api_key(&other, "theirs", &[Scope::Admin], None)
+        .await
+        .unwrap();
+    let mine: Vec<Uuid> = s
+        .list_api_keys(Some(&t))
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(mine, [k.id, e.id, f.id]);
+    let theirs = s.list_api_keys(Some(&other)).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(
+        (theirs[0].id, theirs[0].team.as_str()),
+        (o.id, other.as_str())
+    );
+    let all = s.list_api_keys(None).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(s
+        .list_api_keys(Some("no-such-team"))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn scopes_round_trip(s: Store) {
+    let t = new_team(&s, "scopes").await;
+    let sets: &[&[Scope]] = &[
+        &[Scope::Read],
+        &[Scope::Submit],
+        &[Scope::Admin],
+        &[Scope::Read, Scope::Submit],
+        &[Scope::Admin, Scope::Read, Scope::Submit, Scope::Read],
+    ];
+    for &set in sets {
+        let (k, key) = s.create_api_key(&t, "k", set, None).await.unwrap();
+        // Each scope once, in the order of Scope::ALL.
+        let want: Vec<Scope> = Scope::ALL
+            .iter()
+            .copied()
+            .filter(|x| set.contains(x))
+            .collect();
+        assert_eq!(k.scopes, want);
+        let p = s.authenticate(&key).await.unwrap().unwrap();
+        assert_eq!(p.scopes, want);
+        let listed = s.list_api_keys(Some(&t)).await.unwrap();
+        assert_eq!(listed.iter().find(|x| x.id == k.id).unwrap().scopes, want);
+        // admin implies every scope; otherwise exactly the key's scopes.
+        for &scope in Scope::ALL {
+            let expected = set.contains(&scope) || set.contains(&Scope::Admin);
+            assert_eq!(p.has(scope), expected, "{set:?} has {scope}");
+        }
+    }
+    // The text forms.
+    for &scope in Scope::ALL {
+        assert_eq!(scope.as_str().parse::<Scope>().unwrap(), scope);
+        assert_eq!(serde_json::to_value(scope).unwrap(), json!(scope.as_str()));
+    }
+    assert_eq!(
+        Scope::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        ["submit", "read", "admin"]
+    );
+    assert!(matches!(
+        "Admin".parse::<Scope>(),
+        Err(StoreError::Invalid { .. })
+    ));
+}
+
+// ---- runs of teams ----
+
+async fn runs_belong_to_a_team(s: Store) {
+    let a = new_team(&s, "team-a").await;
+    let b = new_team(&s, "team-b").await;
+    let ra = new_run_in(&s, &a, "mine").await;
+    assert_eq!(ra.team, a);
+    assert_eq!(s.get_run(ra.id).await.unwrap().team, a);
+    let rl = new_run(&s, "local").await;
+    assert_eq!(rl.team, LOCAL_TEAM);
+
+    let ids = |runs: Vec<Run>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_runs(Some(&a), 100, 0).await.unwrap()), [ra.id]);
+    assert!(s.list_runs(Some(&b), 100, 0).await.unwrap().is_empty());
+    assert!(s.list_run_pages(Some(&b), 100, 0).await.unwrap().is_empty());
+    assert_eq!(
+        ids(s.list_runs(Some(LOCAL_TEAM), 100, 0).await.unwrap()),
+        [rl.id]
+    );
+    let all = ids(s.list_runs(None, 100, 0).await.unwrap());
+    assert_eq!(all, [rl.id, ra.id]);
+    assert!(s
+        .list_runs(Some("no-such-team"), 100, 0)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A run of a team that does not exist is refused.
+    match s
+        .create_run(NewRun {
+            team: "no-such-team".into(),
+            client_request_id: Some("x".into()),
+            name: "x".into(),
+            spec_json: json!({}),
+        })
+        .await
+    {
+        Err(StoreError::NotFound { what: "team", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.list_runs(None, 100, 0).await.unwrap().len(), 2);
+}
+
+async fn client_request_ids_are_per_team(s: Store) {
+    let a = new_team(&s, "req-a").await;
+    let b = new_team(&s, "req-b").await;
+    let new = |team: &str, seed: i64| NewRun {
+        team: team.into(),
+        client_request_id: Some("deploy-42".into()),
+        name: "nightly".into(),
+        spec_json: json!({"seed": seed}),
+    };
+    let (ra, ca) = s.create_run(new(&a, 1)).await.unwrap();
+    let (rb, cb) = s.create_run(new(&b, 1)).await.unwrap();
+    assert!(ca && cb, "the same id in two teams makes two runs");
+    assert_ne!(ra.id, rb.id);
+    assert_eq!(
+        (ra.team.as_str(), rb.team.as_str()),
+        (a.as_str(), b.as_str())
+    );
+    // Within a team, the id still makes creation idempotent.
+    let (again, c) = s.create_run(new(&a, 1)).await.unwrap();
+    assert!(!c);
+    assert_eq!(again, ra);
+    // A different spec under a used id: a conflict that reveals no run.
+    let e = s.create_run(new(&b, 2)).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, StoreError::Conflict(_)), "{msg}");
+    assert!(msg.contains("deploy-42"), "{msg}");
+    for id in [ra.id, rb.id] {
+        assert!(!msg.contains(&id.to_string()), "{msg}");
+        assert!(!msg.contains(&id.simple().to_string()), "{msg}");
+    }
+    let status = tonic::Status::from(e);
+    assert!(!status.message().contains(&rb.id.to_string()));
+    // A different name is a conflict too.
+    let mut renamed = new(&a, 1);
+    renamed.name = "other".into();
+    assert!(matches!(
+        s.create_run(renamed).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.list_runs(None, 100, 0).await.unwrap().len(), 2);
+}
+
+async fn count_runs_by_team_and_status(s: Store) {
+    let a = new_team(&s, "count-a").await;
+    let b = new_team(&s, "count-b").await;
+    let r1 = new_run_in(&s, &a, "1").await;
+    let r2 = new_run_in(&s, &a, "2").await;
+    new_run_in(&s, &a, "3").await;
+    new_run_in(&s, &b, "4").await;
+    s.set_run_status(r1.id, RunStatus::Running, None)
+        .await
+        .unwrap();
+    s.cancel_run(r2.id).await.unwrap();
+    use RunStatus::*;
+    let count = |team: String, st: &'static [RunStatus]| {
+        let s = s.clone();
+        async move { s.count_runs(&team, st).await.unwrap() }
+    };
+    assert_eq!(count(a.clone(), &[Queued]).await, 1);
+    assert_eq!(count(a.clone(), &[Queued, Running]).await, 2);
+    assert_eq!(count(a.clone(), &[Cancelled, Succeeded]).await, 1);
+    assert_eq!(count(a.clone(), RunStatus::ALL).await, 3);
+    assert_eq!(count(a.clone(), &[]).await, 0);
+    assert_eq!(count(b.clone(), &[Queued, Running]).await, 1);
+    assert_eq!(count(b.clone(), &[Running]).await, 0);
+    assert_eq!(count("no-such-team".into(), RunStatus::ALL).await, 0);
+    assert_eq!(count(LOCAL_TEAM.into(), RunStatus::ALL).await, 0);
+}
+
+/// What the per-run reads return for `run`, as a page.
+async fn per_run_page(s: &Store, run: Run) -> RunPage {
+    RunPage {
+        summary: Some(s.run_summary(run.id).await.unwrap()),
+        choices: s.list_pruning_choices(run.id).await.unwrap(),
+        artifacts: s.list_artifacts(run.id).await.unwrap(),
+        jobs: s.list_jobs(run.id).await.unwrap(),
+        run,
+    }
+}
+
+async fn run_pages_equal_per_run_reads(s: Store) {
+    let t = new_team(&s, "pages").await;
+    let other = new_team(&s, "not-mine").await;
+    let st = stage("train");
+    let point = |k: i64| CurvePoint {
+        k,
+        acc: 0.97,
+        asr: 0.01 * k as f64,
+        ra: 0.9,
+    };
+    let mut runs = Vec::new();
+    for i in 0..5 {
+        let run = new_run_in(&s, &t, &format!("run-{i}")).await;
+        // Run i has i of everything (run 0 has nothing).
+        for j in 0..i {
+            enqueue(&s, run.id, &format!("{st}-{j}"), 2).await;
+            let rec = ArtifactRecord {
+                run_id: run.id,
+                name: format!("ckpt/epoch-{j}.safetensors"),
+                uri: format!("file:///a/{}/{j}", run.id),
+                sha256: sha256_hex(format!("{i}{j}").as_bytes()),
+                size: j as u64,
+                content_type: (j % 2 == 0).then(|| "application/octet-stream".into()),
+            };
+            s.record_artifact(None, rec).await.unwrap();
+            let criterion = ["linf", "l1", "l2", "fine-pruning"][j];
+            s.set_pruning_choice(None, run.id, criterion, point(j as i64 + 1))
+                .await
+                .unwrap();
+            s.record_metric(
+                None,
+                run.id,
+                "train",
+                metric_names::CLEAN_ACC,
+                j as i64,
+                0.9,
+            )
+            .await
+            .unwrap();
+        }
+        runs.push(run);
+    }
+    // One job leased, one failed, so that the jobs differ in more than
+    // their stage.
+    let leased = lease_one(&s, &format!("{st}-0")).await;
+    s.fail_job(
+        leased.id,
+        leased.lease_token.unwrap(),
+        &failure("internal", "x"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    lease_one(&s, &format!("{st}-1")).await;
+    s.set_run_status(runs[3].id, RunStatus::Running, None)
+        .await
+        .unwrap();
+    let theirs = new_run_in(&s, &other, "theirs").await;
+    enqueue(&s, theirs.id, &st, 1).await;
+
+    // The whole team, one page.
+    let pages = s.list_run_pages(Some(&t), 100, 0).await.unwrap();
+    let listed = s.list_runs(Some(&t), 100, 0).await.unwrap();
+    assert_eq!(pages.len(), 5);
+    let mut want = Vec::new();
+    for run in listed {
+        want.push(per_run_page(&s, run).await);
+    }
+    assert_eq!(pages, want);
+    assert_eq!(pages[0].run.id, runs[4].id, "newest first");
+    assert_eq!(pages[0].jobs.len(), 4);
+    assert_eq!(pages[0].artifacts.len(), 4);
+    assert_eq!(pages[0].choices.len(), 4);
+    assert!(pages[0].summary.as_ref().unwrap().linf.is_some());
+    assert!(pages[4].jobs.is_empty() && pages[4].summary.is_some());
+
+    // A window of it.
+    let window = s.list_run_pages(Some(&t), 2, 1).await.unwrap();
+    let ids: Vec<Uuid> = window.iter().map(|p| p.run.id).collect();
+    assert_eq!(ids, [runs[3].id, runs[2].id]);
+    assert_eq!(window, pages[1..3]);
+    assert!(s.list_run_pages(Some(&t), 10, 5).await.unwrap().is_empty());
+    assert!(s.list_run_pages(Some(&t), 0, 0).await.unwrap().is_empty());
+
+    // Every team.
+    let all = s.list_run_pages(None, 100, 0).await.unwrap();
+    assert_eq!(all.len(), 6);
+    assert_eq!(all[0], per_run_page(&s, theirs).await);
+    assert_eq!(all[1..], pages[..]);
+}
+
+async fn delete_artifact_is_fenced(s: Store) {
+    let st = stage("train");
+    let run = new_run(&s, "bounded").await;
+    let other = new_run(&s, "other").await;
+    let job = enqueue(&s, run.id, &st, 3).await;
+    let a = s
+        .lease_job("w1", std::slice::from_ref(&st), Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    let fence_a = a.fence().unwrap();
+    let rec = |name: &str| ArtifactRecord {
+        run_id: run.id,
+        name: name.into(),
+        uri: format!("file:///x/{name}"),
+        sha256: sha256_hex(name.as_bytes()),
+        size: 3,
+        content_type: None,
+    };
+    for n in ["epoch-1", "epoch-2", "epoch-3"] {
+        s.record_artifact(Some(&fence_a), rec(n)).await.unwrap();
+    }
+    // The holder deletes; the record comes back for the object's deletion.
+    assert_eq!(
+        s.delete_artifact(Some(&fence_a), run.id, "epoch-1")
+            .await
+            .unwrap(),
+        Some(rec("epoch-1"))
+    );
+    assert!(s
+        .get_artifact(run.id, "epoch-1")
+        .await
+        .unwrap_err()
+        .is_not_found());
+    // Nothing there: Ok(None), also for an unknown run.
+    assert_eq!(
+        s.delete_artifact(Some(&fence_a), run.id, "epoch-1")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        s.delete_artifact(None, Uuid::new_v4(), "x").await.unwrap(),
+        None
+    );
+    // A fence of another run's job is refused.
+    assert!(matches!(
+        s.delete_artifact(Some(&fence_a), other.id, "epoch-2").await,
+        Err(StoreError::Invalid { .. })
+    ));
+
+    // After the lease moves on, the old holder deletes nothing.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let b = lease_one(&s, &st).await;
+    let fence_b = b.fence().unwrap();
+    match s.delete_artifact(Some(&fence_a), run.id, "epoch-2").await {
+        Err(StoreError::LeaseLost { job_id }) if job_id == job.id => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.list_artifacts(run.id).await.unwrap(),
+        [rec("epoch-2"), rec("epoch-3")]
+    );
+    assert_eq!(
+        s.delete_artifact(Some(&fence_b), run.id, "epoch-2")
+            .await
+            .unwrap(),
+        Some(rec("epoch-2"))
+    );
+    // Unfenced (the gateway's clean-up).
+    assert_eq!(
+        s.delete_artifact(None, run.id, "epoch-3").await.unwrap(),
+        Some(rec("epoch-3"))
+    );
+    assert!(s.list_artifacts(run.id).await.unwrap().is_empty());
+    // A finished job's fence is refused too.
+    s.complete_job(job.id, b.lease_token.unwrap(), json!({}))
+        .await
+        .unwrap();
+    s.record_artifact(None, rec("epoch-4")).await.unwrap();
+    assert!(matches!(
+        s.delete_artifact(Some(&fence_b), run.id, "epoch-4").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    assert_eq!(s.list_artifacts(run.id).await.unwrap(), [rec("epoch-4")]);
 }
 
 async fn cancel_cancels_jobs(s: Store) {
@@ -1624,18 +2256,31 @@ async fn terminal_runs_are_never_claimed(s: Store) {
 }
 
 /// Expands every case into one `#[tokio::test]` per backend: a module per
-/// backend, a test per case, each on a fresh [`Fixture`].
+/// backend, a test per case, each on a fresh [`Fixture`]. A case takes the
+/// store; a raw case also the database under it ([`Db`]).
 macro_rules! metadata_test_suite {
-    (backends: [$($backend:ident),* $(,)?], cases: $cases:tt $(,)?) => {
-        $( metadata_test_suite!(@backend $backend, $cases); )*
+    (
+        backends: [$($backend:ident),* $(,)?],
+        cases: $cases:tt,
+        raw_cases: $raw:tt $(,)?
+    ) => {
+        $( metadata_test_suite!(@backend $backend, $cases, $raw); )*
     };
-    (@backend $backend:ident, [$($case:ident),* $(,)?]) => {
+    (@backend $backend:ident, [$($case:ident),* $(,)?], [$($raw:ident),* $(,)?]) => {
         mod $backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
                     let fixture = super::Fixture::$backend().await;
                     super::$case(fixture.store.clone()).await;
+                    fixture.finish().await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $raw() {
+                    let fixture = super::Fixture::$backend().await;
+                    super::$raw(fixture.store.clone(), fixture.db().await).await;
                     fixture.finish().await;
                 }
             )*
@@ -1657,7 +2302,14 @@ metadata_test_suite!(
         upserts_do_not_duplicate,
         views_report_figures,
         events_are_ordered,
-        api_keys,
+        teams_are_validated_and_unique,
+        keys_authenticate_until_revoked_or_expired,
+        scopes_round_trip,
+        runs_belong_to_a_team,
+        client_request_ids_are_per_team,
+        count_runs_by_team_and_status,
+        run_pages_equal_per_run_reads,
+        delete_artifact_is_fenced,
         cancel_cancels_jobs,
         concurrent_writers,
         structured_failures_round_trip,
@@ -1675,11 +2327,27 @@ metadata_test_suite!(
         expired_drive_is_taken_over,
         terminal_runs_are_never_claimed,
     ],
+    raw_cases: [api_keys_are_shown_once_and_stored_hashed],
 );
+
+/// The database under a store, for raw cases to read its tables.
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+}
+
+/// How a fixture reaches its database directly.
+enum Raw {
+    /// A second pool on the file (or the Postgres database) of this URL.
+    Url(String),
+    /// The in-memory store itself (its one connection is the database).
+    Memory(SqliteStore),
+}
 
 /// A fresh store of one backend, and what has to live as long as it.
 struct Fixture {
     store: Store,
+    raw: Raw,
     _dir: Option<tempfile::TempDir>,
     pg: Option<Pg>,
 }
@@ -1688,23 +2356,27 @@ impl Fixture {
     async fn sqlite_file() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/nested/meta.db", dir.path().display());
-        Self::new(connect(&url).await.unwrap(), "sqlite", Some(dir), None).await
+        let store = connect(&url).await.unwrap();
+        Self::new(store, "sqlite", Raw::Url(url), Some(dir), None).await
     }
 
     async fn sqlite_memory() -> Self {
-        let store = connect("sqlite::memory:").await.unwrap();
-        Self::new(store, "sqlite", None, None).await
+        let sqlite = SqliteStore::in_memory().await.unwrap();
+        let store: Store = Arc::new(sqlite.clone());
+        Self::new(store, "sqlite", Raw::Memory(sqlite), None, None).await
     }
 
     async fn postgres() -> Self {
         let pg = Pg::fresh().await;
         let store = connect(pg.url()).await.unwrap();
-        Self::new(store, "postgres", None, Some(pg)).await
+        let raw = Raw::Url(pg.url().to_string());
+        Self::new(store, "postgres", raw, None, Some(pg)).await
     }
 
     async fn new(
         store: Store,
         backend: &str,
+        raw: Raw,
         dir: Option<tempfile::TempDir>,
         pg: Option<Pg>,
     ) -> Self {
@@ -1712,8 +2384,19 @@ impl Fixture {
         store.ping().await.unwrap();
         Fixture {
             store,
+            raw,
             _dir: dir,
             pg,
+        }
+    }
+
+    async fn db(&self) -> Db {
+        match &self.raw {
+            Raw::Memory(sqlite) => Db::Sqlite(sqlite.pool().clone()),
+            Raw::Url(url) if url.starts_with("sqlite:") => {
+                Db::Sqlite(sqlx::SqlitePool::connect(url).await.unwrap())
+            }
+            Raw::Url(url) => Db::Pg(sqlx::PgPool::connect(url).await.unwrap()),
         }
     }
 
@@ -1783,16 +2466,29 @@ async fn sqlite_times_are_fixed_width_text() {
     s.append_event(None, run.id, "train", "started", "x", None)
         .await
         .unwrap();
+    // Teams and keys: the migration's `local`, a new team, a key's times
+    // (an expiry the caller gives, too).
+    let team = s.create_team("times").await.unwrap().name;
+    let expiry = chrono::Utc::now() + chrono::Duration::days(1);
+    let (k, key) = s
+        .create_api_key(&team, "k", &[Scope::Read], Some(expiry))
+        .await
+        .unwrap();
+    assert!(s.authenticate(&key).await.unwrap().is_some());
+    s.revoke_api_key(k.id).await.unwrap();
     let times: Vec<String> = sqlx::query_scalar(
         "SELECT created_at FROM runs UNION ALL SELECT updated_at FROM runs \
          UNION ALL SELECT run_after FROM stage_jobs \
          UNION ALL SELECT lease_expires_at FROM stage_jobs \
-         UNION ALL SELECT recorded_at FROM metrics UNION ALL SELECT created_at FROM run_events",
+         UNION ALL SELECT recorded_at FROM metrics UNION ALL SELECT created_at FROM run_events \
+         UNION ALL SELECT created_at FROM teams \
+         UNION ALL SELECT created_at FROM api_keys UNION ALL SELECT expires_at FROM api_keys \
+         UNION ALL SELECT revoked_at FROM api_keys UNION ALL SELECT last_used_at FROM api_keys",
     )
     .fetch_all(sqlite.pool())
     .await
     .unwrap();
-    assert_eq!(times.len(), 6);
+    assert_eq!(times.len(), 12);
     for t in times {
         assert_eq!(t.len(), "2026-01-01T00:00:00.000000Z".len(), "{t}");
         assert!(t.ends_with('Z'), "{t}");
@@ -1815,4 +2511,182 @@ async fn bad_urls_are_rejected() {
         .unwrap();
     store.ping().await.unwrap();
     assert!(path.exists());
+}
+
+/// Rows as the schema before teams held them (literal values that both
+/// backends accept): a finished run with a job, metrics, a choice, an
+/// artifact and an event, and an API key.
+const OLD_ROWS: &str = "
+INSERT INTO runs (id, client_request_id, name, status, spec_json, created_at, updated_at)
+VALUES ('11111111-1111-4111-8111-111111111111', 'req-1', 'old', 'succeeded', '{\"seed\": 1}',
+        '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:01.000000Z');
+INSERT INTO stage_jobs (id, run_id, stage, status, payload, attempts, max_attempts, run_after,
+                        created_at, updated_at)
+VALUES ('22222222-2222-4222-8222-222222222222', '11111111-1111-4111-8111-111111111111',
+        'train', 'succeeded', '{}', 1, 3, '2026-01-01T00:00:00.000000Z',
+        '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:01.000000Z');
+INSERT INTO metrics (run_id, stage, name, step, value, recorded_at)
+VALUES ('11111111-1111-4111-8111-111111111111', 'train', 'clean_acc', 1, 0.97,
+        '2026-01-01T00:00:00.000000Z');
+INSERT INTO pruning_choices (run_id, criterion, k, acc, asr, ra)
+VALUES ('11111111-1111-4111-8111-111111111111', 'linf', 4, 0.971, 0.016, 0.9);
+INSERT INTO artifacts (run_id, name, uri, sha256, size, content_type, created_at)
+VALUES ('11111111-1111-4111-8111-111111111111', 'model.safetensors', 'file:///m',
+        'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 10, NULL,
+        '2026-01-01T00:00:00.000000Z');
+INSERT INTO run_events (run_id, stage, kind, message, progress, created_at)
+VALUES ('11111111-1111-4111-8111-111111111111', 'train', 'done', 'ok', 1.0,
+        '2026-01-01T00:00:00.000000Z');
+";
+
+/// The key whose hash [`old_key_row`] stores.
+const OLD_KEY: &str = "dbk_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn old_key_row() -> String {
+    format!(
+        "INSERT INTO api_keys (id, name, key_hash, created_at) \
+         VALUES ('33333333-3333-4333-8333-333333333333', 'legacy', '{}', \
+         '2026-01-01T00:00:00.000000Z')",
+        sha256_hex(OLD_KEY.as_bytes())
+    )
+}
+
+/// The migrations of `backend` older than the teams migration, as a
+/// migrator of their own.
+async fn old_migrator(backend: &str) -> (sqlx::migrate::Migrator, tempfile::TempDir) {
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../migrations")
+        .join(backend);
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(all).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.as_str() < "20261130000000" {
+            std::fs::copy(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    (migrator, dir)
+}
+
+/// After the teams migration: the old rows belong to `local`, nothing of
+/// the run is lost, and the old key still authenticates.
+async fn check_migrated(s: &Store) {
+    let id = Uuid::parse_str("11111111-1111-4111-8111-111111111111").unwrap();
+    let run = s.get_run(id).await.unwrap();
+    assert_eq!(
+        (
+            run.team.as_str(),
+            run.client_request_id.as_deref(),
+            run.status
+        ),
+        (LOCAL_TEAM, Some("req-1"), RunStatus::Succeeded)
+    );
+    assert_eq!(run.spec_json, json!({"seed": 1}));
+    assert_eq!(s.list_jobs(id).await.unwrap().len(), 1);
+    assert_eq!(s.list_metrics(id).await.unwrap().len(), 1);
+    assert_eq!(s.list_artifacts(id).await.unwrap().len(), 1);
+    assert_eq!(s.list_events(id, 0).await.unwrap().len(), 1);
+    let summary = s.run_summary(id).await.unwrap();
+    assert_eq!(summary.clean_acc, Some(0.97));
+    assert_eq!(summary.linf.unwrap().k, 4);
+    let pages = s.list_run_pages(Some(LOCAL_TEAM), 10, 0).await.unwrap();
+    assert_eq!(pages.len(), 1);
+    assert_eq!(pages[0].jobs.len(), 1);
+    assert_eq!(
+        s.count_runs(LOCAL_TEAM, &[RunStatus::Succeeded])
+            .await
+            .unwrap(),
+        1
+    );
+
+    let p = s
+        .authenticate(OLD_KEY)
+        .await
+        .unwrap()
+        .expect("the old key works");
+    assert_eq!(p.team, LOCAL_TEAM);
+    assert_eq!(p.key_name, "legacy");
+    assert_eq!(p.scopes, [Scope::Submit, Scope::Read]);
+    assert!(!p.has(Scope::Admin));
+    let keys = s.list_api_keys(Some(LOCAL_TEAM)).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].prefix, "");
+    s.revoke_api_key(keys[0].id).await.unwrap();
+    assert_eq!(s.authenticate(OLD_KEY).await.unwrap(), None);
+
+    // The old client_request_id is now the local team's.
+    let again = NewRun {
+        team: LOCAL_TEAM.into(),
+        client_request_id: Some("req-1".into()),
+        name: "old".into(),
+        spec_json: json!({"seed": 1}),
+    };
+    let (same, created) = s.create_run(again.clone()).await.unwrap();
+    assert!(!created);
+    assert_eq!(same.id, id);
+    let t = s.create_team("after").await.unwrap().name;
+    let (mine, created) = s.create_run(NewRun { team: t, ..again }).await.unwrap();
+    assert!(created);
+    assert_ne!(mine.id, id);
+}
+
+#[tokio::test]
+async fn sqlite_migration_moves_old_rows_to_local_team() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let url = format!("sqlite://{}", path.display());
+    {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let (old, _dir) = old_migrator("sqlite").await;
+        old.run(&pool).await.unwrap();
+        sqlx::raw_sql(OLD_ROWS).execute(&pool).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(old_key_row()))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    let s = connect(&url).await.unwrap();
+    check_migrated(&s).await;
+    // Foreign keys are on again, and hold.
+    let sqlite = SqliteStore::open(&path).await.unwrap();
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(sqlite.pool())
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+    let broken: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check")
+        .fetch_all(sqlite.pool())
+        .await
+        .unwrap_or_default();
+    assert!(broken.is_empty());
+    let ok: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(sqlite.pool())
+        .await
+        .unwrap();
+    assert_eq!(ok, "ok");
+}
+
+#[tokio::test]
+async fn postgres_migration_moves_old_rows_to_local_team() {
+    let pg = Pg::fresh().await;
+    {
+        let pool = sqlx::PgPool::connect(pg.url()).await.unwrap();
+        let (old, _dir) = old_migrator("postgres").await;
+        old.run(&pool).await.unwrap();
+        sqlx::raw_sql(OLD_ROWS).execute(&pool).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(old_key_row()))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    let s = connect(pg.url()).await.unwrap();
+    check_migrated(&s).await;
+    pg.drop_db().await;
 }

@@ -146,15 +146,39 @@ pub fn pid_of(holder: &str) -> Option<u32> {
     holder.split('-').nth(1)?.parse().ok()
 }
 
+/// The internal credential of the test configs (stage services refuse
+/// calls without it; the gateway presents it).
+pub const INTERNAL_TOKEN: &str = "test-internal-credential-0123456789abcdef";
+
+/// A tonic interceptor that presents [`INTERNAL_TOKEN`], for tests that
+/// call stage services directly.
+pub fn internal(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {INTERNAL_TOKEN}")
+            .parse()
+            .expect("a valid header value"),
+    );
+    Ok(req)
+}
+
+/// A client channel to `url`.
+pub async fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("a valid url")
+        .connect()
+        .await
+        .expect("connecting")
+}
+
 /// Config TOML for a service process (`extra` is appended): a 3 s lease,
-/// heartbeats every 0.5 s.
+/// heartbeats every 0.5 s, `auth = "none"` (the tests of other features;
+/// `services_auth` runs with keys).
 pub fn config(database_url: &str, artifact_url: &str, work: &Path, extra: &str) -> String {
-    config_with_lease(database_url, artifact_url, work, 3.0, extra)
+    config_with(database_url, artifact_url, work, 3.0, "none", extra)
 }
 
 /// [`config`] with another lease period (heartbeats at a sixth of it).
-/// Every config offers the real MNIST digits as the dataset `mnist`
-/// (remote specs name datasets, never server paths).
 pub fn config_with_lease(
     database_url: &str,
     artifact_url: &str,
@@ -162,8 +186,23 @@ pub fn config_with_lease(
     lease_secs: f64,
     extra: &str,
 ) -> String {
+    config_with(database_url, artifact_url, work, lease_secs, "none", extra)
+}
+
+/// The config of every test process: the lease, the gateway's `auth`
+/// (`keys` or `none`), the internal credential, and the real MNIST digits
+/// offered as the dataset `mnist` (remote specs name datasets, never
+/// server paths).
+pub fn config_with(
+    database_url: &str,
+    artifact_url: &str,
+    work: &Path,
+    lease_secs: f64,
+    auth: &str,
+    extra: &str,
+) -> String {
     format!(
-        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = {lease_secs:?}\nheartbeat_secs = {:?}\npoll_ms = 100\nmax_attempts = 3\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n[datasets.mnist]\nroot = \"{}\"\n",
+        "database_url = \"{database_url}\"\nartifact_url = \"{artifact_url}\"\nwork_dir = \"{}\"\nlease_secs = {lease_secs:?}\nheartbeat_secs = {:?}\npoll_ms = 100\nmax_attempts = 3\nauth = \"{auth}\"\ninternal_token = \"{INTERNAL_TOKEN}\"\n{extra}\n[listen]\npoisoner = \"127.0.0.1:0\"\ntrainer = \"127.0.0.1:0\"\nanalyzer = \"127.0.0.1:0\"\npruner = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\n[datasets.mnist]\nroot = \"{}\"\n",
         work.display(),
         lease_secs / 6.0,
         crate::specs::mnist_dir().display()

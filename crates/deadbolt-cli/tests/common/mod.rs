@@ -7,7 +7,8 @@ use std::path::Path;
 pub use deadbolt_test_support::pg::Pg;
 pub use deadbolt_test_support::s3::Moto;
 pub use deadbolt_test_support::serve::{
-    config, config_with_lease, gateway, peers, pid_of, submit_toml, wait_for, watch, Proc,
+    channel, config, config_with, config_with_lease, gateway, internal, peers, pid_of, submit_toml,
+    wait_for, watch, Proc,
 };
 pub use deadbolt_test_support::specs::{repo, tiny_spec, tiny_spec_local};
 

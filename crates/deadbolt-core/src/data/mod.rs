@@ -2,8 +2,13 @@
 //! readers for MNIST IDX and CIFAR-10 binary batches, and the MNIST fetcher.
 
 pub mod cifar;
+pub mod folder;
 pub mod idx;
 pub mod mnist;
+
+/// Clean data for a model deadbolt did not train: an image folder
+/// (`<class>/*.png|jpg`), MNIST IDX or CIFAR-10 batches.
+pub use folder::load_clean;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

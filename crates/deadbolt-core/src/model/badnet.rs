@@ -4,7 +4,7 @@
 
 use tch::{nn, nn::Module, Tensor};
 
-use super::{LayerInfo, Network};
+use super::{HeadOp, LayerInfo, LinearHead, Network};
 use crate::error::{Error, Result};
 
 #[derive(Debug)]
@@ -42,25 +42,32 @@ impl Network for BadNetCnn {
         &STAGES
     }
 
-    /// Pools before the ReLU (max and ReLU commute exactly, values and
-    /// gradients, and the ReLU then touches a quarter of the elements), and
-    /// on channels-last activations: libtorch's NCHW max-pool kernel is
-    /// scalar and took a quarter of the training time, its channels-last
-    /// one is vectorised (same window order, same argmax).
+    /// Channels-last throughout (oneDNN's NHWC convolutions need no
+    /// reorders, libtorch's channels-last max-pool is vectorised, its NCHW
+    /// one is scalar), and pools before the ReLU (max and ReLU commute
+    /// exactly, values and gradients, and the ReLU then touches a quarter
+    /// of the elements).
     fn forward_unmasked(&self, x: &Tensor, _train: bool) -> Option<Tensor> {
-        let x = pool_channels_last(&self.conv1.forward(x)).relu_();
-        let x = pool_channels_last(&self.conv2.forward(&x)).relu_();
+        let x = conv_channels_last(&self.conv1, x)
+            .max_pool2d_default(2)
+            .relu_();
+        let x = conv_channels_last(&self.conv2, &x)
+            .max_pool2d_default(2)
+            .relu_();
         Some(
             self.fc2
                 .forward(&self.fc1.forward(&x.flatten(1, -1)).relu_()),
         )
     }
 
+    /// The same kernels as [`Network::forward_unmasked`] on the same
+    /// layouts; a prunable layer's output is handed out in the usual
+    /// (contiguous NCHW) layout.
     fn run_stage(&self, i: usize, x: &Tensor, _train: bool) -> Tensor {
         match i {
-            0 => self.conv1.forward(x).relu_(),
-            1 | 3 => pool_channels_last(x),
-            2 => self.conv2.forward(x).relu_(),
+            0 => conv_channels_last(&self.conv1, x).relu_().contiguous(),
+            2 => conv_channels_last(&self.conv2, x).relu_().contiguous(),
+            1 | 3 => channels_last(x).max_pool2d_default(2),
             _ => self
                 .fc2
                 .forward(&self.fc1.forward(&x.flatten(1, -1)).relu_()),
@@ -84,6 +91,27 @@ impl Network for BadNetCnn {
         "conv2"
     }
 
+    fn batch_independent(&self) -> bool {
+        true
+    }
+
+    /// After `conv2`: max-pool (per channel; a zero channel pools to
+    /// zeros) and flatten, then `fc2(relu(fc1(.)))`.
+    fn linear_head(&self, layer: &str) -> Option<LinearHead> {
+        (layer == "conv2").then(|| LinearHead {
+            blocks: |f| pool_channels_last(f).flatten(2, -1),
+            weight: self.fc1.ws.shallow_clone(),
+            bias: self.fc1.bs.as_ref().map(Tensor::shallow_clone),
+            rest: vec![
+                HeadOp::Relu,
+                HeadOp::Linear {
+                    weight: self.fc2.ws.shallow_clone(),
+                    bias: self.fc2.bs.as_ref().map(Tensor::shallow_clone),
+                },
+            ],
+        })
+    }
+
     fn bake_mask(&self, layer: &str, keep: &Tensor) {
         // relu(0 * x + 0) = 0: zeroing a channel's filter and bias zeroes it.
         let conv = if layer == "conv1" {
@@ -101,15 +129,37 @@ impl Network for BadNetCnn {
     }
 }
 
-/// 2x2 max-pooling through libtorch's channels-last kernel, returned in
-/// the usual (contiguous NCHW) layout so that the convolutions run exactly
-/// as they would without it.
-fn pool_channels_last(x: &Tensor) -> Tensor {
-    x.permute([0, 2, 3, 1])
-        .contiguous()
+/// The same values in channels-last memory order (no copy when they
+/// already are). Through a flat view, so that a one-channel tensor gets
+/// channels-last strides too (`contiguous` keeps its NCHW strides, which
+/// are as valid, and libtorch would then pick its NCHW kernels).
+fn channels_last(x: &Tensor) -> Tensor {
+    let nhwc = x.permute([0, 2, 3, 1]).contiguous();
+    nhwc.flatten(0, -1)
+        .view(nhwc.size().as_slice())
         .permute([0, 3, 1, 2])
-        .max_pool2d_default(2)
-        .contiguous()
+}
+
+/// A convolution on channels-last input and weight (the weight is a
+/// channels-last copy of a few thousand values, through which autograd
+/// returns the gradient to the NCHW parameter, so checkpoints keep
+/// PyTorch's layout): libtorch then runs oneDNN's NHWC kernel with no
+/// reorders and returns channels-last activations.
+fn conv_channels_last(conv: &nn::Conv2D, x: &Tensor) -> Tensor {
+    channels_last(x).conv2d(
+        &channels_last(&conv.ws),
+        conv.bs.as_ref(),
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        1,
+    )
+}
+
+/// 2x2 max-pooling through libtorch's channels-last kernel, in
+/// channels-last order.
+fn pool_channels_last(x: &Tensor) -> Tensor {
+    channels_last(x).max_pool2d_default(2)
 }
 
 #[cfg(test)]

@@ -6,10 +6,14 @@
 //! `head(f, layer)` runs the rest, so `head(features(x, l), l) == forward(x)`.
 
 mod badnet;
+mod head;
 mod preact;
+mod resnet;
 
 pub use badnet::BadNetCnn;
+pub use head::{HeadOp, LinearHead};
 pub use preact::PreActResNet18;
+pub use resnet::ResNet18;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,6 +47,15 @@ pub trait Network: Send + std::fmt::Debug {
     /// has a faster order of the same exact operations than its stages.
     fn forward_unmasked(&self, _x: &Tensor, _train: bool) -> Option<Tensor> {
         None
+    }
+    /// The head after `layer` as a [`LinearHead`], where it has that form.
+    fn linear_head(&self, _layer: &str) -> Option<LinearHead> {
+        None
+    }
+    /// Whether each image's output (and its gradient) in training depends
+    /// on that image alone (no batch statistics), so a batch may be split.
+    fn batch_independent(&self) -> bool {
+        false
     }
 }
 
@@ -102,6 +115,7 @@ impl Model {
         let net: Box<dyn Network> = match info.arch {
             Arch::BadnetCnn => Box::new(BadNetCnn::new(&vs.root(), c, h, w, info.classes)?),
             Arch::PreactResnet18 => Box::new(PreActResNet18::new(&vs.root(), c, info.classes)),
+            Arch::Resnet18 => Box::new(ResNet18::new(&vs.root(), c, info.classes)),
         };
         Ok(Model {
             vs,
@@ -113,6 +127,11 @@ impl Model {
 
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// See [`Network::batch_independent`].
+    pub fn batch_independent(&self) -> bool {
+        self.net.batch_independent()
     }
 
     pub fn prunable_layers(&self) -> Vec<LayerInfo> {
@@ -186,6 +205,20 @@ impl Model {
             self.net.stages().len(),
             train,
         ))
+    }
+
+    /// The head after `layer` as a [`LinearHead`] (eval mode), when the
+    /// network gives one and no mask of a later stage would be skipped.
+    pub fn linear_head(&self, layer: &str) -> Result<Option<LinearHead>> {
+        let i = self.stage_index(layer)?;
+        let later_mask = self.net.stages()[i + 1..]
+            .iter()
+            .any(|s| self.masks.contains_key(*s));
+        Ok(if later_mask {
+            None
+        } else {
+            self.net.linear_head(layer)
+        })
     }
 
     /// Sets (or clears) the keep-mask of a layer: `[C]`, 1 keeps a channel, 0

@@ -5,7 +5,7 @@
 
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
 
-use super::{LayerInfo, Network};
+use super::{LayerInfo, LinearHead, Network};
 
 #[derive(Debug)]
 pub struct PreActBlock {
@@ -121,6 +121,20 @@ impl Network for PreActResNet18 {
 
     fn default_layer(&self) -> &'static str {
         "layer4"
+    }
+
+    /// After `layer4` (the sum of the last block's residual branch and its
+    /// identity path, with no BN or ReLU after it): global average pooling,
+    /// which is per channel, then `linear`. The head of `layer1`..`layer3`
+    /// runs further blocks (BN, ReLU, convolutions mixing channels), so it
+    /// has no such form.
+    fn linear_head(&self, layer: &str) -> Option<LinearHead> {
+        (layer == "layer4").then(|| LinearHead {
+            blocks: |f| f.adaptive_avg_pool2d([1, 1]).flatten(2, -1),
+            weight: self.linear.ws.shallow_clone(),
+            bias: self.linear.bs.as_ref().map(Tensor::shallow_clone),
+            rest: Vec::new(),
+        })
     }
 
     fn bake_mask(&self, layer: &str, keep: &Tensor) {
