@@ -52,11 +52,21 @@ fn failure(code: &str, message: &str) -> JobFailure {
     JobFailure::new(code, message)
 }
 
+/// Leases the runnable job of `stage`. A row that a concurrent fenced
+/// write holds `FOR SHARE` is skipped by the leaser (SKIP LOCKED) until that
+/// write commits, so this retries for a moment before giving up.
 async fn lease_one(s: &Store, stage: &str) -> Job {
-    s.lease_job("w", &[stage.to_string()], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .expect("a runnable job")
+    for _ in 0..100 {
+        if let Some(j) = s
+            .lease_job("w", &[stage.to_string()], Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("a runnable job")
 }
 
 fn is_failed_precondition<T: std::fmt::Debug>(r: &Result<T>) -> bool {
