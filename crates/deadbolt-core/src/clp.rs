@@ -140,8 +140,7 @@ mod tests {
     fn spectral_norm_per_channel() {
         // channel 0: a rank-one kernel of known norm; channel 1: zeros
         let w = Tensor::zeros([2, 2, 1, 2], (Kind::Float, Device::Cpu));
-        let _ = w
-            .get(0)
+        w.get(0)
             .copy_(&Tensor::from_slice(&[3f32, 4., 6., 8.]).view([2, 1, 2]));
         let s = channel_spectral_norms(&w, None).unwrap();
         // [[3, 4], [6, 8]] = [1, 2]^T [3, 4]: sigma = sqrt(5) * 5

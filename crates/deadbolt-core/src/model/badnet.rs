@@ -133,7 +133,7 @@ impl Network for BadNetCnn {
 /// already are). Through a flat view, so that a one-channel tensor gets
 /// channels-last strides too (`contiguous` keeps its NCHW strides, which
 /// are as valid, and libtorch would then pick its NCHW kernels).
-fn channels_last(x: &Tensor) -> Tensor {
+pub(super) fn channels_last(x: &Tensor) -> Tensor {
     let nhwc = x.permute([0, 2, 3, 1]).contiguous();
     nhwc.flatten(0, -1)
         .view(nhwc.size().as_slice())

@@ -98,7 +98,9 @@ impl Network for PreActResNet18 {
 
     fn run_stage(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
         match i {
-            0 => self.conv1.forward(x),
+            // channels-last from the input on: every later op keeps the
+            // layout, and oneDNN's NHWC convolutions need no reorders
+            0 => self.conv1.forward(&super::badnet::channels_last(x)),
             1..=4 => self.layers[i - 1]
                 .iter()
                 .fold(x.shallow_clone(), |h, b| b.forward_t(&h, train)),
