@@ -1,0 +1,452 @@
+//! Clean data for a model deadbolt did not train. One folder, in one of
+//! three layouts, told apart by what it holds:
+//! - **MNIST IDX** (`t10k-*-idx?-ubyte`, `train-*`, gzipped or not);
+//! - **CIFAR-10 binary** (`test_batch.bin`, `data_batch_*.bin`);
+//! - **an image folder** (`<class>/*.png|jpg|jpeg`, torchvision's
+//!   `ImageFolder` layout). Classes are the card's `class_names` in that
+//!   order when given, else the sub-folder names sorted (as `ImageFolder`
+//!   sorts them, by byte order).
+//!
+//! Every image must already have the card's height and width (no silent
+//! resizing: a resized image is not what the model was trained on); grey
+//! images are widened to RGB for a 3-channel model and RGB narrowed to grey
+//! (luma) for a 1-channel one.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tch::{Kind, Tensor};
+
+use super::{cifar, idx, mnist, Dataset};
+use crate::error::{Error, Result};
+
+/// Which part of an IDX or CIFAR-10 folder to read (an image folder has
+/// no parts: every image is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+    All,
+}
+
+impl FromStr for Split {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "train" => Ok(Split::Train),
+            "test" => Ok(Split::Test),
+            "all" => Ok(Split::All),
+            other => Err(Error::invalid(
+                "split",
+                format!("unknown split `{other}` (train, test or all)"),
+            )),
+        }
+    }
+}
+
+/// The layout the data was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    ImageFolder,
+    MnistIdx,
+    Cifar10,
+}
+
+/// Clean labelled images, float32 in [0, 1] (not normalised).
+#[derive(Debug)]
+pub struct Clean {
+    pub data: Dataset,
+    pub source: Source,
+    /// Class names by label (image folders: the folder names; other
+    /// layouts: empty, the card names them).
+    pub classes: Vec<String>,
+}
+
+const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// Loads the clean data of `dir` for a model of input `(c, h, w)` and
+/// `classes` classes; `class_names` (the card's, may be empty) fixes the
+/// class order of an image folder.
+pub fn load_clean(
+    dir: &Path,
+    split: Split,
+    class_names: &[String],
+    (c, h, w): (i64, i64, i64),
+    classes: i64,
+) -> Result<Clean> {
+    if !dir.is_dir() {
+        return Err(Error::bad_file(
+            dir,
+            "clean data folder not found (an image folder <class>/*.png|jpg, MNIST IDX files or CIFAR-10 batches)",
+        ));
+    }
+    let data = if has_idx(dir) {
+        let d = load_idx(dir, split, classes)?;
+        (d, Source::MnistIdx, Vec::new())
+    } else if dir.join("test_batch.bin").is_file() || has_cifar_train(dir)? {
+        let d = load_cifar(dir, split)?;
+        (d, Source::Cifar10, Vec::new())
+    } else {
+        let (d, names) = load_image_folder(dir, class_names, (c, h, w), classes)?;
+        (d, Source::ImageFolder, names)
+    };
+    let (data, source, names) = data;
+    let (dc, dh, dw) = data.image_shape();
+    if (dc, dh, dw) != (c, h, w) {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "images are {dc}x{dh}x{dw} (C x H x W) but the card's input_shape is {c}x{h}x{w}"
+            ),
+        ));
+    }
+    if data.classes > classes {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "the data has {} classes but the card's classes is {classes}",
+                data.classes
+            ),
+        ));
+    }
+    if data.is_empty() {
+        return Err(Error::EmptyDataset(format!("{}: no images", dir.display())));
+    }
+    let data = Dataset { classes, ..data };
+    tracing::info!(dir = %dir.display(), ?source, images = data.len(), "clean data loaded");
+    Ok(Clean {
+        data,
+        source,
+        classes: names,
+    })
+}
+
+fn idx_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    [dir.join(name), dir.join(format!("{name}.gz"))]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+fn has_idx(dir: &Path) -> bool {
+    idx_file(dir, mnist::TEST_IMAGES).is_some() || idx_file(dir, mnist::TRAIN_IMAGES).is_some()
+}
+
+fn has_cifar_train(dir: &Path) -> Result<bool> {
+    Ok(cifar_train_files(dir)?.next().is_some())
+}
+
+fn cifar_train_files(dir: &Path) -> Result<impl Iterator<Item = PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("data_batch_") && n.ends_with(".bin"))
+        }))
+}
+
+fn concat(parts: Vec<Dataset>, classes: i64, what: &Path) -> Result<Dataset> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().expect("one part"));
+    }
+    Dataset::new(
+        Tensor::cat(&parts.iter().map(|d| &d.images).collect::<Vec<_>>(), 0),
+        Tensor::cat(&parts.iter().map(|d| &d.labels).collect::<Vec<_>>(), 0),
+        classes,
+        &what.display().to_string(),
+    )
+}
+
+fn load_idx(dir: &Path, split: Split, classes: i64) -> Result<Dataset> {
+    let pair = |images: &str, labels: &str| -> Result<Dataset> {
+        let x = idx_file(dir, images).ok_or_else(|| {
+            Error::bad_file(dir.join(images), format!("missing (split {split:?})"))
+        })?;
+        let y = idx_file(dir, labels).ok_or_else(|| {
+            Error::bad_file(dir.join(labels), "missing: the labels of the images")
+        })?;
+        idx::read_pair(&x, &y, classes)
+    };
+    let test = || pair(mnist::TEST_IMAGES, mnist::TEST_LABELS);
+    let train = || pair(mnist::TRAIN_IMAGES, mnist::TRAIN_LABELS);
+    match split {
+        Split::Test => test(),
+        Split::Train => train(),
+        Split::All => {
+            let mut parts = Vec::new();
+            if idx_file(dir, mnist::TRAIN_IMAGES).is_some() {
+                parts.push(train()?);
+            }
+            if idx_file(dir, mnist::TEST_IMAGES).is_some() {
+                parts.push(test()?);
+            }
+            concat(parts, classes, dir)
+        }
+    }
+}
+
+fn load_cifar(dir: &Path, split: Split) -> Result<Dataset> {
+    let test = || read_cifar_test(dir);
+    let train = || -> Result<Dataset> {
+        let mut files: Vec<_> = cifar_train_files(dir)?.collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::bad_file(
+                dir,
+                "no data_batch_*.bin files (split train)",
+            ));
+        }
+        let parts = files
+            .iter()
+            .map(|p| cifar::read_batch(p))
+            .collect::<Result<Vec<_>>>()?;
+        concat(parts, cifar::CLASSES, dir)
+    };
+    match split {
+        Split::Test => test(),
+        Split::Train => train(),
+        Split::All => {
+            let mut parts = Vec::new();
+            if has_cifar_train(dir)? {
+                parts.push(train()?);
+            }
+            if dir.join("test_batch.bin").is_file() {
+                parts.push(test()?);
+            }
+            concat(parts, cifar::CLASSES, dir)
+        }
+    }
+}
+
+fn read_cifar_test(dir: &Path) -> Result<Dataset> {
+    let p = dir.join("test_batch.bin");
+    if !p.is_file() {
+        return Err(Error::bad_file(&p, "missing (split test)"));
+    }
+    cifar::read_batch(&p)
+}
+
+/// Class folders of an image folder: the card's names in order (each must
+/// exist as a folder, and no other folder may hold images), else the
+/// sub-folders sorted.
+fn class_dirs(dir: &Path, class_names: &[String], classes: i64) -> Result<Vec<String>> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    found.sort();
+    if !found
+        .iter()
+        .any(|f| image_files(&dir.join(f)).is_ok_and(|v| !v.is_empty()))
+    {
+        return Err(Error::bad_file(
+            dir,
+            "no images: expected one sub-folder per class (<class>/*.png|jpg), MNIST IDX files or CIFAR-10 batches",
+        ));
+    }
+    if class_names.is_empty() {
+        if found.len() as i64 != classes {
+            return Err(Error::bad_file(
+                dir,
+                format!(
+                    "{} class folders ({}) but the card's classes is {classes}; give the card's class_names to map folders to labels",
+                    found.len(),
+                    preview(&found)
+                ),
+            ));
+        }
+        return Ok(found);
+    }
+    if let Some(extra) = found.iter().find(|f| !class_names.contains(f)) {
+        return Err(Error::bad_file(
+            dir.join(extra),
+            "a class folder not named in the card's class_names",
+        ));
+    }
+    Ok(class_names.to_vec())
+}
+
+/// The image files of a class folder, sorted.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn preview(names: &[String]) -> String {
+    let mut s = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 5 {
+        s.push_str(", ...");
+    }
+    s
+}
+
+fn load_image_folder(
+    dir: &Path,
+    class_names: &[String],
+    (c, h, w): (i64, i64, i64),
+    classes: i64,
+) -> Result<(Dataset, Vec<String>)> {
+    if c != 1 && c != 3 {
+        return Err(Error::invalid(
+            "input_shape",
+            format!("image folders hold grey or RGB images; the card asks for {c} channels"),
+        ));
+    }
+    let names = class_dirs(dir, class_names, classes)?;
+    let mut pixels: Vec<u8> = Vec::new();
+    let mut labels: Vec<i64> = Vec::new();
+    for (label, name) in names.iter().enumerate() {
+        let cdir = dir.join(name);
+        if !cdir.is_dir() {
+            continue; // a class named in the card without images
+        }
+        for f in image_files(&cdir)? {
+            let img = image::ImageReader::open(&f)
+                .map_err(|e| Error::io(&f, e))?
+                .with_guessed_format()
+                .map_err(|e| Error::io(&f, e))?
+                .decode()
+                .map_err(|e| Error::bad_file(&f, format!("cannot decode image: {e}")))?;
+            if (img.width() as i64, img.height() as i64) != (w, h) {
+                return Err(Error::bad_file(
+                    &f,
+                    format!(
+                        "image is {}x{} but the card's input_shape wants {w}x{h} (W x H); resize it as the model was trained",
+                        img.width(),
+                        img.height()
+                    ),
+                ));
+            }
+            if c == 1 {
+                pixels.extend_from_slice(img.to_luma8().as_raw());
+            } else {
+                // HWC -> CHW
+                let rgb = img.to_rgb8();
+                let raw = rgb.as_raw();
+                let plane = (h * w) as usize;
+                let start = pixels.len();
+                pixels.resize(start + 3 * plane, 0);
+                for (i, px) in raw.chunks_exact(3).enumerate() {
+                    for ch in 0..3 {
+                        pixels[start + ch * plane + i] = px[ch];
+                    }
+                }
+            }
+            labels.push(label as i64);
+        }
+    }
+    if labels.is_empty() {
+        return Err(Error::bad_file(
+            dir,
+            "no images (png, jpg) in the class folders",
+        ));
+    }
+    let n = labels.len() as i64;
+    let images = Tensor::from_slice(&pixels)
+        .view([n, c, h, w])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let data = Dataset::new(
+        images,
+        Tensor::from_slice(&labels),
+        classes,
+        &dir.display().to_string(),
+    )?;
+    Ok((data, names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn split_parses_and_names_the_field() {
+        assert_eq!("all".parse::<Split>().unwrap(), Split::All);
+        let e = "val".parse::<Split>().unwrap_err().to_string();
+        assert!(e.contains("split") && e.contains("val"), "{e}");
+    }
+
+    #[test]
+    fn rgb_folder_in_card_order_and_idx() {
+        let dir = tempfile::tempdir().unwrap();
+        for (k, cls) in ["cat", "dog"].iter().enumerate() {
+            let d = dir.path().join(cls);
+            std::fs::create_dir_all(&d).unwrap();
+            image::RgbImage::from_fn(4, 3, |x, _| image::Rgb([k as u8 * 100, x as u8, 7]))
+                .save(d.join("a.png"))
+                .unwrap();
+        }
+        let c = load_clean(
+            dir.path(),
+            Split::Test,
+            &names(&["dog", "cat"]),
+            (3, 3, 4),
+            2,
+        )
+        .unwrap();
+        assert_eq!(c.source, Source::ImageFolder);
+        assert_eq!(c.classes, names(&["dog", "cat"]));
+        assert_eq!(c.data.labels_vec(), vec![0, 1]);
+        // dog (label 0) has red channel 100/255; channel planes are CHW
+        let red = c.data.images.double_value(&[0, 0, 0, 0]);
+        assert!((red - 100.0 / 255.0).abs() < 1e-6);
+        assert!((c.data.images.double_value(&[0, 1, 0, 3]) - 3.0 / 255.0).abs() < 1e-6);
+        assert!((c.data.images.double_value(&[0, 2, 2, 2]) - 7.0 / 255.0).abs() < 1e-6);
+        // sorted folder order without names; a folder outside the names is refused
+        let c = load_clean(dir.path(), Split::Test, &[], (3, 3, 4), 2).unwrap();
+        assert_eq!(c.classes, names(&["cat", "dog"]));
+        let e = load_clean(
+            dir.path(),
+            Split::Test,
+            &names(&["cat", "bird"]),
+            (3, 3, 4),
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dog") && e.contains("class_names"), "{e}");
+        let e = load_clean(dir.path(), Split::Test, &[], (3, 3, 4), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 class folders") && e.contains("class_names"),
+            "{e}"
+        );
+
+        // IDX: test split by default, all = train + test
+        let idx_dir = tempfile::tempdir().unwrap();
+        let x = Tensor::rand([6, 1, 5, 5], (Kind::Float, tch::Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]);
+        idx::write_images(&idx_dir.path().join(mnist::TEST_IMAGES), &x).unwrap();
+        idx::write_labels(&idx_dir.path().join(mnist::TEST_LABELS), &y).unwrap();
+        let c = load_clean(idx_dir.path(), Split::Test, &[], (1, 5, 5), 3).unwrap();
+        assert_eq!((c.source, c.data.len()), (Source::MnistIdx, 6));
+        let e = load_clean(idx_dir.path(), Split::Train, &[], (1, 5, 5), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(mnist::TRAIN_IMAGES), "{e}");
+        let e = load_clean(idx_dir.path(), Split::Test, &[], (1, 28, 28), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("input_shape"), "{e}");
+    }
+}
