@@ -89,9 +89,9 @@ fi
 t0=$(date +%s.%N)
 "$bin" --quiet experiment "$spec" --out "$out/experiment" >/dev/null
 t1=$(date +%s.%N)
-"$py" - "$out/experiment/report.json" "$(echo "$t1 - $t0" | bc)" <<'PY'
+"$py" - "$out/experiment/report.json" "$t0" "$t1" <<'PY'
 import json, sys
-r, wall = json.load(open(sys.argv[1])), float(sys.argv[2])
+r, wall = json.load(open(sys.argv[1])), float(sys.argv[3]) - float(sys.argv[2])
 print(f"wall time {wall:.1f} s")
 for k, v in sorted(r.get("timings", {}).items()):
     print(f"  {k:28s} {v:8.2f} s")

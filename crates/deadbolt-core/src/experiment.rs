@@ -33,8 +33,7 @@ use crate::progress::Progress;
 use crate::prune::{self, CurvePoint};
 use crate::report::{
     CriterionReport, DataSummary, GradcamSummary, HeatmapImage, ModelFigures, Report,
-    SyntheticSummary,
-    TriggerSource,
+    SyntheticSummary, TriggerSource,
 };
 use crate::spec::{Criterion, ExperimentSpec, TrainingSpec};
 use crate::train::{self, EpochReport};

@@ -89,6 +89,15 @@ impl Start {
 /// resuming, pass in `start` the optimizer with the state saved after
 /// `start.epoch` ([`Optimizer::load`]) so the run continues exactly as if
 /// uninterrupted; `None` starts a fresh one.
+///
+/// On the CPU with several libtorch threads (`spec.threads`, or libtorch's
+/// default), a network whose images do not interact in training (no batch
+/// norm: [`Model::batch_independent`]) gets each batch split over the
+/// threads, one single-threaded forward and backward pass per part, whose
+/// gradients are added in a fixed order; other networks and GPUs use
+/// libtorch's own threads. The
+/// same spec, seed and thread count give the same weights and figures, bit
+/// for bit; another thread count gives the same training to float rounding.
 pub fn train(
     model: &mut Model,
     data: &Dataset,

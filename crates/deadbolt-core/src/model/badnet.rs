@@ -140,20 +140,12 @@ pub(super) fn channels_last(x: &Tensor) -> Tensor {
         .permute([0, 3, 1, 2])
 }
 
-/// A convolution on channels-last input and weight (the weight is a
-/// channels-last copy of a few thousand values, through which autograd
-/// returns the gradient to the NCHW parameter, so checkpoints keep
-/// PyTorch's layout): libtorch then runs oneDNN's NHWC kernel with no
-/// reorders and returns channels-last activations.
+/// A convolution on channels-last input: libtorch then runs oneDNN's NHWC
+/// kernel (it lays the NCHW weight out to match, and returns the weight's
+/// gradient in the parameter's layout, so checkpoints keep PyTorch's) and
+/// returns channels-last activations.
 fn conv_channels_last(conv: &nn::Conv2D, x: &Tensor) -> Tensor {
-    channels_last(x).conv2d(
-        &channels_last(&conv.ws),
-        conv.bs.as_ref(),
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        1,
-    )
+    channels_last(x).conv2d(&conv.ws, conv.bs.as_ref(), [1, 1], [0, 0], [1, 1], 1)
 }
 
 /// 2x2 max-pooling through libtorch's channels-last kernel, in
@@ -165,6 +157,24 @@ fn pool_channels_last(x: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both convolutions get and give channels-last activations, a
+    /// one-channel input included (where `contiguous` would leave NCHW
+    /// strides and libtorch would silently take its NCHW kernels).
+    #[test]
+    fn convolutions_run_channels_last() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let m = BadNetCnn::new(&vs.root(), 1, 28, 28, 10).unwrap();
+        let x = crate::rng::uniform(&[2, 1, 28, 28], 9);
+        let cl = channels_last(&x);
+        assert_eq!(cl.stride()[1], 1);
+        assert!(cl.equal(&x));
+        let h = conv_channels_last(&m.conv1, &x);
+        assert_eq!(h.stride()[1], 1, "conv1 gives {:?}", h.stride());
+        let y = conv_channels_last(&m.conv2, &h.max_pool2d_default(2));
+        assert_eq!(y.stride()[1], 1, "conv2 gives {:?}", y.stride());
+        assert_eq!(y.size(), [2, 32, 8, 8]);
+    }
 
     /// Channels-last pooling is libtorch's NCHW max-pool, values and
     /// gradients bitwise, ties included.
