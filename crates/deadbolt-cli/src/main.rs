@@ -141,6 +141,20 @@ enum Command {
         #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
         gateway: String,
     },
+    /// Upload files into the gateway's object storage under your team, for
+    /// specs to name as `upload:NAME`: `dataset NAME FILE...` (the files of
+    /// one dataset folder: MNIST IDX files or CIFAR-10 batches) or
+    /// `trigger NAME IMAGE.png` (a trigger pattern image). Prints the
+    /// reference, sha256 and size of each file.
+    Upload {
+        /// `dataset` or `trigger`.
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+    },
     /// List runs, newest first.
     Runs {
         #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
@@ -177,6 +191,8 @@ enum DataCommand {
 
 fn main() {
     let cli = Cli::parse();
+    // one rustls provider for every TLS client and server of the process
+    deadbolt_runtime::tls::install_crypto_provider();
     let default_filter = if matches!(cli.command, Command::Serve { .. }) {
         "info"
     } else {
@@ -289,6 +305,7 @@ fn run(cli: Cli) -> Result<()> {
                 validation_fraction: 0.0,
                 train_limit: 0,
                 test_limit: 0,
+                sha256: Default::default(),
             })?;
             let attack = attack
                 .map(|p| -> Result<Attack> {
@@ -379,6 +396,29 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::Ok(r.into_inner())
             })?;
             println!("{}", services::run_line(&r));
+        }
+        Command::Upload {
+            kind,
+            name,
+            files,
+            gateway,
+        } => {
+            let kind = match kind.as_str() {
+                "dataset" => deadbolt_proto::v1::UploadKind::Dataset,
+                "trigger" => deadbolt_proto::v1::UploadKind::TriggerImage,
+                other => anyhow::bail!("upload: unknown kind {other:?} (dataset or trigger)"),
+            };
+            if kind == deadbolt_proto::v1::UploadKind::TriggerImage && files.len() != 1 {
+                anyhow::bail!("upload trigger: give exactly one image file");
+            }
+            tokio_rt()?.block_on(async {
+                let mut c = services::client(&gateway).await?;
+                for f in &files {
+                    let r = services::upload(&mut c, kind, &name, f).await?;
+                    println!("{} {} {} {}", f.display(), r.reference, r.sha256, r.size);
+                }
+                anyhow::Ok(())
+            })?;
         }
         Command::Runs { gateway, limit } => {
             let runs = tokio_rt()?.block_on(async {

@@ -131,7 +131,8 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
         let guard = server::Guard::Internal(deadbolt_runtime::auth::InternalLayer {
             token: token.into(),
         });
-        let (addr, task) = server::spawn_with(name, routes, listener, None, guard).await?;
+        let tls = shared.config.server_tls(k)?;
+        let (addr, task) = server::spawn_with(name, routes, listener, None, guard, tls).await?;
         run.servers.push(task);
         run.addrs.insert(k, addr);
         let worker = shared.worker(k.as_str(), handlers)?;
@@ -140,9 +141,14 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
     if kinds.contains(&ServiceKind::Gateway) {
         for (k, addr) in &run.addrs {
             if shared.config.peers.get(*k).is_none_or(|p| p.is_empty()) {
-                shared.config.peers.set(*k, vec![format!("http://{addr}")]);
+                let scheme = shared.config.scheme();
+                shared
+                    .config
+                    .peers
+                    .set(*k, vec![format!("{scheme}://{addr}")]);
             }
         }
+        let tls = shared.config.server_tls(ServiceKind::Gateway)?;
         let listener = server::bind(&shared.config.listen_addr(ServiceKind::Gateway)).await?;
         let g = Gateway::new(shared.clone())?;
         // runs whose driver died (or that nobody drives yet) are claimed
@@ -162,6 +168,7 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
                 store: shared.store.clone(),
                 mode: shared.config.auth,
             }),
+            tls,
         )
         .await?;
         run.servers.push(task);
@@ -219,8 +226,17 @@ pub async fn client(url: &str) -> Result<Client> {
         ),
         (None, None) => None,
     };
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad gateway address {url:?}"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad gateway address {url:?}"))?;
+    // https://: the CA bundle of DEADBOLT_TLS_CA (else the system roots)
+    let mut tls = deadbolt_runtime::tls::TlsConfig::default();
+    tls.apply_env(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+    if let Some(c) = deadbolt_runtime::tls::client_for(url, Some(&tls))? {
+        endpoint = endpoint
+            .tls_config(c)
+            .with_context(|| format!("TLS for the gateway at {url}"))?;
+    }
+    let ch = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to the gateway at {url}"))?;
@@ -229,6 +245,65 @@ pub async fn client(url: &str) -> Result<Client> {
         key.as_deref(),
         "DEADBOLT_API_KEY",
     )?))
+}
+
+/// Bytes per upload message (the servers decode at most 4 MiB).
+const UPLOAD_CHUNK: usize = 1 << 20;
+
+/// Uploads one file: its sha256 and size first (one pass over the file),
+/// then its bytes in 1 MiB messages (a second pass, streamed).
+pub async fn upload(
+    c: &mut Client,
+    kind: pb::UploadKind,
+    name: &str,
+    file: &Path,
+) -> Result<pb::UploadResponse> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let (sha256, size) = {
+        let mut f =
+            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let mut h = sha2::Sha256::new();
+        let size =
+            std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", file.display()))?;
+        (hex::encode(h.finalize()), size)
+    };
+    let file_name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let header = pb::UploadHeader {
+        kind: kind as i32,
+        name: name.to_string(),
+        file: file_name,
+        sha256,
+        size,
+    };
+    let f = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("opening {}", file.display()))?;
+    let chunks = futures::stream::unfold((f, Some(header)), |(mut f, header)| async move {
+        let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let n = match f.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the upload");
+                return None;
+            }
+        };
+        if n == 0 && header.is_none() {
+            return None;
+        }
+        buf.truncate(n);
+        Some((pb::UploadChunk { header, data: buf }, (f, None)))
+    });
+    let r = c
+        .upload(chunks)
+        .await
+        .map_err(status_error)
+        .with_context(|| format!("uploading {}", file.display()))?;
+    Ok(r.into_inner())
 }
 
 /// Submits a TOML spec file.

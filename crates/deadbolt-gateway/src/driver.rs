@@ -40,7 +40,7 @@ impl Clients {
     pub fn from_config(c: &deadbolt_runtime::Config) -> anyhow::Result<Clients> {
         let ch = |k: ServiceKind| {
             WithBearer::new(
-                balanced_channel(&c.peer_urls(k))?,
+                balanced_channel(&c.peer_urls(k), Some(&c.tls))?,
                 c.internal_token.as_deref(),
                 "internal_token",
             )

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
+use deadbolt_proto::validate::invalid_argument;
+use deadbolt_runtime::uploads::{self, UploadKind};
 use deadbolt_runtime::{auth, convert, policy, stage, Shared};
 use deadbolt_store::{NewRun, RunStatus};
 use futures::Stream;
@@ -162,8 +164,126 @@ impl Gateway {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
 
+impl Gateway {
+    /// Reads the upload's header (the first message) and names its object.
+    fn upload_target(
+        team: &str,
+        h: &pb::UploadHeader,
+        max: u64,
+    ) -> Result<(String, String), Status> {
+        let kind = match pb::UploadKind::try_from(h.kind) {
+            Ok(pb::UploadKind::Dataset) => UploadKind::Dataset,
+            Ok(pb::UploadKind::TriggerImage) => UploadKind::TriggerImage,
+            _ => {
+                return Err(invalid_argument(
+                    "header.kind",
+                    "UPLOAD_KIND_DATASET or UPLOAD_KIND_TRIGGER_IMAGE",
+                ))
+            }
+        };
+        uploads::check_name(&h.name).map_err(|m| invalid_argument("header.name", m))?;
+        let key = match kind {
+            UploadKind::Dataset => {
+                uploads::check_name(&h.file).map_err(|m| invalid_argument("header.file", m))?;
+                format!("{}/{}", uploads::key(team, kind, &h.name), h.file)
+            }
+            UploadKind::TriggerImage => uploads::key(team, kind, &h.name),
+        };
+        let sha = h.sha256.trim().to_ascii_lowercase();
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid_argument(
+                "header.sha256",
+                "the file's sha256 as 64 hex digits",
+            ));
+        }
+        if h.size == 0 {
+            return Err(invalid_argument("header.size", "an empty file"));
+        }
+        if h.size > max {
+            return Err(invalid_argument(
+                "header.size",
+                format!(
+                    "{} bytes is above this service's upload limit of {max}",
+                    h.size
+                ),
+            ));
+        }
+        Ok((key, sha))
+    }
+}
+
+fn upload_error(e: deadbolt_store::StoreError) -> Status {
+    match e {
+        deadbolt_store::StoreError::Invalid { field, message } => {
+            invalid_argument(format!("header.{field}"), message)
+        }
+        other => other.into(),
+    }
+}
+
 #[tonic::async_trait]
 impl ExperimentService for Gateway {
+    async fn upload(
+        &self,
+        req: Request<tonic::Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        let team = auth::principal(&req)?.team.clone();
+        let max = self.shared.config.limits.max_upload_bytes;
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            invalid_argument(
+                "header",
+                "an upload starts with a message carrying its header",
+            )
+        })?;
+        let h = first.header.clone().ok_or_else(|| {
+            invalid_argument(
+                "header",
+                "the first message of an upload carries its header",
+            )
+        })?;
+        let (key, sha) = Self::upload_target(&team, &h, max)?;
+        let mut w = self.shared.artifacts.start_upload(&key).await?;
+        let mut data = first.data;
+        loop {
+            if !data.is_empty() {
+                if w.size() + data.len() as u64 > h.size {
+                    w.abort().await;
+                    return Err(invalid_argument(
+                        "header.size",
+                        format!("more than the declared {} bytes arrived", h.size),
+                    ));
+                }
+                if let Err(e) = w.write(bytes::Bytes::from(data)).await {
+                    w.abort().await;
+                    return Err(e.into());
+                }
+            }
+            match stream.message().await {
+                Ok(Some(c)) if c.header.is_some() => {
+                    w.abort().await;
+                    return Err(invalid_argument(
+                        "header",
+                        "only the first message of an upload carries a header",
+                    ));
+                }
+                Ok(Some(c)) => data = c.data,
+                Ok(None) => break,
+                Err(s) => {
+                    w.abort().await;
+                    return Err(s);
+                }
+            }
+        }
+        let r = w.finish(h.size, &sha).await.map_err(upload_error)?;
+        tracing::info!(team = %team, name = %h.name, file = %h.file, size = r.size, "upload received");
+        Ok(Response::new(pb::UploadResponse {
+            reference: format!("{}{}", uploads::UPLOAD_SCHEME, h.name),
+            sha256: r.sha256,
+            size: r.size,
+        }))
+    }
+
     async fn submit_experiment(
         &self,
         req: Request<pb::SubmitExperimentRequest>,
@@ -185,7 +305,21 @@ impl ExperimentService for Gateway {
         let mut spec = convert::spec_from_submit(req.spec.as_ref())?;
         policy::check_limits(&spec, &config.limits)?;
         if !config.allow_local_paths {
-            policy::resolve_remote_paths(&mut spec, &config.datasets, config.data_root.as_deref())?;
+            let used = policy::resolve_remote_paths(
+                &mut spec,
+                &config.datasets,
+                config.data_root.as_deref(),
+                &team,
+            )?;
+            for u in used {
+                // another team's upload answers like a missing one
+                if !uploads::exists(&self.shared.artifacts, &team, u.kind, &u.name).await? {
+                    return Err(invalid_argument(
+                        u.field,
+                        format!("upload:{}: this team has no such upload", u.name),
+                    ));
+                }
+            }
         }
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;

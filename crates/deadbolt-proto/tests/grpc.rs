@@ -72,6 +72,26 @@ impl ExperimentService for Stub {
         Ok(Response::new(Box::pin(futures::stream::iter(events))))
     }
 
+    async fn upload(
+        &self,
+        req: Request<tonic::Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        let mut s = req.into_inner();
+        let mut size = 0u64;
+        let mut name = String::new();
+        while let Some(c) = s.message().await? {
+            if let Some(h) = c.header {
+                name = h.name;
+            }
+            size += c.data.len() as u64;
+        }
+        Ok(Response::new(UploadResponse {
+            reference: format!("upload:{name}"),
+            sha256: String::new(),
+            size,
+        }))
+    }
+
     async fn cancel_experiment(
         &self,
         _: Request<CancelExperimentRequest>,
@@ -100,6 +120,27 @@ async fn client_and_server_round_trip() {
     let mut client = ExperimentServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
+
+    // a client stream: the header, then the bytes in several messages
+    let chunks = vec![
+        UploadChunk {
+            header: Some(UploadHeader {
+                name: "digits".into(),
+                ..Default::default()
+            }),
+            data: vec![1; 3],
+        },
+        UploadChunk {
+            header: None,
+            data: vec![2; 5],
+        },
+    ];
+    let up = client
+        .upload(futures::stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((up.reference.as_str(), up.size), ("upload:digits", 8));
 
     let ok = client
         .submit_experiment(SubmitExperimentRequest {

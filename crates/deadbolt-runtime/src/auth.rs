@@ -37,7 +37,7 @@ pub enum AuthMode {
 /// The scope a public method needs.
 pub fn scope_of(path: &str) -> Scope {
     match path.rsplit('/').next().unwrap_or("") {
-        "SubmitExperiment" | "CancelExperiment" => Scope::Submit,
+        "SubmitExperiment" | "CancelExperiment" | "Upload" => Scope::Submit,
         "GetExperiment" | "ListExperiments" | "WatchExperiment" => Scope::Read,
         _ => Scope::Admin,
     }

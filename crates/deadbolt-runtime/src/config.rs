@@ -207,6 +207,14 @@ pub struct Config {
     /// experiment`, which runs on the user's own files, sets this).
     #[serde(default)]
     pub allow_local_paths: bool,
+    /// TLS certificates and keys (`[tls]`, see [`crate::tls`]).
+    #[serde(default, skip_serializing_if = "crate::tls::TlsConfig::is_empty")]
+    pub tls: crate::tls::TlsConfig,
+    /// Serve and call without TLS on addresses other hosts can reach.
+    /// Without it (and without `[tls]`) only loopback listen addresses are
+    /// served in plaintext.
+    #[serde(default)]
+    pub plaintext: bool,
     /// Listen address per service (`host:port`).
     #[serde(default)]
     pub listen: PerService<String>,
@@ -327,6 +335,10 @@ impl Config {
                 other => bail!("DEADBOLT_AUTH={other:?}: expected keys or none"),
             };
         }
+        self.tls.apply_env(env);
+        if let Some(v) = parse_env("DEADBOLT_PLAINTEXT")? {
+            self.plaintext = v;
+        }
         if let Some(v) = env("DEADBOLT_METRICS_LISTEN") {
             self.metrics_listen = Some(v);
         }
@@ -377,6 +389,7 @@ impl Config {
         if self.max_attempts < 1 {
             bail!("max_attempts must be >= 1");
         }
+        self.tls.validate()?;
         Ok(())
     }
 
@@ -394,8 +407,37 @@ impl Config {
     pub fn peer_urls(&self, k: ServiceKind) -> Vec<String> {
         match self.peers.get(k) {
             Some(v) if !v.is_empty() => v.clone(),
-            _ => vec![format!("http://{}", self.listen_addr(k))],
+            _ => vec![format!("{}://{}", self.scheme(), self.listen_addr(k))],
         }
+    }
+
+    /// `https` when the services serve TLS (`tls.cert` is set), else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.cert.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The server TLS of service `k`: its certificate (stage services also
+    /// require client certificates when `tls.client_ca` is set); none for
+    /// plaintext, which needs `plaintext = true` unless the service
+    /// listens on loopback only.
+    pub fn server_tls(&self, k: ServiceKind) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+        if self.tls.cert.is_some() {
+            return Ok(Some(self.tls.server(k != ServiceKind::Gateway)?));
+        }
+        let addr = self.listen_addr(k);
+        if !self.plaintext && crate::tls::needs_opt_in(&addr) {
+            bail!(
+                "listen.{}: {addr} is reachable from other hosts; configure [tls] cert and key \
+                 (DEADBOLT_TLS_CERT, DEADBOLT_TLS_KEY) or set plaintext = true \
+                 (DEADBOLT_PLAINTEXT=true) to serve it unencrypted",
+                k.as_str()
+            );
+        }
+        Ok(None)
     }
 
     pub fn lease(&self) -> Duration {

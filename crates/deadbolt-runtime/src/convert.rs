@@ -88,6 +88,7 @@ pub fn spec_from_proto(p: &pb::ExperimentSpec) -> Result<spec::ExperimentSpec, S
         validation_fraction: d.validation_fraction.unwrap_or(0.1),
         train_limit: d.train_limit as usize,
         test_limit: d.test_limit as usize,
+        sha256: Default::default(),
     };
     let arch = match enum_of::<pb::Arch>(
         "model.arch",

@@ -24,6 +24,8 @@ pub mod policy;
 pub mod server;
 pub mod stage;
 pub mod tensor_thread;
+pub mod tls;
+pub mod uploads;
 pub mod worker;
 
 pub use config::Config;

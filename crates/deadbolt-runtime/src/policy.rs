@@ -40,6 +40,8 @@ pub struct Limits {
     pub max_name_len: usize,
     /// Runs (queued or running) a team may have at once.
     pub max_runs_in_flight: i64,
+    /// Largest file a client may upload, in bytes.
+    pub max_upload_bytes: u64,
 }
 
 impl Limits {
@@ -56,6 +58,7 @@ impl Limits {
             max_train_images: usize::MAX,
             max_name_len: usize::MAX,
             max_runs_in_flight: i64::MAX,
+            max_upload_bytes: u64::MAX,
         }
     }
 }
@@ -73,6 +76,7 @@ impl Default for Limits {
             max_train_images: 1_000_000,
             max_name_len: 128,
             max_runs_in_flight: 32,
+            max_upload_bytes: 256 << 20,
         }
     }
 }
@@ -83,6 +87,10 @@ impl Default for Limits {
 pub struct DatasetEntry {
     /// Its folder on the servers.
     pub root: PathBuf,
+    /// Expected sha256 of its files (file name -> hex), checked by the
+    /// data stage before every read.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sha256: BTreeMap<String, String>,
 }
 
 /// Checks `spec` against `limits` (INVALID_ARGUMENT naming each field over
@@ -150,13 +158,19 @@ pub fn check_limits(spec: &ExperimentSpec, limits: &Limits) -> Result<(), Status
     v.check()
 }
 
-/// Replaces a remote spec's dataset name by the configured root, and
-/// refuses anything else that would name a server file.
+/// Replaces a remote spec's dataset name by the configured root (with its
+/// checksums), and `upload:<name>` (dataset or trigger image) by the
+/// object-storage location of `team`'s upload; refuses anything else that
+/// would name a server file. Returns the uploads the spec uses, which the
+/// caller checks exist (a missing one answers like an unknown name).
 pub fn resolve_remote_paths(
     spec: &mut ExperimentSpec,
     datasets: &BTreeMap<String, DatasetEntry>,
     data_root: Option<&std::path::Path>,
-) -> Result<(), Status> {
+    team: &str,
+) -> Result<Vec<crate::uploads::UploadUse>, Status> {
+    use crate::uploads::{self, UploadKind, UploadUse};
+    let mut used = Vec::new();
     let mut v = Violations::new();
     let names = || {
         let n: Vec<&str> = datasets.keys().map(String::as_str).collect();
@@ -166,49 +180,86 @@ pub fn resolve_remote_paths(
             format!("one of: {}", n.join(", "))
         }
     };
-    if let Some(p) = &spec.dataset.path {
+    let upload = |field: &'static str, text: &str, kind: UploadKind, v: &mut Violations| {
+        let name = text.strip_prefix(uploads::UPLOAD_SCHEME)?;
+        match uploads::check_name(name) {
+            Ok(()) => Some(UploadUse {
+                field,
+                name: name.to_string(),
+                kind,
+                location: uploads::location(team, kind, name),
+            }),
+            Err(e) => {
+                v.add(field, e);
+                None
+            }
+        }
+    };
+    if let Some(p) = spec.dataset.path.clone() {
         let name = p.to_string_lossy().to_string();
-        match datasets.get(&name) {
-            Some(entry) => {
-                let inside = data_root.is_none_or(|r| entry.root.starts_with(r));
-                if inside {
-                    spec.dataset.path = Some(entry.root.clone());
-                } else {
-                    tracing::error!(dataset = %name, "configured dataset root is outside data_root");
+        let field = "spec.dataset.path";
+        if name.starts_with(uploads::UPLOAD_SCHEME) {
+            if let Some(u) = upload(field, &name, UploadKind::Dataset, &mut v) {
+                spec.dataset.path = Some(u.location.clone().into());
+                used.push(u);
+            }
+        } else {
+            match datasets.get(&name) {
+                Some(entry) => {
+                    let inside = data_root.is_none_or(|r| entry.root.starts_with(r));
+                    if inside {
+                        spec.dataset.path = Some(entry.root.clone());
+                        spec.dataset.sha256 = entry.sha256.clone();
+                    } else {
+                        tracing::error!(dataset = %name, "configured dataset root is outside data_root");
+                        v.add(
+                            "spec.dataset.path",
+                            format!("dataset {name:?} is not available"),
+                        );
+                    }
+                }
+                None => {
                     v.add(
                         "spec.dataset.path",
-                        format!("dataset {name:?} is not available"),
+                        format!(
+                            "remote specs name a dataset this service offers ({}) or an upload \
+                         (upload:<name>), never a path",
+                            names()
+                        ),
                     );
                 }
             }
-            None => {
+        }
+    }
+    if let Some(a) = &mut spec.attack {
+        let image = match &mut a.trigger {
+            TriggerSpec::Patch {
+                pattern: PatchPattern::Image(p),
+                ..
+            }
+            | TriggerSpec::Blend {
+                pattern: BlendPattern::Image(p),
+                ..
+            } => Some(p),
+            _ => None,
+        };
+        if let Some(p) = image {
+            let field = "spec.attack.trigger.pattern";
+            let text = p.to_string_lossy().to_string();
+            if text.starts_with(uploads::UPLOAD_SCHEME) {
+                if let Some(u) = upload(field, &text, UploadKind::TriggerImage, &mut v) {
+                    *p = u.location.clone().into();
+                    used.push(u);
+                }
+            } else {
                 v.add(
-                    "spec.dataset.path",
-                    format!(
-                        "remote specs name a dataset this service offers ({}), never a path",
-                        names()
-                    ),
+                    field,
+                    "remote specs cannot name an image file on the server; upload it \
+                     (deadbolt upload trigger) and name it upload:<name>, or use a built-in pattern",
                 );
             }
         }
     }
-    if let Some(a) = &spec.attack {
-        let image = matches!(
-            &a.trigger,
-            TriggerSpec::Patch {
-                pattern: PatchPattern::Image(_),
-                ..
-            } | TriggerSpec::Blend {
-                pattern: BlendPattern::Image(_),
-                ..
-            }
-        );
-        if image {
-            v.add(
-                "spec.attack.trigger.pattern",
-                "remote specs cannot name an image file on the server; use a built-in pattern",
-            );
-        }
-    }
-    v.check()
+    v.check()?;
+    Ok(used)
 }

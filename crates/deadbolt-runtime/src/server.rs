@@ -33,7 +33,7 @@ pub async fn spawn(
     routes: Routes,
     listener: TcpListener,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
-    spawn_with(service_name, routes, listener, None, Guard::Open).await
+    spawn_with(service_name, routes, listener, None, Guard::Open, None).await
 }
 
 /// Who may call a server (see [`crate::auth`]).
@@ -56,6 +56,7 @@ pub async fn spawn_with(
     listener: TcpListener,
     request_timeout: Option<std::time::Duration>,
     guard: Guard,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
     let (keys, internal) = match guard {
         Guard::Keys(k) => (Some(k), None),
@@ -84,16 +85,22 @@ pub async fn spawn_with(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha);
-    tracing::info!(service = service_name, addr = %addr, "grpc server listening");
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+    let secure = tls.is_some();
+    if let Some(t) = tls {
+        builder = builder
+            .tls_config(t)
+            .with_context(|| format!("{service_name}: the TLS configuration"))?;
+    }
+    if let Some(t) = request_timeout {
+        builder = builder.timeout(t);
+    }
+    tracing::info!(service = service_name, addr = %addr, tls = secure, "grpc server listening");
     let task = tokio::spawn(async move {
         // keep the reporter alive as long as the server
         let _reporter = reporter;
-        let mut builder = tonic::transport::Server::builder()
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
-        if let Some(t) = request_timeout {
-            builder = builder.timeout(t);
-        }
         builder
             .layer(crate::metrics::GrpcMetricsLayer {
                 service: service_name,
@@ -111,22 +118,35 @@ pub async fn spawn_with(
 /// A client channel over several addresses of one service: load-balanced,
 /// connecting lazily, so a dead (or frozen: keepalive pings) instance only
 /// fails the calls it was given (the caller retries them).
-pub fn balanced_channel(urls: &[String]) -> Result<tonic::transport::Channel> {
+/// `https://` URLs are called over TLS (`tls`: CA bundle, client
+/// certificate, domain).
+pub fn balanced_channel(
+    urls: &[String],
+    tls: Option<&crate::tls::TlsConfig>,
+) -> Result<tonic::transport::Channel> {
     let endpoints = urls
         .iter()
         .map(|u| {
-            tonic::transport::Endpoint::from_shared(u.clone())
-                .with_context(|| format!("bad peer address {u:?}"))
-                .map(|e| {
-                    // HTTP/2 keepalive pings: a peer that stops answering
-                    // (paused, partitioned) fails its calls within ~10 s,
-                    // and the caller retries them elsewhere
-                    e.connect_timeout(std::time::Duration::from_secs(2))
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
-                        .keep_alive_timeout(std::time::Duration::from_secs(5))
-                        .keep_alive_while_idle(true)
-                })
+            let mut e = tonic::transport::Endpoint::from_shared(u.clone())
+                .with_context(|| format!("bad peer address {u:?}"))?;
+            if let Some(c) = crate::tls::client_for(u, tls)? {
+                e = e
+                    .tls_config(c)
+                    .with_context(|| format!("TLS for peer {u}"))?;
+            }
+            Ok::<_, anyhow::Error>(e)
+        })
+        .map(|e| {
+            e.map(|e| {
+                // HTTP/2 keepalive pings: a peer that stops answering
+                // (paused, partitioned) fails its calls within ~10 s,
+                // and the caller retries them elsewhere
+                e.connect_timeout(std::time::Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+                    .keep_alive_timeout(std::time::Duration::from_secs(5))
+                    .keep_alive_while_idle(true)
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     anyhow::ensure!(!endpoints.is_empty(), "no peer addresses");

@@ -151,6 +151,20 @@ impl JobContext {
             .map_err(|e| JobError::permanent(Code::FailedPrecondition, format!("run spec: {e}")))
     }
 
+    /// The run's experiment spec, with its uploaded files (dataset folder,
+    /// trigger image) fetched into this attempt's work folder and checked
+    /// against their stored sha256.
+    pub fn experiment_spec(&self) -> Result<deadbolt_spec::ExperimentSpec, JobError> {
+        let mut spec: deadbolt_spec::ExperimentSpec = self.spec()?;
+        let dir = self.work_dir.join("uploads");
+        self.block_on(crate::uploads::materialize(
+            &self.artifacts,
+            &mut spec,
+            &dir,
+        ))?;
+        Ok(spec)
+    }
+
     /// The output of this run's succeeded job of stage `S`, as its type.
     pub fn output<S: Stage>(&self) -> Result<S::Output, JobError> {
         let jobs = self.block_on(self.store.list_jobs(self.run_id()))?;

@@ -58,6 +58,12 @@ pub struct DatasetSpec {
     /// Use only the first N test images; 0 = all.
     #[serde(default)]
     pub test_limit: usize,
+    /// Expected sha256 (lowercase hex) of files of the folder, by file
+    /// name: each is checked before the data is read, and a mismatch fails
+    /// the run naming the file. Operators pin the datasets they offer this
+    /// way (`[datasets.<name>] sha256 = { ... }`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sha256: std::collections::BTreeMap<String, String>,
 }
 
 fn default_validation_fraction() -> f64 {

@@ -93,7 +93,7 @@ pub struct AnalyzeWork;
 impl Work<Analyze> for AnalyzeWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<AnalyzeOutput, JobError> {
         let t = Instant::now();
-        let spec: ExperimentSpec = ctx.spec()?;
+        let spec: ExperimentSpec = ctx.experiment_spec()?;
         let bundle = Bundle::fetch(ctx)?;
         let attack = bundle.attack(&spec)?;
         let (clean_dir, bd_dir) = (ctx.work_dir.join("clean"), ctx.work_dir.join("backdoored"));

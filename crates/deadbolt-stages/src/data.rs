@@ -24,7 +24,7 @@ pub struct DataWork;
 impl Work<Data> for DataWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<DataOutput, JobError> {
         let t = Instant::now();
-        let spec: ExperimentSpec = ctx.spec()?;
+        let spec: ExperimentSpec = ctx.experiment_spec()?;
         ctx.set_progress(0.0, "loading and poisoning data");
         let prepared = core(experiment::stage_data(&spec))?;
         let summary = experiment::data_summary(&prepared);

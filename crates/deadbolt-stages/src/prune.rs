@@ -48,7 +48,7 @@ impl Work<Prune> for PruneWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<PruneOutput, JobError> {
         let t = Instant::now();
         let run_id = ctx.run_id();
-        let spec: ExperimentSpec = ctx.spec()?;
+        let spec: ExperimentSpec = ctx.experiment_spec()?;
         let bundle = Bundle::fetch(ctx)?;
         let attack = bundle.attack(&spec)?;
         let bd_dir = ctx.work_dir.join("backdoored");

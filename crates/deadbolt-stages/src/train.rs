@@ -211,7 +211,7 @@ impl Work<TrainBackdoored> for TrainWork {
 fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
     let t = Instant::now();
     let stage = tag.kind().as_str();
-    let spec: ExperimentSpec = ctx.spec()?;
+    let spec: ExperimentSpec = ctx.experiment_spec()?;
     let bundle = Bundle::fetch(ctx)?;
     let attack = bundle.attack(&spec)?;
     let data = match tag {

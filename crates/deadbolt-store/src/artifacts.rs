@@ -22,8 +22,10 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload,
+    WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
@@ -139,14 +141,19 @@ pub fn artifact_key(run_id: Uuid, name: &str) -> Result<String> {
     Ok(format!("runs/{run_id}/{name}"))
 }
 
+/// Keys are `runs/<run_id>/<name>` (a run's artifacts) or
+/// `teams/<team>/<name>` (a team's uploads), the name validated.
 fn validate_key(key: &str) -> Result<()> {
     let mut parts = key.splitn(3, '/');
-    let ok =
-        parts.next() == Some("runs") && parts.next().is_some_and(|id| Uuid::parse_str(id).is_ok());
+    let ok = match (parts.next(), parts.next()) {
+        (Some("runs"), Some(id)) => Uuid::parse_str(id).is_ok(),
+        (Some("teams"), Some(team)) => crate::model::validate_team_name(team).is_ok(),
+        _ => false,
+    };
     if !ok {
         return Err(StoreError::InvalidKey {
             key: key.to_string(),
-            reason: "keys look like runs/<run_id>/<name>",
+            reason: "keys look like runs/<run_id>/<name> or teams/<team>/<name>",
         });
     }
     validate_name(parts.next().unwrap_or(""))
@@ -363,6 +370,54 @@ impl ArtifactStore {
         }
     }
 
+    /// Starts an upload into `key`: the bytes go to a staging object and
+    /// reach `key` only in [`UploadWriter::finish`], once their size and
+    /// sha256 are what the client declared. Nothing partial or unverified
+    /// is ever visible at `key`.
+    pub async fn start_upload(&self, key: &str) -> Result<UploadWriter> {
+        validate_key(key)?;
+        let staging = self.object_path(&format!("staging/{}", Uuid::new_v4()));
+        let upload = self.store.put_multipart(&staging).await?;
+        Ok(UploadWriter {
+            store: self.store.clone(),
+            writer: WriteMultipart::new(upload),
+            hasher: Sha256::new(),
+            size: 0,
+            staging,
+            key: key.to_string(),
+            final_path: self.object_path(key),
+            uri: self.uri(key),
+        })
+    }
+
+    /// The objects under `prefix` (a key prefix, without the trailing
+    /// `/`): their keys relative to it and sizes, sorted.
+    pub async fn list_prefix(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        validate_key(prefix)?;
+        let full = self.object_path(prefix);
+        let strip = format!("{full}/");
+        let metas: Vec<_> = self.store.list(Some(&full)).try_collect().await?;
+        let mut out: Vec<(String, u64)> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let loc = m.location.to_string();
+                Some((loc.strip_prefix(&strip)?.to_string(), m.size))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether an object exists at `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        validate_key(key)?;
+        match self.store.head(&self.object_path(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The objects stored under a run, by name.
     pub async fn list(&self, run_id: Uuid) -> Result<Vec<ArtifactEntry>> {
         let run_prefix = format!("runs/{run_id}");
@@ -385,6 +440,80 @@ impl ArtifactStore {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+}
+
+/// An upload in progress (see [`ArtifactStore::start_upload`]).
+pub struct UploadWriter {
+    store: Arc<dyn ObjectStore>,
+    writer: WriteMultipart,
+    hasher: Sha256,
+    size: u64,
+    staging: ObjectPath,
+    key: String,
+    final_path: ObjectPath,
+    uri: String,
+}
+
+impl UploadWriter {
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a chunk (waits while too many parts are in flight).
+    pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        self.writer.wait_for_capacity(4).await?;
+        self.hasher.update(&chunk);
+        self.size += chunk.len() as u64;
+        self.writer.put(chunk);
+        Ok(())
+    }
+
+    /// Drops what was written; nothing is stored.
+    pub async fn abort(self) {
+        if let Err(e) = self.writer.abort().await {
+            tracing::warn!(key = %self.key, error = %e, "aborting an upload");
+        }
+        let _ = self.store.delete(&self.staging).await;
+    }
+
+    /// Completes the upload when it is `size` bytes hashing to `sha256`
+    /// (lowercase hex): moves it to its key and stores the checksum beside
+    /// it (`<key>.sha256`). Otherwise deletes it and answers Invalid naming
+    /// `size` or `sha256`.
+    pub async fn finish(self, size: u64, sha256: &str) -> Result<ArtifactRef> {
+        let actual = hex::encode(self.hasher.clone().finalize());
+        if self.size != size {
+            let got = self.size;
+            self.abort().await;
+            return Err(StoreError::Invalid {
+                field: "size",
+                message: format!("the header declared {size} bytes, {got} arrived"),
+            });
+        }
+        if !actual.eq_ignore_ascii_case(sha256) {
+            self.abort().await;
+            return Err(StoreError::Invalid {
+                field: "sha256",
+                message: format!("the header declared {sha256}, the bytes hash to {actual}"),
+            });
+        }
+        self.writer.finish().await?;
+        self.store.rename(&self.staging, &self.final_path).await?;
+        let sidecar = ObjectPath::from(format!("{}.sha256", self.final_path));
+        self.store
+            .put(&sidecar, PutPayload::from(Bytes::from(actual.clone())))
+            .await?;
+        metrics::counter!("deadbolt_artifact_bytes_total", "direction" => "out")
+            .increment(self.size);
+        tracing::info!(key = %self.key, size = self.size, sha256 = %actual, "upload stored");
+        Ok(ArtifactRef {
+            uri: self.uri,
+            key: self.key,
+            sha256: actual,
+            size: self.size,
+        })
     }
 }
 

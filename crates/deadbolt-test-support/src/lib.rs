@@ -5,9 +5,11 @@
 //!   which `scripts/setup-test-deps.sh` installs);
 //! - [`serve`]: `deadbolt serve` child processes, their config, and gateway
 //!   client helpers;
-//! - [`specs`]: tiny experiment specs.
+//! - [`specs`]: tiny experiment specs;
+//! - [`tls`]: a private CA and certificates (rcgen).
 
 pub mod pg;
 pub mod s3;
 pub mod serve;
 pub mod specs;
+pub mod tls;

@@ -26,6 +26,10 @@ impl Proc {
     pub fn url(&self, service: &str) -> String {
         format!("http://{}", self.addrs[service])
     }
+    /// The `https://` address of a service serving TLS.
+    pub fn url_tls(&self, service: &str) -> String {
+        format!("https://{}", self.addrs[service])
+    }
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -158,6 +158,31 @@ pub fn stratified_indices(
     (keep, held)
 }
 
+/// Checks the files of `dir` against their expected sha256 (file name ->
+/// lowercase hex), naming the first that differs or is missing.
+pub fn verify_checksums(
+    dir: &Path,
+    expected: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    for (file, want) in expected {
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(Error::invalid(
+                "dataset.sha256",
+                format!("{file:?} is not a file name"),
+            ));
+        }
+        let path = dir.join(file);
+        let got = mnist::file_sha256(&path)?;
+        if !got.eq_ignore_ascii_case(want.trim()) {
+            return Err(Error::bad_file(
+                &path,
+                format!("sha256 mismatch: expected {want}, found {got} (the dataset changed)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Train and test splits of a dataset on disk.
 #[derive(Debug)]
 pub struct Splits {
@@ -177,6 +202,7 @@ pub fn load(spec: &DatasetSpec) -> Result<Splits> {
             if !mnist::idx_files_present(&dir) {
                 mnist::fetch_mnist(&dir, None)?;
             }
+            verify_checksums(&dir, &spec.sha256)?;
             mnist::load_idx_dir(&dir)?
         }
         DatasetKind::Cifar10 => {
@@ -186,6 +212,7 @@ pub fn load(spec: &DatasetSpec) -> Result<Splits> {
                     "cifar10 needs the folder of the binary batches",
                 )
             })?;
+            verify_checksums(&dir, &spec.sha256)?;
             cifar::load_dir(&dir)?
         }
     };
