@@ -311,15 +311,17 @@ impl ExperimentService for Gateway {
                 config.data_root.as_deref(),
                 &team,
             )?;
+            // another team's upload answers like a missing one
+            let mut missing = deadbolt_proto::validate::Violations::new();
             for u in used {
-                // another team's upload answers like a missing one
                 if !uploads::exists(&self.shared.artifacts, &team, u.kind, &u.name).await? {
-                    return Err(invalid_argument(
+                    missing.add(
                         u.field,
                         format!("upload:{}: this team has no such upload", u.name),
-                    ));
+                    );
                 }
             }
+            missing.check()?;
         }
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;

@@ -263,3 +263,70 @@ pub fn resolve_remote_paths(
     v.check()?;
     Ok(used)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> ExperimentSpec {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn names_uploads_and_paths_resolve_per_team() {
+        let mut datasets = BTreeMap::new();
+        datasets.insert(
+            "mnist".to_string(),
+            DatasetEntry {
+                root: "/srv/data/mnist".into(),
+                sha256: [("t10k-labels-idx1-ubyte".to_string(), "ab".repeat(32))].into(),
+            },
+        );
+        let root = Some(std::path::Path::new("/srv/data"));
+
+        // a configured name: its root and its pinned checksums
+        let mut s = spec("[dataset]\nkind = \"mnist\"\npath = \"mnist\"\n");
+        assert!(resolve_remote_paths(&mut s, &datasets, root, "team-a")
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.dataset.path.unwrap(),
+            std::path::Path::new("/srv/data/mnist")
+        );
+        assert_eq!(s.dataset.sha256.len(), 1);
+
+        // uploads: the team's object prefix, returned for the existence check
+        let mut s = spec(
+            "[dataset]\nkind = \"mnist\"\npath = \"upload:digits\"\n[attack]\ntarget = 0\nrate = 0.1\n[attack.trigger]\nkind = \"patch\"\nsize = 3\npattern = { image = \"upload:mark\" }\n",
+        );
+        let used = resolve_remote_paths(&mut s, &datasets, root, "team-a").unwrap();
+        assert_eq!(used.len(), 2);
+        assert_eq!(
+            s.dataset.path.unwrap().to_str().unwrap(),
+            "object:teams/team-a/datasets/digits"
+        );
+
+        // a path, a hostile upload name, an object location, a server image:
+        // refused, each naming its field
+        for (text, field) in [
+            ("[dataset]\nkind = \"mnist\"\npath = \"/etc\"\n", "spec.dataset.path"),
+            ("[dataset]\nkind = \"mnist\"\npath = \"upload:../x\"\n", "spec.dataset.path"),
+            (
+                "[dataset]\nkind = \"mnist\"\npath = \"object:teams/team-b/datasets/x\"\n",
+                "spec.dataset.path",
+            ),
+            (
+                "[dataset]\nkind = \"mnist\"\n[attack]\ntarget = 0\nrate = 0.1\n[attack.trigger]\nkind = \"patch\"\nsize = 3\npattern = { image = \"/etc/x.png\" }\n",
+                "spec.attack.trigger.pattern",
+            ),
+        ] {
+            let mut s = spec(text);
+            let e = resolve_remote_paths(&mut s, &datasets, root, "team-a").unwrap_err();
+            let fields: Vec<String> = deadbolt_proto::validate::field_violations(&e)
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect();
+            assert!(fields.contains(&field.to_string()), "{text}: {e:?}");
+        }
+    }
+}

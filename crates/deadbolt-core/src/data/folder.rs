@@ -379,6 +379,26 @@ mod tests {
     }
 
     #[test]
+    fn pinned_checksums_name_the_changed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.bin"), b"abc").unwrap();
+        let good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let mut want = std::collections::BTreeMap::new();
+        want.insert("a.bin".to_string(), good.to_string());
+        super::super::verify_checksums(dir.path(), &want).unwrap();
+        std::fs::write(dir.path().join("a.bin"), b"abd").unwrap();
+        let e = super::super::verify_checksums(dir.path(), &want)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.bin") && e.contains("sha256 mismatch"), "{e}");
+        want.insert("../etc".to_string(), good.to_string());
+        let e = super::super::verify_checksums(dir.path(), &want)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dataset.sha256"), "{e}");
+    }
+
+    #[test]
     fn split_parses_and_names_the_field() {
         assert_eq!("all".parse::<Split>().unwrap(), Split::All);
         let e = "val".parse::<Split>().unwrap_err().to_string();

@@ -1,0 +1,376 @@
+//! Uploads over real gRPC (separate processes, Postgres, S3 on loopback,
+//! team API keys): team A uploads a dataset folder (MNIST IDX files cut
+//! from the real digits) and a trigger image with `deadbolt upload`, and a
+//! run that names them as `upload:<name>` succeeds. Team B cannot use
+//! them; a wrong sha256, a wrong size, a file over the limit, a hostile
+//! name or a read-only key store nothing.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use deadbolt_proto::v1 as pb;
+use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
+use deadbolt_test_support::specs::mnist_dir;
+use sha2::Digest;
+use tonic::Code;
+
+const LIMIT: u64 = 2_000_000;
+
+/// `n` records of an IDX file spread evenly over it (the files are sorted
+/// by class), header `header` bytes, records of `record` bytes, with the
+/// count in the header rewritten.
+fn cut_idx(src: &Path, dst: &Path, header: usize, record: usize, n: usize) {
+    let b = std::fs::read(src).unwrap();
+    let total = (b.len() - header) / record;
+    let mut out = b[..header].to_vec();
+    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    for i in 0..n {
+        let at = header + (i * total / n) * record;
+        out.extend_from_slice(&b[at..at + record]);
+    }
+    std::fs::write(dst, out).unwrap();
+}
+
+fn admin(cfg: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin())
+        .args(["--quiet", "admin", "--config"])
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
+}
+
+type AddKey =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+async fn as_key(
+    url: &str,
+    key: &str,
+) -> ExperimentServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddKey>,
+> {
+    let h: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {key}").parse().unwrap();
+    let f: AddKey = Box::new(move |mut r| {
+        r.metadata_mut().insert("authorization", h.clone());
+        Ok(r)
+    });
+    ExperimentServiceClient::with_interceptor(channel(url).await, f)
+}
+
+fn header(name: &str, file: &str, sha256: String, size: u64) -> pb::UploadHeader {
+    pb::UploadHeader {
+        kind: pb::UploadKind::Dataset as i32,
+        name: name.into(),
+        file: file.into(),
+        sha256,
+        size,
+    }
+}
+
+fn chunks(h: pb::UploadHeader, body: &[u8]) -> impl futures::Stream<Item = pb::UploadChunk> {
+    let mut msgs = vec![pb::UploadChunk {
+        header: Some(h),
+        data: Vec::new(),
+    }];
+    for c in body.chunks(100_000) {
+        msgs.push(pb::UploadChunk {
+            header: None,
+            data: c.to_vec(),
+        });
+    }
+    futures::stream::iter(msgs)
+}
+
+fn field_of(s: &tonic::Status) -> Vec<String> {
+    tonic_types::StatusExt::get_details_bad_request(s)
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pg = Pg::fresh().await;
+    let moto = Moto::shared();
+    let bucket = format!("up-{}", uuid::Uuid::new_v4().simple());
+    moto.create_bucket(&bucket);
+    let work = d.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg_text = config_with(
+        pg.url(),
+        &format!("s3://{bucket}/a"),
+        &work,
+        3.0,
+        "keys",
+        &format!("[limits]\nmax_upload_bytes = {LIMIT}\n{}", moto.config()),
+    );
+    let cfg = d.join("admin.toml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    let all = serve(
+        d,
+        "all",
+        "poisoner,trainer,analyzer,pruner,gateway",
+        &cfg_text,
+    );
+    let url = all.url("gateway");
+    admin(&cfg, &["team-create", "team-a"]);
+    admin(&cfg, &["team-create", "team-b"]);
+    let key = |team: &str, name: &str, scopes: &str| {
+        admin(
+            &cfg,
+            &[
+                "key-create",
+                "--team",
+                team,
+                "--name",
+                name,
+                "--scopes",
+                scopes,
+            ],
+        )["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let a = key("team-a", "a", "submit,read");
+    let a_read = key("team-a", "a-read", "read");
+    let b = key("team-b", "b", "submit,read");
+
+    // a dataset folder and a trigger image, uploaded with the CLI
+    let digits = d.join("digits");
+    std::fs::create_dir_all(&digits).unwrap();
+    let m = mnist_dir();
+    cut_idx(
+        &m.join("train-images-idx3-ubyte"),
+        &digits.join("train-images-idx3-ubyte"),
+        16,
+        784,
+        1200,
+    );
+    cut_idx(
+        &m.join("train-labels-idx1-ubyte"),
+        &digits.join("train-labels-idx1-ubyte"),
+        8,
+        1,
+        1200,
+    );
+    cut_idx(
+        &m.join("t10k-images-idx3-ubyte"),
+        &digits.join("t10k-images-idx3-ubyte"),
+        16,
+        784,
+        300,
+    );
+    cut_idx(
+        &m.join("t10k-labels-idx1-ubyte"),
+        &digits.join("t10k-labels-idx1-ubyte"),
+        8,
+        1,
+        300,
+    );
+    let mark = d.join("mark.png");
+    image::GrayImage::from_fn(3, 3, |x, y| {
+        image::Luma([if (x + y) % 2 == 0 { 255 } else { 0 }])
+    })
+    .save(&mark)
+    .unwrap();
+    let upload = |kind: &str, name: &str, files: Vec<std::path::PathBuf>| {
+        let out = Command::new(bin())
+            .args(["--quiet", "upload", kind, name])
+            .args(&files)
+            .args(["--gateway", &url])
+            .env("DEADBOLT_API_KEY", &a)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "upload {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let files: Vec<_> = std::fs::read_dir(&digits)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let printed = upload("dataset", "digits", files);
+    assert_eq!(printed.matches("upload:digits").count(), 4, "{printed}");
+    let printed = upload("trigger", "mark", vec![mark.clone()]);
+    let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&mark).unwrap()));
+    assert!(
+        printed.contains("upload:mark") && printed.contains(&sha),
+        "{printed}"
+    );
+
+    // a run of team A on its uploads
+    let spec = std::fs::read_to_string(tiny_spec(d, 1, 1200))
+        .unwrap()
+        .replace("path = \"mnist\"", "path = \"upload:digits\"")
+        .replace(
+            "size = 3",
+            "size = 3\npattern = { image = \"upload:mark\" }",
+        );
+    let submit = |id: &str, spec: &str| pb::SubmitExperimentRequest {
+        client_request_id: id.into(),
+        spec: Some(pb::submit_experiment_request::Spec::SpecToml(
+            spec.to_string(),
+        )),
+    };
+    let mut ca = as_key(&url, &a).await;
+    let run_id = ca
+        .submit_experiment(submit("up-1", &spec))
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let mut events = Vec::new();
+    let mut s = ca
+        .watch_experiment(pb::WatchExperimentRequest {
+            run_id: run_id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(e) = futures::StreamExt::next(&mut s).await {
+            events.push(e.unwrap());
+        }
+    })
+    .await
+    .expect("the run ends");
+    let run = ca
+        .get_experiment(pb::GetExperimentRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        run.status,
+        pb::JobStatus::Succeeded as i32,
+        "{}\n{events:#?}\n{}",
+        run.error,
+        all.log_tail()
+    );
+    assert!(all.log_text().contains("dataset upload fetched"));
+
+    // team B: the same names are not its uploads (the answer of a name
+    // nobody uploaded)
+    let e = as_key(&url, &b)
+        .await
+        .submit_experiment(submit("up-b", &spec))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let fields = field_of(&e);
+    assert!(
+        fields.contains(&"spec.dataset.path".to_string())
+            && fields.contains(&"spec.attack.trigger.pattern".to_string()),
+        "{fields:?} {e:?}"
+    );
+    assert!(!e.message().contains("team-a"), "{e:?}");
+
+    // refused uploads store nothing
+    let body = std::fs::read(digits.join("t10k-labels-idx1-ubyte")).unwrap();
+    let good_sha = hex::encode(sha2::Sha256::digest(&body));
+    let n = body.len() as u64;
+    let big = vec![7u8; LIMIT as usize + 1];
+    let big_sha = hex::encode(sha2::Sha256::digest(&big));
+    let cases: Vec<(&str, pb::UploadHeader, &[u8], &str)> = vec![
+        (
+            "bad-sha",
+            header("bad", "f", "0".repeat(64), n),
+            &body,
+            "header.sha256",
+        ),
+        (
+            "short",
+            header("bad", "f", good_sha.clone(), n + 1),
+            &body,
+            "header.size",
+        ),
+        (
+            "long",
+            header("bad", "f", good_sha.clone(), n - 1),
+            &body,
+            "header.size",
+        ),
+        (
+            "over limit",
+            header("bad", "f", big_sha, LIMIT + 1),
+            &big,
+            "header.size",
+        ),
+        (
+            "name",
+            header("../bad", "f", good_sha.clone(), n),
+            &body,
+            "header.name",
+        ),
+        (
+            "file",
+            header("bad", "a/b", good_sha.clone(), n),
+            &body,
+            "header.file",
+        ),
+        (
+            "sha format",
+            header("bad", "f", "xyz".into(), n),
+            &body,
+            "header.sha256",
+        ),
+    ];
+    for (what, h, bytes, field) in cases {
+        let e = ca.upload(chunks(h, bytes)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+        assert!(field_of(&e).contains(&field.to_string()), "{what}: {e:?}");
+    }
+    let e = as_key(&url, &a_read)
+        .await
+        .upload(chunks(header("bad", "f", good_sha.clone(), n), &body))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // nothing named `bad` exists for a spec to use
+    let e = ca
+        .submit_experiment(submit(
+            "up-bad",
+            &spec.replace("upload:digits", "upload:bad"),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        field_of(&e).contains(&"spec.dataset.path".to_string()),
+        "{e:?}"
+    );
+    // ... and no staging object was left behind
+    let store =
+        deadbolt_store::ArtifactStore::from_url_with(&format!("s3://{bucket}/a"), &moto.options())
+            .unwrap();
+    let staged: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(
+        store
+            .object_store()
+            .list(Some(&object_store_path("a/staging"))),
+    )
+    .await
+    .unwrap();
+    assert!(staged.is_empty(), "{staged:?}");
+}
+
+fn object_store_path(p: &str) -> object_store::path::Path {
+    object_store::path::Path::from(p)
+}
