@@ -183,8 +183,11 @@ def env_of(container: dict, configmaps: dict) -> dict:
 def check_workloads(area: str, docs: list[dict], secrets: dict) -> None:
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
     for name, data in configmaps.items():
-        for k in data:
-            check(area, not CREDENTIAL.search(k), f"ConfigMap {name} holds credential {k}")
+        for k, v in data.items():
+            # a path to a mounted Secret file (DEADBOLT_TLS_KEY) is not a credential
+            path_to_secret = str(v).startswith("/etc/deadbolt/tls/")
+            check(area, path_to_secret or not CREDENTIAL.search(k),
+                  f"ConfigMap {name} holds credential {k}")
     for d in docs:
         if d["kind"] not in WORKLOADS:
             continue
@@ -255,8 +258,22 @@ def check_workloads(area: str, docs: list[dict], secrets: dict) -> None:
                 ann = d["spec"]["template"]["metadata"].get("annotations") or {}
                 check(area, ann.get("prometheus.io/port") == str(METRICS_PORT),
                       f"{wname}: no prometheus.io/port annotation")
-                check(area, (c.get("readinessProbe") or {}).get("grpc", {}).get("port") == port,
-                      f"{wname}: readiness probe is not gRPC on {port}")
+                check(area, (c.get("readinessProbe") or {}).get("tcpSocket", {}).get("port") == port,
+                      f"{wname}: readiness probe is not on port {port}")
+                # TLS: certificate and key configured, peers over https, the
+                # TLS Secret mounted (and required)
+                check(area, env.get("DEADBOLT_TLS_CERT", "").startswith("/etc/deadbolt/tls/")
+                      and env.get("DEADBOLT_TLS_KEY", "").startswith("/etc/deadbolt/tls/"),
+                      f"{wname}: no TLS certificate and key (DEADBOLT_TLS_CERT/KEY)")
+                check(area, env.get("DEADBOLT_PLAINTEXT", "false") != "true",
+                      f"{wname}: serves plaintext")
+                for peer in ("POISONER", "TRAINER", "ANALYZER", "PRUNER"):
+                    urls = env.get(f"DEADBOLT_{peer}_PEERS", "")
+                    check(area, urls.startswith("https://"), f"{wname}: {peer} peers {urls!r} not https")
+                vols = {v["name"]: v for v in ps.get("volumes") or []}
+                tls = (vols.get("tls") or {}).get("secret") or {}
+                check(area, tls.get("secretName") == "deadbolt-tls" and not tls.get("optional"),
+                      f"{wname}: the deadbolt-tls Secret is not mounted as required")
 
 
 def check_network_policies(area: str, docs: list[dict]) -> None:
