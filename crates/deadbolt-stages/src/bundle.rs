@@ -1,6 +1,11 @@
 //! The dataset artifact: the prepared splits of a run in one safetensors
-//! file (float32 images exactly as the core holds them, so every stage sees
-//! bit-identical data to an in-process run).
+//! file. Images whose every pixel is a byte over 255 (MNIST, CIFAR-10,
+//! patch triggers) travel as uint8 (`<split>.images_u8`, a quarter of the
+//! bytes) and are decoded as the core decodes them, `u8 as f32 / 255`; an
+//! encoding is used only when decoding it gives back the float32 tensor
+//! bit for bit (checked on write), else the split travels as float32
+//! (`<split>.images`: e.g. a blended trigger). Either way every stage sees
+//! bit-identical data to an in-process run.
 
 use std::path::Path;
 
@@ -13,6 +18,20 @@ use tch::{Kind, Tensor};
 
 use crate::contract::Data;
 use crate::error::{core, io};
+
+/// `x` as uint8 when `from_bytes` of that gives `x` back bit for bit.
+fn as_bytes(x: &Tensor) -> Option<Tensor> {
+    if x.numel() == 0 {
+        return None;
+    }
+    let u = (x * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
+    from_bytes(&u).equal(x).then_some(u)
+}
+
+/// The core's decoding of image bytes (`data::idx`, `data::cifar`).
+fn from_bytes(u: &Tensor) -> Tensor {
+    u.to_kind(Kind::Float) / 255.0
+}
 
 /// The splits of a run.
 #[derive(Debug)]
@@ -52,10 +71,11 @@ impl Bundle {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for s in SPLITS {
             let d = self.split(s);
-            tensors.push((
-                format!("{s}.images"),
-                d.images.to_kind(Kind::Float).contiguous(),
-            ));
+            let images = d.images.to_kind(Kind::Float).contiguous();
+            match as_bytes(&images) {
+                Some(u8s) => tensors.push((format!("{s}.images_u8"), u8s)),
+                None => tensors.push((format!("{s}.images"), images)),
+            }
             tensors.push((
                 format!("{s}.labels"),
                 d.labels.to_kind(Kind::Int64).contiguous(),
@@ -84,7 +104,10 @@ impl Bundle {
             .map_err(|e| io("poisoned_indices", e))?;
         let mut ds = Vec::new();
         for s in SPLITS {
-            let images = take(&format!("{s}.images"))?;
+            let images = match take(&format!("{s}.images_u8")) {
+                Ok(u8s) => from_bytes(&u8s),
+                Err(_) => take(&format!("{s}.images"))?,
+            };
             let labels = take(&format!("{s}.labels"))?;
             ds.push(core(Dataset::new(images, labels, classes, s))?);
         }
@@ -97,6 +120,23 @@ impl Bundle {
             test: next(),
             poisoned_indices,
         })
+    }
+
+    /// Bytes written by [`Bundle::write`] for these splits (for tests and
+    /// benchmarks).
+    pub fn encoded_bytes(&self) -> usize {
+        SPLITS
+            .iter()
+            .map(|s| {
+                let i = &self.split(s).images;
+                let n = i.numel();
+                if as_bytes(&i.to_kind(Kind::Float)).is_some() {
+                    n
+                } else {
+                    4 * n
+                }
+            })
+            .sum()
     }
 
     /// The run's attack, rebuilt from the spec for the clean training split
@@ -116,5 +156,60 @@ impl Bundle {
         let path = ctx.work_dir.join("dataset.safetensors");
         ctx.download(&data.dataset, &path)?;
         Bundle::read(&path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(images: Tensor) -> Dataset {
+        let n = images.size()[0];
+        Dataset::new(
+            images,
+            Tensor::arange(n, (Kind::Int64, tch::Device::Cpu)).remainder(10),
+            10,
+            "t",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn byte_images_travel_as_bytes_and_come_back_bit_for_bit() {
+        let bytes = (Tensor::rand([6, 1, 5, 5], (Kind::Float, tch::Device::Cpu)) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8);
+        let clean = from_bytes(&bytes);
+        // a blend: values that are not bytes over 255
+        let blended = &clean * 0.8 + 0.2 * 0.3137;
+        let b = Bundle {
+            train: ds(clean.shallow_clone()),
+            poisoned: ds(blended.shallow_clone()),
+            poisoned_indices: vec![1, 4],
+            val: ds(clean.narrow(0, 0, 2)),
+            test: ds(clean.narrow(0, 2, 4)),
+        };
+        assert_eq!(b.encoded_bytes(), 150 + 4 * 150 + 50 + 100);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.safetensors");
+        b.write(&p).unwrap();
+        let names: Vec<String> = Tensor::read_safetensors(&p)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(names.contains(&"train.images_u8".to_string()), "{names:?}");
+        assert!(names.contains(&"poisoned.images".to_string()), "{names:?}");
+        let r = Bundle::read(&p).unwrap();
+        for (a, b) in [
+            (&r.train, &b.train),
+            (&r.poisoned, &b.poisoned),
+            (&r.val, &b.val),
+            (&r.test, &b.test),
+        ] {
+            assert!(a.images.equal(&b.images), "images differ");
+            assert!(a.labels.equal(&b.labels));
+        }
+        assert_eq!(r.poisoned_indices, vec![1, 4]);
     }
 }
