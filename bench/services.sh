@@ -5,7 +5,7 @@
 # (all services in-process, SQLite + local files) vs `deadbolt experiment
 # --direct` (the core pipeline, no services), one after the other in one
 # run. Prints the wall times and the overhead of the services.
-#   bench/services.sh [--spec FILE] [--s3]
+#   bench/services.sh [--spec FILE] [--s3]   (REPEATS=3 interleaved repeats; medians)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 spec=bench/services-bench.toml; s3=0
@@ -84,25 +84,39 @@ start gateway gateway "$peers"
 gw=$ADDR
 
 now() { python3 -c 'import time; print(time.time())'; }
-t0=$(now)
-run=$($bin submit "$spec" --gateway "http://$gw" | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
-$bin --quiet watch "$run" --gateway "http://$gw" >/dev/null
-t1=$(now)
-$bin --quiet experiment "$spec" --out "$out/inproc" >/dev/null
-t2=$(now)
-$bin --quiet experiment "$spec" --out "$out/direct" --direct >/dev/null
-t3=$(now)
+repeats=${REPEATS:-3}
+times=$out/times.tsv
+: >"$times"
+# interleaved repeats: processes, in-process, direct, then again
+for r in $(seq "$repeats"); do
+  t0=$(now)
+  run=$($bin submit "$spec" --gateway "http://$gw" --request-id "bench-$$-$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
+  $bin --quiet watch "$run" --gateway "http://$gw" >/dev/null
+  t1=$(now)
+  rm -rf "$out/inproc" "$out/direct"
+  $bin --quiet experiment "$spec" --out "$out/inproc" >/dev/null
+  t2=$(now)
+  $bin --quiet experiment "$spec" --out "$out/direct" --direct >/dev/null
+  t3=$(now)
+  echo "$t0 $t1 $t2 $t3" >>"$times"
+  echo "repeat $r: processes $(python3 -c "print(f'{$t1-$t0:.1f}')") s, in-process $(python3 -c "print(f'{$t2-$t1:.1f}')") s, direct $(python3 -c "print(f'{$t3-$t2:.1f}')") s" >&2
+done
 $bin report "$run" --gateway "http://$gw" --config "$out/gateway.toml" --out "$out/procs" >/dev/null
-python3 - "$t0" "$t1" "$t2" "$t3" "$out" <<'PY'
-import json, sys
-t0, t1, t2, t3 = map(float, sys.argv[1:5])
-out = sys.argv[5]
+python3 - "$times" "$out" <<'PY'
+import json, statistics, sys
+rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+out = sys.argv[2]
 reps = {k: json.load(open(f"{out}/{k}/report.json")) for k in ("procs", "inproc", "direct")}
 keys = ["data", "train_clean", "train_backdoored", "analyze", "prune", "total"]
 print("stage seconds      " + " ".join(f"{k:>16}" for k in keys))
 for k, r in reps.items():
     print(f"{k:<18} " + " ".join(f"{r['timings'].get(s, float('nan')):16.1f}" for s in keys))
-procs, inproc, direct = t1 - t0, t2 - t1, t3 - t2
+P = [r[1] - r[0] for r in rows]; I = [r[2] - r[1] for r in rows]; D = [r[3] - r[2] for r in rows]
+procs, inproc, direct = statistics.median(P), statistics.median(I), statistics.median(D)
+spread = lambda v: f"[{min(v):.1f}, {max(v):.1f}]"
+print(f"{len(rows)} interleaved repeats; medians, [min, max]:")
+print(f"  processes {procs:.1f} s {spread(P)}  in-process {inproc:.1f} s {spread(I)}  direct {direct:.1f} s {spread(D)}")
+print(f"  per repeat, processes/direct: {', '.join(f'{p/d:.3f}' for p, d in zip(P, D))}; in-process/direct: {', '.join(f'{i/d:.3f}' for i, d in zip(I, D))}")
 a = json.load(open(f"{out}/inproc/report.json"))
 b = json.load(open(f"{out}/direct/report.json"))
 print(f"separate service processes (postgres): {procs:8.1f} s  overhead vs in-process {100*(procs/inproc-1):+.1f}%  vs direct {100*(procs/direct-1):+.1f}%")

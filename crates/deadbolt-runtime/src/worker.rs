@@ -299,6 +299,15 @@ impl JobContext {
     }
 }
 
+/// Returns at the next change notification (at once after a lag); never
+/// when the channel is closed (the poll then takes over).
+async fn any_change(rx: &mut tokio::sync::broadcast::Receiver<Uuid>) {
+    use tokio::sync::broadcast::error::RecvError;
+    if let Err(RecvError::Closed) = rx.recv().await {
+        std::future::pending::<()>().await
+    }
+}
+
 /// Runs the jobs of some stages for one service.
 pub struct Worker {
     pub service: &'static str,
@@ -357,6 +366,10 @@ impl Worker {
             }
         };
         up(1.0);
+        // an idle worker wakes on any run change (a stage job enqueued:
+        // LISTEN/NOTIFY across processes on Postgres, in-process on SQLite),
+        // polling only as a fallback
+        let mut changes = self.store.changes();
         while !self.drain.is_draining() {
             match self
                 .store
@@ -371,6 +384,7 @@ impl Worker {
                 Ok(None) => {
                     tokio::select! {
                         _ = tokio::time::sleep(self.poll) => {}
+                        _ = any_change(&mut changes) => {}
                         _ = self.drain.wait() => {}
                     }
                 }

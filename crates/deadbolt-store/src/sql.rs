@@ -735,6 +735,8 @@ macro_rules! sql_store {
                     tracing::debug!(
                         job_id = %j.id, run_id = %j.run_id, stage = %j.stage, "enqueued job"
                     );
+                    // idle workers wake on it
+                    self.changed(j.run_id).await;
                     return Ok((j, true));
                 }
                 let row: JobRow =
