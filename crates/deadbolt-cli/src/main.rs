@@ -120,6 +120,29 @@ enum Command {
         #[arg(long)]
         request_id: Option<String>,
     },
+    /// Scan (and with --repair, repair) an uploaded model on the gateway:
+    /// `--model upload:NAME` (deadbolt upload model), `--data upload:NAME`
+    /// (deadbolt upload dataset). Prints the run id; watch it with
+    /// `deadbolt watch`, read the verdict from the `scan_summary` view or
+    /// the run's scan/ and repair/ artifacts.
+    SubmitScan {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        data: String,
+        #[arg(long)]
+        repair: bool,
+        /// TOML options: layer, split, [scan], [repair].
+        #[arg(long)]
+        options: Option<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+        /// Idempotency key: the same id returns the same run.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
     /// Stream a run's progress until it ends.
     Watch {
         run: String,
@@ -143,11 +166,12 @@ enum Command {
     },
     /// Upload files into the gateway's object storage under your team, for
     /// specs to name as `upload:NAME`: `dataset NAME FILE...` (the files of
-    /// one dataset folder: MNIST IDX files or CIFAR-10 batches) or
-    /// `trigger NAME IMAGE.png` (a trigger pattern image). Prints the
+    /// one dataset folder: MNIST IDX files or CIFAR-10 batches),
+    /// `trigger NAME IMAGE.png` (a trigger pattern image) or `model NAME
+    /// model.safetensors card.toml` (a model to scan). Prints the
     /// reference, sha256 and size of each file.
     Upload {
-        /// `dataset` or `trigger`.
+        /// `dataset`, `trigger` or `model`.
         kind: String,
         name: String,
         #[arg(required = true)]
@@ -370,6 +394,40 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::json!({ "run_id": r.run_id, "created": r.created })
             );
         }
+        Command::SubmitScan {
+            model,
+            data,
+            repair,
+            options,
+            name,
+            gateway,
+            request_id,
+        } => {
+            let options_toml = match options {
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading --options {}", p.display()))?,
+                None => String::new(),
+            };
+            let r = tokio_rt()?.block_on(async {
+                let mut c = services::client(&gateway).await?;
+                let r = c
+                    .submit_scan(deadbolt_proto::v1::SubmitScanRequest {
+                        client_request_id: request_id.unwrap_or_default(),
+                        model,
+                        data,
+                        repair,
+                        options_toml,
+                        name: name.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(services::status_error)?;
+                anyhow::Ok(r.into_inner())
+            })?;
+            println!(
+                "{}",
+                serde_json::json!({ "run_id": r.run_id, "created": r.created })
+            );
+        }
         Command::Watch { run, gateway } => {
             let r = tokio_rt()?.block_on(async {
                 let mut c = services::client(&gateway).await?;
@@ -406,7 +464,10 @@ fn run(cli: Cli) -> Result<()> {
             let kind = match kind.as_str() {
                 "dataset" => deadbolt_proto::v1::UploadKind::Dataset,
                 "trigger" => deadbolt_proto::v1::UploadKind::TriggerImage,
-                other => anyhow::bail!("upload: unknown kind {other:?} (dataset or trigger)"),
+                "model" => deadbolt_proto::v1::UploadKind::Model,
+                other => {
+                    anyhow::bail!("upload: unknown kind {other:?} (dataset, trigger or model)")
+                }
             };
             if kind == deadbolt_proto::v1::UploadKind::TriggerImage && files.len() != 1 {
                 anyhow::bail!("upload trigger: give exactly one image file");
@@ -457,9 +518,18 @@ fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(services::status_error)?
                     .into_inner();
-                services::download_report(&artifacts, &r, &out, models).await
+                if services::is_scan_run(&r) {
+                    services::download_scan(&artifacts, &r, &out).await?;
+                    return anyhow::Ok(None);
+                }
+                services::download_report(&artifacts, &r, &out, models)
+                    .await
+                    .map(Some)
             })?;
-            print_summary(&report);
+            match report {
+                Some(report) => print_summary(&report),
+                None => println!("scan files (scan/, repair/) written to {}", out.display()),
+            }
         }
     }
     Ok(())

@@ -422,21 +422,21 @@ pub fn safe_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Downloads a run's report (and with `with_models` its models) into `out`
-/// (sha256-verified), then rebases the report's paths onto `out`.
-pub async fn download_report(
+/// Downloads (sha256-verified) the run's artifacts that `keep` places
+/// under `out`; returns how many.
+async fn download_artifacts(
     artifacts: &ArtifactStore,
     run: &pb::Run,
     out: &Path,
-    with_models: bool,
-) -> Result<Report> {
+    keep: impl Fn(&str) -> Option<PathBuf>,
+) -> Result<usize> {
     let run_id: uuid::Uuid = run.id.parse()?;
     let mut n = 0;
     for a in &run.artifacts {
         // the names come from the server: one that could leave `out` (an
         // absolute path, `..`, odd characters) is refused, never written
         safe_name(&a.name)?;
-        let Some(rel) = local_path(&a.name, with_models) else {
+        let Some(rel) = keep(&a.name) else {
             continue;
         };
         let r = a.r#ref.clone().unwrap_or_default();
@@ -456,6 +456,39 @@ pub async fn download_report(
         std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
         n += 1;
     }
+    Ok(n)
+}
+
+/// Whether the run is a scan (bring-your-own-model) run: its artifacts
+/// are under `scan/` (and `repair/`).
+pub fn is_scan_run(run: &pb::Run) -> bool {
+    run.stages.iter().any(|s| s.stage == "scan")
+}
+
+/// Downloads a scan run's files into `out`: `scan/` (report.json,
+/// report.md, figures, the synthetic trigger) and `repair/` (the repaired
+/// model.safetensors and card.toml, report, figures).
+pub async fn download_scan(artifacts: &ArtifactStore, run: &pb::Run, out: &Path) -> Result<usize> {
+    let n = download_artifacts(artifacts, run, out, |name| {
+        (name.starts_with("scan/") || name.starts_with("repair/")).then(|| PathBuf::from(name))
+    })
+    .await?;
+    if n == 0 {
+        bail!("scan run {} has no files yet", run.id);
+    }
+    tracing::info!(run_id = %run.id, files = n, out = %out.display(), "scan files downloaded");
+    Ok(n)
+}
+
+/// Downloads a run's report (and with `with_models` its models) into `out`
+/// (sha256-verified), then rebases the report's paths onto `out`.
+pub async fn download_report(
+    artifacts: &ArtifactStore,
+    run: &pb::Run,
+    out: &Path,
+    with_models: bool,
+) -> Result<Report> {
+    let n = download_artifacts(artifacts, run, out, |name| local_path(name, with_models)).await?;
     let path = out.join("report.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("run {} has no report (read {})", run.id, path.display()))?;

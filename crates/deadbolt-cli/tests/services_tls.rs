@@ -41,13 +41,25 @@ async fn stage_call(url: &str, tls: ClientTlsConfig) -> Result<tonic::Code, Stri
         .await;
     match r {
         Ok(_) => Ok(tonic::Code::Ok),
-        // a transport failure surfaces as UNAVAILABLE/UNKNOWN with a
-        // connection error message; the handler answers NOT_FOUND or
-        // FAILED_PRECONDITION for a run that does not exist
-        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
-            Err(format!("{s:?}"))
+        // the handler answers these for a run that does not exist (or for
+        // a caller it does not admit); anything else is the connection
+        // failing. Under TLS 1.3 the server checks the client's certificate
+        // after the client considers the handshake done, so a refusal shows
+        // up on the first call as UNAVAILABLE, UNKNOWN, CANCELLED (a reset
+        // stream) or INTERNAL, never as one of these
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::NotFound
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ) =>
+        {
+            Ok(s.code())
         }
-        Err(s) => Ok(s.code()),
+        Err(s) => Err(format!("{s:?}")),
     }
 }
 

@@ -9,6 +9,7 @@ use deadbolt_proto::v1::poisoner_service_client::PoisonerServiceClient;
 use deadbolt_proto::v1::pruner_service_client::PrunerServiceClient;
 use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
 use deadbolt_runtime::auth::WithBearer;
+use deadbolt_runtime::byom::{ByomSpec, RunKind};
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::server::balanced_channel;
 use deadbolt_runtime::{convert, Shared, StageKind};
@@ -281,8 +282,20 @@ impl Driver {
         if run.status.is_terminal() {
             return Ok(());
         }
-        let spec: ExperimentSpec = serde_json::from_value(run.spec_json)
-            .map_err(|e| GatewayError::BadSpec(e.to_string()))?;
+        let kind = RunKind::of(&run.spec_json);
+        let byom = match kind {
+            RunKind::Byom => {
+                Some(ByomSpec::from_json(&run.spec_json).map_err(GatewayError::BadSpec)?)
+            }
+            RunKind::Experiment => None,
+        };
+        let spec: Option<ExperimentSpec> = match kind {
+            RunKind::Experiment => Some(
+                serde_json::from_value(run.spec_json)
+                    .map_err(|e| GatewayError::BadSpec(e.to_string()))?,
+            ),
+            RunKind::Byom => None,
+        };
         if run.status != RunStatus::Running {
             match store
                 .set_run_status_fenced(self.run_id, self.token, RunStatus::Running, None)
@@ -298,7 +311,44 @@ impl Driver {
         }
         let id = self.run_id.to_string();
         let c = &self.clients;
+        match (spec, byom) {
+            (Some(spec), _) => self.drive_experiment(&spec, &id, c).await,
+            (None, Some(byom)) => self.drive_scan(&byom, &id, c).await,
+            (None, None) => Err(GatewayError::BadSpec("run has no spec".into())),
+        }
+    }
 
+    /// A scan run: the scan, then (when asked for) the repair.
+    async fn drive_scan(&self, byom: &ByomSpec, id: &str, c: &Clients) -> Result<(), GatewayError> {
+        self.stage(StageKind::Scan.as_str(), StageKind::Scan, || {
+            let mut cl = c.analyzer.clone();
+            let req = pb::ScanRequest {
+                run_id: id.to_string(),
+            };
+            async move { cl.scan(req).await }
+        })
+        .await?;
+        if byom.repair {
+            self.stage(StageKind::Repair.as_str(), StageKind::Repair, || {
+                let mut cl = c.pruner.clone();
+                let req = pb::RepairRequest {
+                    run_id: id.to_string(),
+                };
+                async move { cl.repair(req).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// An experiment: data, two trainings, analyze, prune every criterion.
+    async fn drive_experiment(
+        &self,
+        spec: &ExperimentSpec,
+        id: &str,
+        c: &Clients,
+    ) -> Result<(), GatewayError> {
+        let id = id.to_string();
         self.stage(StageKind::Data.as_str(), StageKind::Data, || {
             let mut cl = c.poisoner.clone();
             let req = pb::PoisonRequest { run_id: id.clone() };

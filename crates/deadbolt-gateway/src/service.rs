@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
 use deadbolt_proto::validate::invalid_argument;
+use deadbolt_runtime::byom::ByomSpec;
 use deadbolt_runtime::uploads::{self, UploadKind};
 use deadbolt_runtime::{auth, convert, policy, stage, Shared};
 use deadbolt_store::{NewRun, RunStatus};
@@ -145,6 +146,55 @@ impl Gateway {
         }
     }
 
+    /// Records a run of `team` (idempotent per client request id, within
+    /// the team's quota of runs in flight) and starts driving it. Returns
+    /// the run id and whether it was created.
+    async fn start_run(
+        &self,
+        team: &str,
+        crid: &str,
+        name: &str,
+        spec_json: serde_json::Value,
+    ) -> Result<(String, bool), Status> {
+        let config = &self.shared.config;
+        let team = team.to_string();
+        let in_flight = self
+            .shared
+            .store
+            .count_runs(&team, &[RunStatus::Queued, RunStatus::Running])
+            .await?;
+        if in_flight >= config.limits.max_runs_in_flight {
+            return Err(Status::resource_exhausted(format!(
+                "team {team} has {in_flight} runs queued or running, its quota is {}",
+                config.limits.max_runs_in_flight
+            )));
+        }
+        let (run, created) = self
+            .shared
+            .store
+            .create_run(NewRun {
+                team: team.clone(),
+                client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
+                name: name.to_string(),
+                spec_json,
+            })
+            .await?;
+        if created {
+            tracing::info!(run_id = %run.id, name = %run.name, "run submitted");
+            let _ = self
+                .shared
+                .store
+                .append_event(None, run.id, "run", "submitted", &run.name, None)
+                .await;
+        }
+        if !run.status.is_terminal() && !self.shared.drain.is_draining() {
+            // a replica that holds the drive already goes on; otherwise
+            // this one takes it now (the claim loop would, a moment later)
+            self.claim(run.id).await?;
+        }
+        Ok((run.id.to_string(), created))
+    }
+
     async fn run_proto(&self, team: &str, id: Uuid) -> Result<pb::Run, Status> {
         let s = &self.shared.store;
         let run = self.team_run(team, id).await?;
@@ -174,16 +224,17 @@ impl Gateway {
         let kind = match pb::UploadKind::try_from(h.kind) {
             Ok(pb::UploadKind::Dataset) => UploadKind::Dataset,
             Ok(pb::UploadKind::TriggerImage) => UploadKind::TriggerImage,
+            Ok(pb::UploadKind::Model) => UploadKind::Model,
             _ => {
                 return Err(invalid_argument(
                     "header.kind",
-                    "UPLOAD_KIND_DATASET or UPLOAD_KIND_TRIGGER_IMAGE",
+                    "UPLOAD_KIND_DATASET, UPLOAD_KIND_TRIGGER_IMAGE or UPLOAD_KIND_MODEL",
                 ))
             }
         };
         uploads::check_name(&h.name).map_err(|m| invalid_argument("header.name", m))?;
         let key = match kind {
-            UploadKind::Dataset => {
+            UploadKind::Dataset | UploadKind::Model => {
                 uploads::check_name(&h.file).map_err(|m| invalid_argument("header.file", m))?;
                 format!("{}/{}", uploads::key(team, kind, &h.name), h.file)
             }
@@ -325,42 +376,64 @@ impl ExperimentService for Gateway {
         }
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;
-        let in_flight = self
-            .shared
-            .store
-            .count_runs(&team, &[RunStatus::Queued, RunStatus::Running])
-            .await?;
-        if in_flight >= config.limits.max_runs_in_flight {
-            return Err(Status::resource_exhausted(format!(
-                "team {team} has {in_flight} runs queued or running, its quota is {}",
-                config.limits.max_runs_in_flight
-            )));
-        }
-        let (run, created) = self
-            .shared
-            .store
-            .create_run(NewRun {
-                team: team.clone(),
-                client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
-                name: spec.name.clone(),
-                spec_json,
-            })
-            .await?;
-        if created {
-            tracing::info!(run_id = %run.id, name = %run.name, "run submitted");
-            let _ = self
-                .shared
-                .store
-                .append_event(None, run.id, "run", "submitted", &run.name, None)
-                .await;
-        }
-        if !run.status.is_terminal() && !self.shared.drain.is_draining() {
-            // a replica that holds the drive already goes on; otherwise
-            // this one takes it now (the claim loop would, a moment later)
-            self.claim(run.id).await?;
-        }
+        let (run_id, created) = self.start_run(&team, crid, &spec.name, spec_json).await?;
         Ok(Response::new(pb::SubmitExperimentResponse {
-            run_id: run.id.to_string(),
+            run_id,
+            created,
+        }))
+    }
+
+    async fn submit_scan(
+        &self,
+        req: Request<pb::SubmitScanRequest>,
+    ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
+        let team = auth::principal(&req)?.team.clone();
+        let req = req.into_inner();
+        let config = &self.shared.config;
+        let crid = req.client_request_id.trim();
+        let mut v = deadbolt_proto::validate::Violations::new();
+        for (field, text) in [("client_request_id", crid), ("name", req.name.trim())] {
+            if text.len() > config.limits.max_name_len {
+                v.add(
+                    field,
+                    format!(
+                        "{} bytes is above this service's limit of {}",
+                        text.len(),
+                        config.limits.max_name_len
+                    ),
+                );
+            }
+        }
+        v.check()?;
+        let spec = ByomSpec::from_request(
+            &team,
+            &req.name,
+            &req.model,
+            &req.data,
+            req.repair,
+            &req.options_toml,
+            &config.limits,
+        )
+        .map_err(|(field, message)| invalid_argument(field, message))?;
+        // another team's upload answers like a missing one
+        let mut v = deadbolt_proto::validate::Violations::new();
+        for (field, kind, name) in [
+            ("model", UploadKind::Model, &spec.model),
+            ("data", UploadKind::Dataset, &spec.data),
+        ] {
+            if !uploads::exists(&self.shared.artifacts, &team, kind, name).await? {
+                v.add(
+                    field,
+                    format!("upload:{name}: this team has no such upload"),
+                );
+            }
+        }
+        v.check()?;
+        let (run_id, created) = self
+            .start_run(&team, crid, &spec.name, spec.to_json())
+            .await?;
+        Ok(Response::new(pb::SubmitExperimentResponse {
+            run_id,
             created,
         }))
     }

@@ -37,7 +37,7 @@ pub enum AuthMode {
 /// The scope a public method needs.
 pub fn scope_of(path: &str) -> Scope {
     match path.rsplit('/').next().unwrap_or("") {
-        "SubmitExperiment" | "CancelExperiment" | "Upload" => Scope::Submit,
+        "SubmitExperiment" | "SubmitScan" | "CancelExperiment" | "Upload" => Scope::Submit,
         "GetExperiment" | "ListExperiments" | "WatchExperiment" => Scope::Read,
         _ => Scope::Admin,
     }
@@ -272,6 +272,10 @@ mod tests {
     fn methods_need_their_scope() {
         assert_eq!(
             scope_of("/deadbolt.v1.ExperimentService/SubmitExperiment"),
+            Scope::Submit
+        );
+        assert_eq!(
+            scope_of("/deadbolt.v1.ExperimentService/SubmitScan"),
             Scope::Submit
         );
         assert_eq!(

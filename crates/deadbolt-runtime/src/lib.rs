@@ -15,6 +15,7 @@
 //! - [`error`]: [`JobError`], a job's structured failure.
 
 pub mod auth;
+pub mod byom;
 pub mod config;
 pub mod convert;
 pub mod error;

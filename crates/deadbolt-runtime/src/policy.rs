@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use deadbolt_proto::validate::Violations;
-use deadbolt_spec::{BlendPattern, ExperimentSpec, PatchPattern, TriggerSpec};
+use deadbolt_spec::ExperimentSpec;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
@@ -231,33 +231,20 @@ pub fn resolve_remote_paths(
             }
         }
     }
-    if let Some(a) = &mut spec.attack {
-        let image = match &mut a.trigger {
-            TriggerSpec::Patch {
-                pattern: PatchPattern::Image(p),
-                ..
+    if let Some(p) = uploads::trigger_image_mut(spec) {
+        let field = "spec.attack.trigger.pattern";
+        let text = p.to_string_lossy().to_string();
+        if text.starts_with(uploads::UPLOAD_SCHEME) {
+            if let Some(u) = upload(field, &text, UploadKind::TriggerImage, &mut v) {
+                *p = u.location.clone().into();
+                used.push(u);
             }
-            | TriggerSpec::Blend {
-                pattern: BlendPattern::Image(p),
-                ..
-            } => Some(p),
-            _ => None,
-        };
-        if let Some(p) = image {
-            let field = "spec.attack.trigger.pattern";
-            let text = p.to_string_lossy().to_string();
-            if text.starts_with(uploads::UPLOAD_SCHEME) {
-                if let Some(u) = upload(field, &text, UploadKind::TriggerImage, &mut v) {
-                    *p = u.location.clone().into();
-                    used.push(u);
-                }
-            } else {
-                v.add(
-                    field,
-                    "remote specs cannot name an image file on the server; upload it \
-                     (deadbolt upload trigger) and name it upload:<name>, or use a built-in pattern",
-                );
-            }
+        } else {
+            v.add(
+                field,
+                "remote specs cannot name an image file on the server; upload it \
+                 (deadbolt upload trigger) and name it upload:<name>, or use a built-in pattern",
+            );
         }
     }
     v.check()?;

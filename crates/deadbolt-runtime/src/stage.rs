@@ -41,17 +41,45 @@ pub enum StageKind {
     TrainBackdoored,
     Analyze,
     Prune,
+    /// A model a team brought: scan it (analyzer service).
+    Scan,
+    /// ... and repair it (pruner service).
+    Repair,
 }
 
 impl StageKind {
-    /// In pipeline order.
-    pub const ALL: [StageKind; 5] = [
+    /// Every kind: an experiment's stages in pipeline order, then a
+    /// scan run's.
+    pub const ALL: [StageKind; 7] = [
+        StageKind::Data,
+        StageKind::TrainClean,
+        StageKind::TrainBackdoored,
+        StageKind::Analyze,
+        StageKind::Prune,
+        StageKind::Scan,
+        StageKind::Repair,
+    ];
+
+    /// The stages of an experiment run, in order.
+    pub const EXPERIMENT: [StageKind; 5] = [
         StageKind::Data,
         StageKind::TrainClean,
         StageKind::TrainBackdoored,
         StageKind::Analyze,
         StageKind::Prune,
     ];
+
+    /// The stages of a scan (bring-your-own-model) run, in order.
+    pub const BYOM: [StageKind; 2] = [StageKind::Scan, StageKind::Repair];
+
+    /// The kind of run this stage belongs to.
+    pub fn run_kind(&self) -> crate::byom::RunKind {
+        if StageKind::BYOM.contains(self) {
+            crate::byom::RunKind::Byom
+        } else {
+            crate::byom::RunKind::Experiment
+        }
+    }
 
     /// The job's `stage` column.
     pub fn as_str(&self) -> &'static str {
@@ -61,6 +89,8 @@ impl StageKind {
             StageKind::TrainBackdoored => "train-backdoored",
             StageKind::Analyze => "analyze",
             StageKind::Prune => "prune",
+            StageKind::Scan => "scan",
+            StageKind::Repair => "repair",
         }
     }
 
@@ -68,13 +98,18 @@ impl StageKind {
         StageKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    /// The stages that must have succeeded before this one may run.
+    /// The stages that must have succeeded before this one may run: the
+    /// ones before it in its run kind's order.
     pub fn earlier(&self) -> &'static [StageKind] {
-        let i = StageKind::ALL
+        let order: &'static [StageKind] = match self.run_kind() {
+            crate::byom::RunKind::Experiment => &StageKind::EXPERIMENT,
+            crate::byom::RunKind::Byom => &StageKind::BYOM,
+        };
+        let i = order
             .iter()
             .position(|k| k == self)
-            .expect("every kind is in ALL");
-        &StageKind::ALL[..i]
+            .expect("every kind is in its run kind's order");
+        &order[..i]
     }
 }
 
@@ -153,6 +188,15 @@ pub async fn check_at_stage(
     kind: StageKind,
 ) -> Result<(), Status> {
     let run = store.get_run(run_id).await?;
+    if crate::byom::RunKind::of(&run.spec_json) != kind.run_kind() {
+        return Err(Status::failed_precondition(format!(
+            "run {run_id} is not a {} run: stage {kind} cannot run",
+            match kind.run_kind() {
+                crate::byom::RunKind::Byom => "scan",
+                crate::byom::RunKind::Experiment => "experiment",
+            }
+        )));
+    }
     if run.status != RunStatus::Running {
         return Err(Status::failed_precondition(format!(
             "run {run_id} is {}, not running: stage {kind} cannot run",
@@ -297,5 +341,8 @@ mod tests {
             ]
         );
         assert_eq!(StageKind::parse("nope"), None);
+        assert!(StageKind::Scan.earlier().is_empty());
+        assert_eq!(StageKind::Repair.earlier(), &[StageKind::Scan]);
+        assert_eq!(StageKind::Prune.earlier().len(), 4);
     }
 }

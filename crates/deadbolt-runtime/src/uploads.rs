@@ -30,6 +30,8 @@ pub const SHA_SUFFIX: &str = ".sha256";
 pub enum UploadKind {
     Dataset,
     TriggerImage,
+    /// A model folder: its weights (`model.safetensors`) and card.
+    Model,
 }
 
 /// An upload a spec uses.
@@ -67,6 +69,7 @@ pub fn key(team: &str, kind: UploadKind, name: &str) -> String {
     match kind {
         UploadKind::Dataset => format!("teams/{team}/datasets/{name}"),
         UploadKind::TriggerImage => format!("teams/{team}/triggers/{name}"),
+        UploadKind::Model => format!("teams/{team}/models/{name}"),
     }
 }
 
@@ -84,7 +87,7 @@ pub async fn exists(
 ) -> Result<bool, deadbolt_store::StoreError> {
     let k = key(team, kind, name);
     match kind {
-        UploadKind::Dataset => Ok(artifacts
+        UploadKind::Dataset | UploadKind::Model => Ok(artifacts
             .list_prefix(&k)
             .await?
             .iter()
@@ -115,6 +118,50 @@ async fn fetch_verified(artifacts: &ArtifactStore, key: &str, dest: &Path) -> Re
         .map_err(|e| JobError::transient(format!("writing {}: {e}", dest.display())))
 }
 
+/// The trigger's pattern image of the spec's attack, if it has one.
+pub fn trigger_image_mut(spec: &mut ExperimentSpec) -> Option<&mut PathBuf> {
+    match &mut spec.attack.as_mut()?.trigger {
+        TriggerSpec::Patch {
+            pattern: PatchPattern::Image(p),
+            ..
+        }
+        | TriggerSpec::Blend {
+            pattern: BlendPattern::Image(p),
+            ..
+        } => Some(p),
+        _ => None,
+    }
+}
+
+/// Downloads every file of the folder upload at `location`
+/// (`object:<prefix>` or the prefix itself) into `local`, each checked
+/// against its stored sha256 (a mismatch is DATA_LOSS, no file NOT_FOUND).
+pub async fn fetch_folder(
+    artifacts: &ArtifactStore,
+    location: &str,
+    local: &Path,
+) -> Result<(), JobError> {
+    let prefix = location.strip_prefix(OBJECT_SCHEME).unwrap_or(location);
+    std::fs::create_dir_all(local)
+        .map_err(|e| JobError::transient(format!("creating {}: {e}", local.display())))?;
+    let files = artifacts.list_prefix(prefix).await?;
+    let mut n = 0;
+    for (file, _) in files.iter().filter(|(f, _)| f.ends_with(SHA_SUFFIX)) {
+        let file = file.trim_end_matches(SHA_SUFFIX);
+        check_name(file).map_err(data_loss)?;
+        fetch_verified(artifacts, &format!("{prefix}/{file}"), &local.join(file)).await?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(JobError::permanent(
+            tonic::Code::NotFound,
+            format!("upload {prefix} holds no files"),
+        ));
+    }
+    tracing::info!(location = %prefix, files = n, "upload fetched");
+    Ok(())
+}
+
 /// Replaces `object:` locations in `spec` (its dataset folder, its trigger
 /// image) by local copies under `dir`, each checked against the sha256
 /// stored at upload (a mismatch is DATA_LOSS).
@@ -129,47 +176,18 @@ pub async fn materialize(
     };
     if let Some(p) = &spec.dataset.path {
         if let Some(prefix) = p.to_str().and_then(|s| s.strip_prefix(OBJECT_SCHEME)) {
-            let prefix = prefix.to_string();
             let local = dir.join("dataset");
-            mkdir(&local)?;
-            let files = artifacts.list_prefix(&prefix).await?;
-            let mut n = 0;
-            for (file, _) in files.iter().filter(|(f, _)| f.ends_with(SHA_SUFFIX)) {
-                let file = file.trim_end_matches(SHA_SUFFIX);
-                check_name(file).map_err(data_loss)?;
-                fetch_verified(artifacts, &format!("{prefix}/{file}"), &local.join(file)).await?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(JobError::permanent(
-                    tonic::Code::NotFound,
-                    format!("dataset upload {prefix} holds no files"),
-                ));
-            }
-            tracing::info!(location = %prefix, files = n, "dataset upload fetched");
+            fetch_folder(artifacts, prefix, &local).await?;
             spec.dataset.path = Some(local);
         }
     }
-    if let Some(a) = &mut spec.attack {
-        let image: Option<&mut PathBuf> = match &mut a.trigger {
-            TriggerSpec::Patch {
-                pattern: PatchPattern::Image(p),
-                ..
-            }
-            | TriggerSpec::Blend {
-                pattern: BlendPattern::Image(p),
-                ..
-            } => Some(p),
-            _ => None,
-        };
-        if let Some(p) = image {
-            if let Some(key) = p.to_str().and_then(|s| s.strip_prefix(OBJECT_SCHEME)) {
-                let key = key.to_string();
-                mkdir(dir)?;
-                let local = dir.join("trigger.png");
-                fetch_verified(artifacts, &key, &local).await?;
-                *p = local;
-            }
+    if let Some(p) = trigger_image_mut(spec) {
+        if let Some(key) = p.to_str().and_then(|s| s.strip_prefix(OBJECT_SCHEME)) {
+            let key = key.to_string();
+            mkdir(dir)?;
+            let local = dir.join("trigger.png");
+            fetch_verified(artifacts, &key, &local).await?;
+            *p = local;
         }
     }
     Ok(())

@@ -165,6 +165,24 @@ impl JobContext {
         Ok(spec)
     }
 
+    /// The spec of a scan (bring-your-own-model) run, with its model and
+    /// data uploads fetched into this attempt's work folder and checked
+    /// against their stored sha256.
+    pub fn byom(&self) -> Result<(crate::byom::ByomSpec, crate::byom::ByomFiles), JobError> {
+        let run = self.block_on(self.store.get_run(self.run_id()))?;
+        let spec = crate::byom::ByomSpec::from_json(&run.spec_json)
+            .map_err(|m| JobError::permanent(Code::FailedPrecondition, m))?;
+        let dir = self.work_dir.join("uploads");
+        let (model, data) = (dir.join("model"), dir.join("data"));
+        self.block_on(async {
+            crate::uploads::fetch_folder(&self.artifacts, &spec.model_location, &model).await?;
+            crate::uploads::fetch_folder(&self.artifacts, &spec.data_location, &data).await
+        })?;
+        let files = crate::byom::ByomFiles::find(&model, data)
+            .map_err(|m| JobError::permanent(Code::InvalidArgument, m).with_field("model"))?;
+        Ok((spec, files))
+    }
+
     /// The output of this run's succeeded job of stage `S`, as its type.
     pub fn output<S: Stage>(&self) -> Result<S::Output, JobError> {
         let jobs = self.block_on(self.store.list_jobs(self.run_id()))?;
@@ -279,6 +297,14 @@ impl JobContext {
                 .await
         })?;
         Ok(())
+    }
+
+    /// Stores the run's scan verdict and repair figures (upsert, fenced).
+    pub fn put_scan_result(&self, r: &deadbolt_store::ScanResult) -> Result<(), JobError> {
+        Ok(self.block_on(
+            self.store
+                .put_scan_result(Some(&self.fence), self.run_id(), r),
+        )?)
     }
 
     /// Downloads an artifact (sha256-verified) into `path`.

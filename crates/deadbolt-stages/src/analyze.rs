@@ -27,7 +27,8 @@ use tonic::{Request, Response, Status};
 use crate::bundle::Bundle;
 use crate::common::{fetch_model, upload_figures};
 use crate::contract::{
-    Analyze, AnalyzeOutput, RunOnly, TrainBackdoored, TrainClean, TriggerArtifacts,
+    Analyze, AnalyzeOutput, RunOnly, Scan, ScanOutput, TrainBackdoored, TrainClean,
+    TriggerArtifacts,
 };
 use crate::error::{core, io};
 use crate::progress::JobProgress;
@@ -312,6 +313,26 @@ impl AnalyzerService for Analyzer {
                 .collect(),
             flagged_labels: s.summary.flagged_labels.clone(),
             best: Some(best),
+        }))
+    }
+
+    async fn scan(
+        &self,
+        req: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        let r = self.shared.run_stage::<Scan>(run_id, RunOnly {}).await?;
+        let file = |name: &str| r.files.get(name).map(convert::artifact_to_proto);
+        Ok(Response::new(pb::ScanResponse {
+            verdict: r.verdict.as_str().to_string(),
+            reasons: r.reasons.clone(),
+            suspect_label: r.suspect_label,
+            anomaly_index: r.anomaly_index,
+            flagged_labels: r.flagged_labels.clone(),
+            clean_acc: r.clean_acc,
+            outlier_channels: r.outlier_channels.iter().map(|&c| c as u32).collect(),
+            report_json: file(ScanOutput::REPORT),
+            report_md: file(ScanOutput::REPORT_MD),
         }))
     }
 }

@@ -44,3 +44,108 @@ pub fn upload_figures(
 pub fn relative(out: &Path, p: &Path) -> PathBuf {
     p.strip_prefix(out).unwrap_or(p).to_path_buf()
 }
+
+/// Uploads every file under `dir` (recursively) as `<prefix>/<relative
+/// path>`; returns the references by artifact name.
+pub fn upload_dir(
+    ctx: &JobContext,
+    dir: &Path,
+    prefix: &str,
+) -> Result<BTreeMap<String, ArtifactRef>, JobError> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d)
+            .map_err(|e| JobError::transient(format!("listing {}: {e}", d.display())))?;
+        for e in entries {
+            let p = e
+                .map_err(|e| JobError::transient(format!("listing {}: {e}", d.display())))?
+                .path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut refs = BTreeMap::new();
+    for f in files {
+        let rel = relative(dir, &f).to_string_lossy().replace('\\', "/");
+        let content_type = match f.extension().and_then(|e| e.to_str()) {
+            Some("png") => "image/png",
+            Some("json") => "application/json",
+            Some("md") => "text/markdown",
+            Some("toml") => "application/toml",
+            _ => "application/octet-stream",
+        };
+        let name = format!("{prefix}/{rel}");
+        let r = ctx.put_file(&name, &f, content_type)?;
+        refs.insert(name, r);
+    }
+    Ok(refs)
+}
+
+/// Options of a scan run's section (`scan` or `repair`): the JSON table
+/// as the core's options type. A key the type does not know is an error
+/// naming it (the core's types take defaults for missing keys, so a typo
+/// would otherwise be silently ignored).
+pub fn byom_options<T: serde::de::DeserializeOwned + serde::Serialize>(
+    table: &serde_json::Value,
+    section: &str,
+) -> Result<T, JobError> {
+    let table = if table.is_null() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        table.clone()
+    };
+    let field = |f: &str| format!("options_toml.{section}{f}");
+    let typed: T = serde_json::from_value(table.clone())
+        .map_err(|e| JobError::invalid(field(""), format!("[{section}]: {e}")))?;
+    let back = serde_json::to_value(&typed)
+        .map_err(|e| JobError::invalid(field(""), format!("[{section}]: {e}")))?;
+    fn unknown(given: &serde_json::Value, known: &serde_json::Value, path: &str) -> Option<String> {
+        let (serde_json::Value::Object(g), serde_json::Value::Object(k)) = (given, known) else {
+            return None;
+        };
+        for (key, v) in g {
+            let p = format!("{path}.{key}");
+            match k.get(key) {
+                None => return Some(p),
+                Some(kv) => {
+                    if let Some(u) = unknown(v, kv, &p) {
+                        return Some(u);
+                    }
+                }
+            }
+        }
+        None
+    }
+    if let Some(u) = unknown(&table, &back, "") {
+        return Err(JobError::invalid(field(&u), "unknown option"));
+    }
+    Ok(typed)
+}
+
+/// Opens the model and clean data of a scan run (fetched by
+/// [`JobContext::byom`]) on this process's device.
+pub fn byom_subject(
+    spec: &deadbolt_runtime::byom::ByomSpec,
+    files: &deadbolt_runtime::byom::ByomFiles,
+) -> Result<deadbolt_core::scan::Subject, JobError> {
+    let split: deadbolt_core::data::folder::Split = spec
+        .split
+        .parse()
+        .map_err(|e| JobError::invalid("options_toml.split", format!("{e}")))?;
+    let device = crate::error::core(deadbolt_core::device::resolve(
+        deadbolt_core::spec::DeviceSpec::Auto,
+    ))?;
+    crate::error::core(deadbolt_core::scan::open(
+        &files.model,
+        Some(&files.card),
+        &files.data,
+        split,
+        spec.layer.as_deref(),
+        device,
+    ))
+}

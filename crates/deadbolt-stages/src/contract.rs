@@ -64,6 +64,22 @@ impl Stage for Prune {
     type Output = PruneOutput;
 }
 
+/// `scan`: a model a team brought, its verdict (bring your own model).
+pub struct Scan;
+impl Stage for Scan {
+    const KIND: StageKind = StageKind::Scan;
+    type Input = RunOnly;
+    type Output = ScanOutput;
+}
+
+/// `repair`: the scanned model pruned and fine-tuned to the ASR target.
+pub struct Repair;
+impl Stage for Repair {
+    const KIND: StageKind = StageKind::Repair;
+    type Input = RunOnly;
+    type Output = RepairOutput;
+}
+
 /// The output of `data`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataOutput {
@@ -186,4 +202,51 @@ pub struct PruneOutput {
     pub report_json: ArtifactRef,
     pub report_md: ArtifactRef,
     pub seconds: f64,
+}
+
+/// The output of `scan`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanOutput {
+    pub verdict: deadbolt_core::scan::Verdict,
+    pub reasons: Vec<String>,
+    /// The analysed label (the top flagged one, else the most anomalous).
+    pub suspect_label: i64,
+    /// Its anomaly index.
+    pub anomaly_index: f64,
+    pub flagged_labels: Vec<i64>,
+    pub clean_acc: f64,
+    pub outlier_channels: Vec<i64>,
+    /// Every file the scan wrote (report, figures, synthetic trigger), by
+    /// artifact name (`scan/<file>`).
+    pub files: BTreeMap<String, ArtifactRef>,
+    pub seconds: f64,
+}
+
+/// The output of `repair`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairOutput {
+    pub met: bool,
+    /// Why the budget was not met (empty when it was).
+    pub reasons: Vec<String>,
+    pub label: i64,
+    pub k: usize,
+    pub pruned_channels: Vec<i64>,
+    /// On the held-out part: the original and the repaired model.
+    pub original: deadbolt_core::repair::HeldOutFigures,
+    pub repaired: deadbolt_core::repair::HeldOutFigures,
+    /// Every file the repair wrote (model, card, report, figures), by
+    /// artifact name (`repair/<file>`).
+    pub files: BTreeMap<String, ArtifactRef>,
+    pub seconds: f64,
+}
+
+impl RepairOutput {
+    pub const MODEL: &'static str = "repair/model.safetensors";
+    pub const CARD: &'static str = "repair/card.toml";
+    pub const REPORT: &'static str = "repair/report.json";
+}
+
+impl ScanOutput {
+    pub const REPORT: &'static str = "scan/report.json";
+    pub const REPORT_MD: &'static str = "scan/report.md";
 }

@@ -7,6 +7,8 @@
 //! | `train-clean`, `train-backdoored` | [`train`] | `TrainerService` |
 //! | `analyze` | [`analyze`] | `AnalyzerService` |
 //! | `prune` (+ the report) | [`prune`] | `PrunerService` |
+//! | `scan` (a model a team brought) | [`scan`] | `AnalyzerService` |
+//! | `repair` (of that model) | [`repair`] | `PrunerService` |
 //!
 //! Each stage is typed ([`contract`]: name, input and output bound at
 //! compile time through [`deadbolt_runtime::Stage`]); a stage reads another
@@ -25,6 +27,8 @@ pub mod data;
 pub mod error;
 pub mod progress;
 pub mod prune;
+pub mod repair;
+pub mod scan;
 pub mod train;
 
 use deadbolt_runtime::config::ServiceKind;
@@ -54,12 +58,16 @@ pub fn service(
         ServiceKind::Analyzer => (
             analyze::routes(shared),
             "deadbolt.v1.AnalyzerService",
-            Handlers::new().with::<Analyze, _>(analyze::AnalyzeWork),
+            Handlers::new()
+                .with::<Analyze, _>(analyze::AnalyzeWork)
+                .with::<Scan, _>(scan::ScanWork),
         ),
         ServiceKind::Pruner => (
             prune::routes(shared),
             "deadbolt.v1.PrunerService",
-            Handlers::new().with::<Prune, _>(prune::PruneWork),
+            Handlers::new()
+                .with::<Prune, _>(prune::PruneWork)
+                .with::<Repair, _>(repair::RepairWork),
         ),
         ServiceKind::Gateway => return None,
     })
@@ -71,7 +79,7 @@ mod tests {
     /// contracts and the machinery modules.
     #[test]
     fn no_stage_imports_another() {
-        let stages = ["data", "train", "analyze", "prune"];
+        let stages = ["data", "train", "analyze", "prune", "scan", "repair"];
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         for s in stages {
             let text = std::fs::read_to_string(dir.join(format!("{s}.rs"))).unwrap();

@@ -28,7 +28,9 @@ use tonic::{Request, Response, Status};
 
 use crate::bundle::Bundle;
 use crate::common::{fetch_model, relative, upload_figures};
-use crate::contract::{Analyze, Data, Prune, PruneOutput, RunOnly, TrainBackdoored, TrainClean};
+use crate::contract::{
+    Analyze, Data, Prune, PruneOutput, Repair, RepairOutput, RunOnly, TrainBackdoored, TrainClean,
+};
 use crate::error::core;
 use crate::progress::JobProgress;
 
@@ -222,6 +224,38 @@ impl PrunerService for Pruner {
                 ra: Some(c.chosen.ra),
                 ..Default::default()
             }),
+        }))
+    }
+
+    async fn repair(
+        &self,
+        req: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        let r = self.shared.run_stage::<Repair>(run_id, RunOnly {}).await?;
+        let fig = |p: &deadbolt_core::repair::Proportion| pb::HeldOutFigure {
+            value: p.value,
+            low: p.low,
+            high: p.high,
+        };
+        let file = |name: &str| r.files.get(name).map(convert::artifact_to_proto);
+        Ok(Response::new(pb::RepairResponse {
+            met: r.met,
+            outcome: if r.met {
+                "met".to_string()
+            } else {
+                r.reasons.join("; ")
+            },
+            label: r.label,
+            pruned: r.k as u32,
+            pruned_channels: r.pruned_channels.iter().map(|&c| c as u32).collect(),
+            acc_before: Some(fig(&r.original.acc)),
+            asr_before: Some(fig(&r.original.asr)),
+            acc_after: Some(fig(&r.repaired.acc)),
+            asr_after: Some(fig(&r.repaired.asr)),
+            model: file(RepairOutput::MODEL),
+            card: file(RepairOutput::CARD),
+            report_json: file(RepairOutput::REPORT),
         }))
     }
 }

@@ -223,6 +223,17 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn list_pruning_choices(&self, run_id: Uuid) -> Result<Vec<PruningChoice>>;
 
     // ---- artifacts ----
+    /// The run's scan verdict and repair figures. Upsert on run_id (the
+    /// repair stage rewrites the row the scan stage wrote). Fenced.
+    async fn put_scan_result(
+        &self,
+        fence: Option<&Fence>,
+        run_id: Uuid,
+        result: &ScanResult,
+    ) -> Result<()>;
+    /// NotFound when the run has no scan result (yet).
+    async fn get_scan_result(&self, run_id: Uuid) -> Result<ScanResult>;
+
     /// Upsert on (run_id, name). Fenced.
     async fn record_artifact(&self, fence: Option<&Fence>, rec: ArtifactRecord) -> Result<()>;
     async fn get_artifact(&self, run_id: Uuid, name: &str) -> Result<ArtifactRecord>;

@@ -420,6 +420,34 @@ pub struct PruningChoice {
     pub point: CurvePoint,
 }
 
+/// The verdict on a model a team brought (a scan run), and when the run
+/// repaired it, the figures before and after (on the held-out part of the
+/// clean data; ASR with the synthetic trigger). One row per run; the
+/// `scan_summary` view joins it with its run for dashboards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ScanResult {
+    /// The model's upload name.
+    pub model: String,
+    /// `backdoored`, `clean` or `inconclusive`.
+    pub verdict: String,
+    pub suspect_label: Option<i64>,
+    pub anomaly_index: Option<f64>,
+    /// The model's accuracy on the clean data the scan used.
+    pub clean_acc: f64,
+    pub repaired: bool,
+    pub acc_before: Option<f64>,
+    pub asr_before: Option<f64>,
+    pub acc_after: Option<f64>,
+    pub asr_after: Option<f64>,
+    pub pruned_channels: Option<i64>,
+    /// Whether the repair met its budget (None for a scan without repair).
+    pub met: Option<bool>,
+}
+
+impl ScanResult {
+    pub const VERDICTS: [&'static str; 3] = ["backdoored", "clean", "inconclusive"];
+}
+
 /// An artifact as recorded in the metadata store (the checksum is the truth).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactRecord {

@@ -1120,6 +1120,70 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn put_scan_result(
+                &self,
+                fence: Option<&Fence>,
+                run_id: Uuid,
+                r: &ScanResult,
+            ) -> Result<()> {
+                if !ScanResult::VERDICTS.contains(&r.verdict.as_str()) {
+                    return Err(StoreError::invalid(
+                        "verdict",
+                        format!(
+                            "{:?} is not one of {:?}",
+                            r.verdict,
+                            ScanResult::VERDICTS
+                        ),
+                    ));
+                }
+                let mut tx = self.write_tx().await?;
+                Self::check_fence(&mut tx, fence, run_id).await?;
+                Self::timed(
+                    "INSERT INTO scan_results (run_id, model, verdict, suspect_label, \
+                     anomaly_index, clean_acc, repaired, acc_before, asr_before, acc_after, \
+                     asr_after, pruned_channels, met, updated_at) \
+                     VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, {now}) \
+                     ON CONFLICT (run_id) DO UPDATE SET model = excluded.model, \
+                     verdict = excluded.verdict, suspect_label = excluded.suspect_label, \
+                     anomaly_index = excluded.anomaly_index, clean_acc = excluded.clean_acc, \
+                     repaired = excluded.repaired, acc_before = excluded.acc_before, \
+                     asr_before = excluded.asr_before, acc_after = excluded.acc_after, \
+                     asr_after = excluded.asr_after, pruned_channels = excluded.pruned_channels, \
+                     met = excluded.met, updated_at = excluded.updated_at",
+                )
+                .bind(Id(run_id))
+                .bind(&r.model)
+                .bind(&r.verdict)
+                .bind(r.suspect_label)
+                .bind(r.anomaly_index)
+                .bind(r.clean_acc)
+                .bind(r.repaired)
+                .bind(r.acc_before)
+                .bind(r.asr_before)
+                .bind(r.acc_after)
+                .bind(r.asr_after)
+                .bind(r.pruned_channels)
+                .bind(r.met)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| map_db(e, Some(run_id)))?;
+                tx.commit().await?;
+                self.changed(run_id).await;
+                Ok(())
+            }
+
+            async fn get_scan_result(&self, run_id: Uuid) -> Result<ScanResult> {
+                let row: Option<ScanResult> = sqlx::query_as(
+                    "SELECT model, verdict, suspect_label, anomaly_index, clean_acc, repaired, \
+                     acc_before, asr_before, acc_after, asr_after, pruned_channels, met \
+                     FROM scan_results WHERE run_id = $1",
+                )
+                .bind(Id(run_id))
+                .fetch_optional(&self.pool)
+                .await?;
+                row.ok_or_else(|| StoreError::not_found("scan result", run_id))
+            }
+
             async fn get_artifact(&self, run_id: Uuid, name: &str) -> Result<ArtifactRecord> {
                 let row: Option<ArtifactRow> =
                     sqlx::query_as("SELECT * FROM artifacts WHERE run_id = $1 AND name = $2")

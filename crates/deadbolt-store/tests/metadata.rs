@@ -551,6 +551,58 @@ async fn upserts_do_not_duplicate(s: Store) {
     ));
 }
 
+async fn scan_results_upsert_and_fill_their_view(s: Store) {
+    let run = new_run(&s, "vendor-scan").await;
+    assert!(matches!(
+        s.get_scan_result(run.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // the scan stage writes the verdict ...
+    let scan = ScanResult {
+        model: "vendor-net".into(),
+        verdict: "backdoored".into(),
+        suspect_label: Some(7),
+        anomaly_index: Some(4.25),
+        clean_acc: 0.981,
+        repaired: false,
+        acc_before: None,
+        asr_before: None,
+        acc_after: None,
+        asr_after: None,
+        pruned_channels: None,
+        met: None,
+    };
+    s.put_scan_result(None, run.id, &scan).await.unwrap();
+    assert_eq!(s.get_scan_result(run.id).await.unwrap(), scan);
+    // ... the repair stage rewrites the row with its figures
+    let repaired = ScanResult {
+        repaired: true,
+        acc_before: Some(0.98),
+        asr_before: Some(1.0),
+        acc_after: Some(0.975),
+        asr_after: Some(0.01),
+        pruned_channels: Some(0),
+        met: Some(true),
+        ..scan.clone()
+    };
+    s.put_scan_result(None, run.id, &repaired).await.unwrap();
+    assert_eq!(s.get_scan_result(run.id).await.unwrap(), repaired);
+    // a verdict outside the three is refused and changes nothing
+    let bad = ScanResult {
+        verdict: "maybe".into(),
+        ..scan.clone()
+    };
+    let e = s.put_scan_result(None, run.id, &bad).await.unwrap_err();
+    assert!(e.to_string().contains("verdict"), "{e}");
+    assert_eq!(s.get_scan_result(run.id).await.unwrap(), repaired);
+    // a run that does not exist
+    let e = s
+        .put_scan_result(None, Uuid::new_v4(), &scan)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound { .. }), "{e:?}");
+}
+
 async fn views_report_figures(s: Store) {
     let run = new_run(&s, "summary").await;
     let sum = s.run_summary(run.id).await.unwrap();
@@ -763,6 +815,70 @@ async fn dump(db: &Db) -> Vec<String> {
         }
     }
     out
+}
+
+/// The dashboards' `scan_summary` view: one row per scan run, with its
+/// team and name, the verdict and the repair figures, the same on both
+/// backends.
+async fn scan_summary_view_reads_like_the_store(s: Store, db: Db) {
+    let t = new_team(&s, "scanners").await;
+    let run = new_run_in(&s, &t, "vendor-net").await;
+    let _no_scan = new_run(&s, "experiment").await;
+    let r = ScanResult {
+        model: "vendor-net".into(),
+        verdict: "backdoored".into(),
+        suspect_label: Some(7),
+        anomaly_index: Some(4.25),
+        clean_acc: 0.981,
+        repaired: true,
+        acc_before: Some(0.98),
+        asr_before: Some(1.0),
+        acc_after: Some(0.975),
+        asr_after: Some(0.0125),
+        pruned_channels: Some(2),
+        met: Some(true),
+    };
+    s.put_scan_result(None, run.id, &r).await.unwrap();
+    let q = "SELECT team, name, status, model, verdict, suspect_label, anomaly_index, \
+             clean_acc, repaired, acc_before, asr_before, acc_after, asr_after, \
+             pruned_channels, met FROM scan_summary";
+    type Row = (String, String, String, ScanResult);
+    let rows: Vec<Row> = match &db {
+        Db::Pg(pool) => sqlx::query(q)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                use sqlx::{FromRow, Row as _};
+                (
+                    row.get("team"),
+                    row.get("name"),
+                    row.get("status"),
+                    ScanResult::from_row(row).unwrap(),
+                )
+            })
+            .collect(),
+        Db::Sqlite(pool) => sqlx::query(q)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                use sqlx::{FromRow, Row as _};
+                (
+                    row.get("team"),
+                    row.get("name"),
+                    row.get("status"),
+                    ScanResult::from_row(row).unwrap(),
+                )
+            })
+            .collect(),
+    };
+    assert_eq!(
+        rows,
+        vec![(t.clone(), "vendor-net".to_string(), "queued".to_string(), r)]
+    );
 }
 
 async fn api_keys_are_shown_once_and_stored_hashed(s: Store, db: Db) {
@@ -1631,6 +1747,7 @@ struct Snapshot {
     choices: Vec<PruningChoice>,
     artifacts: Vec<ArtifactRecord>,
     events: Vec<RunEvent>,
+    scan: Option<ScanResult>,
 }
 
 async fn snapshot(s: &Store, run: Uuid) -> Snapshot {
@@ -1641,6 +1758,28 @@ async fn snapshot(s: &Store, run: Uuid) -> Snapshot {
         choices: s.list_pruning_choices(run).await.unwrap(),
         artifacts: s.list_artifacts(run).await.unwrap(),
         events: s.list_events(run, 0).await.unwrap(),
+        scan: match s.get_scan_result(run).await {
+            Ok(r) => Some(r),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        },
+    }
+}
+
+fn scan_result(v: f64) -> ScanResult {
+    ScanResult {
+        model: "vendor-net".into(),
+        verdict: "backdoored".into(),
+        suspect_label: Some(3),
+        anomaly_index: Some(v),
+        clean_acc: v,
+        repaired: true,
+        acc_before: Some(v),
+        asr_before: Some(v),
+        acc_after: Some(v),
+        asr_after: Some(v),
+        pruned_channels: Some(2),
+        met: Some(false),
     }
 }
 
@@ -1678,6 +1817,7 @@ async fn fenced_writes(s: &Store, fence: Option<&Fence>, run: Uuid, v: f64) -> V
         s.put_pruning_curve(fence, run, "linf", &[point]).await,
         s.set_pruning_choice(fence, run, "linf", point).await,
         s.record_artifact(fence, artifact(run, v)).await,
+        s.put_scan_result(fence, run, &scan_result(v)).await,
         s.append_event(fence, run, "train", "progress", &format!("v={v}"), Some(v))
             .await
             .map(|_| ()),
@@ -1710,6 +1850,7 @@ fn assert_written(snap: &Snapshot, run: Uuid, v: f64) {
     assert_eq!(snap.curves[0].points[0].acc, v);
     assert_eq!(snap.choices[0].point.asr, v);
     assert_eq!(snap.artifacts, vec![artifact(run, v)]);
+    assert_eq!(snap.scan, Some(scan_result(v)));
     assert_eq!(snap.events.last().unwrap().progress, Some(v));
 }
 
@@ -2311,6 +2452,7 @@ metadata_test_suite!(
         abort_fails_at_once,
         upserts_do_not_duplicate,
         views_report_figures,
+        scan_results_upsert_and_fill_their_view,
         events_are_ordered,
         teams_are_validated_and_unique,
         keys_authenticate_until_revoked_or_expired,
@@ -2337,7 +2479,10 @@ metadata_test_suite!(
         expired_drive_is_taken_over,
         terminal_runs_are_never_claimed,
     ],
-    raw_cases: [api_keys_are_shown_once_and_stored_hashed],
+    raw_cases: [
+        api_keys_are_shown_once_and_stored_hashed,
+        scan_summary_view_reads_like_the_store,
+    ],
 );
 
 /// The database under a store, for raw cases to read its tables.

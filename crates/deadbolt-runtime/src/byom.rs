@@ -1,0 +1,310 @@
+//! Runs on a model a team brought ("bring your own model"): a **scan** (is
+//! it backdoored, toward which label, through which channels?) and
+//! optionally a **repair**, on a model and clean data the team uploaded.
+//!
+//! Such a run's `spec_json` is `{"byom": <ByomSpec>}`, which no experiment
+//! spec can be (an experiment spec has no `byom` field), so every reader
+//! tells the two kinds apart with [`RunKind::of`]. The scan runs as the
+//! `scan` job on the analyzer service, the repair as the `repair` job on
+//! the pruner service (see [`crate::StageKind`]).
+//!
+//! The gateway checks what it can without libtorch: the uploads exist
+//! under the caller's team, the options are tables of known sections
+//! within the service's limits. The stage parses the option tables into
+//! the core's scan and repair options; a bad value fails the job once,
+//! naming the option.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::policy::Limits;
+use crate::uploads::{self, UploadKind};
+
+/// The key of a bring-your-own-model run's spec.
+pub const ENVELOPE_KEY: &str = "byom";
+
+/// What a scan (and repair) run does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ByomSpec {
+    /// The run's name (the model's upload name unless given).
+    pub name: String,
+    /// The model's upload name (model.safetensors + card.toml or card.json).
+    pub model: String,
+    /// The clean data's upload name (MNIST IDX files or CIFAR-10 batches).
+    pub data: String,
+    /// `object:` locations of the two uploads under the run's team (set by
+    /// the gateway, never by a client).
+    pub model_location: String,
+    pub data_location: String,
+    /// Which split of the data to use (`train`, `test` or `all`).
+    pub split: String,
+    /// Scan only, or scan and then repair.
+    pub repair: bool,
+    /// The layer to examine and prune (default: the card's, else the
+    /// architecture's).
+    #[serde(default)]
+    pub layer: Option<String>,
+    /// The `[scan]` table (the core's scan options), as JSON.
+    #[serde(default)]
+    pub scan: Value,
+    /// The `[repair]` table (the core's repair options), as JSON.
+    #[serde(default)]
+    pub repair_options: Value,
+}
+
+/// What kind of run a `spec_json` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    /// A planted-backdoor experiment (data, two trainings, analyze, prune).
+    Experiment,
+    /// A scan (and maybe repair) of an uploaded model.
+    Byom,
+}
+
+impl RunKind {
+    pub fn of(spec_json: &Value) -> RunKind {
+        match spec_json {
+            Value::Object(m) if m.contains_key(ENVELOPE_KEY) => RunKind::Byom,
+            _ => RunKind::Experiment,
+        }
+    }
+}
+
+impl ByomSpec {
+    /// The run's `spec_json`.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({ ENVELOPE_KEY: self })
+    }
+
+    /// Reads a run's `spec_json`; an error names what is wrong.
+    pub fn from_json(v: &Value) -> Result<ByomSpec, String> {
+        let inner = v
+            .get(ENVELOPE_KEY)
+            .ok_or_else(|| "not a scan run (no byom spec)".to_string())?;
+        serde_json::from_value(inner.clone()).map_err(|e| format!("byom spec: {e}"))
+    }
+
+    /// Builds the spec of a submitted scan: `options_toml` may hold `layer`,
+    /// `split`, a `[scan]` and a `[repair]` table. Errors name the field
+    /// (`options_toml.<key>`).
+    pub fn from_request(
+        team: &str,
+        name: &str,
+        model: &str,
+        data: &str,
+        repair: bool,
+        options_toml: &str,
+        limits: &Limits,
+    ) -> Result<ByomSpec, (String, String)> {
+        let field = |f: &str| format!("options_toml.{f}");
+        let model = strip_upload(model).map_err(|m| ("model".to_string(), m))?;
+        let data = strip_upload(data).map_err(|m| ("data".to_string(), m))?;
+        let table: toml::Table = toml::from_str(options_toml)
+            .map_err(|e| ("options_toml".to_string(), e.to_string()))?;
+        let mut spec = ByomSpec {
+            name: if name.trim().is_empty() {
+                model.clone()
+            } else {
+                name.trim().to_string()
+            },
+            model_location: uploads::location(team, UploadKind::Model, &model),
+            data_location: uploads::location(team, UploadKind::Dataset, &data),
+            model,
+            data,
+            split: "all".into(),
+            repair,
+            layer: None,
+            scan: Value::Object(Default::default()),
+            repair_options: Value::Object(Default::default()),
+        };
+        for (k, v) in table {
+            match (k.as_str(), v) {
+                ("layer", toml::Value::String(s)) => spec.layer = Some(s),
+                ("split", toml::Value::String(s)) => {
+                    if !["train", "test", "all"].contains(&s.as_str()) {
+                        return Err((field("split"), format!("{s:?}: train, test or all")));
+                    }
+                    spec.split = s;
+                }
+                ("scan", toml::Value::Table(t)) => spec.scan = to_json(&t),
+                ("repair", toml::Value::Table(t)) => spec.repair_options = to_json(&t),
+                ("layer" | "split", _) => return Err((field(&k), "must be a string".into())),
+                ("scan" | "repair", _) => return Err((field(&k), "must be a table".into())),
+                _ => {
+                    return Err((
+                        field(&k),
+                        "unknown option (layer, split, [scan], [repair])".into(),
+                    ))
+                }
+            }
+        }
+        spec.check_limits(limits)?;
+        Ok(spec)
+    }
+
+    /// The options that cost time, within the service's limits.
+    pub fn check_limits(&self, l: &Limits) -> Result<(), (String, String)> {
+        let checks: [(&Value, &str, usize); 9] = [
+            (&self.scan, "cleanse.steps", l.max_synthetic_steps),
+            (&self.scan, "cleanse.images", l.max_synthetic_images),
+            (&self.scan, "stats_images", l.max_stats_images),
+            (&self.scan, "gradcam_images", l.max_stats_images),
+            (&self.repair_options, "cleanse.steps", l.max_synthetic_steps),
+            (
+                &self.repair_options,
+                "cleanse.images",
+                l.max_synthetic_images,
+            ),
+            (&self.repair_options, "stats_images", l.max_stats_images),
+            (
+                &self.repair_options,
+                "fine_tune_epochs",
+                l.max_fine_tune_epochs,
+            ),
+            (&self.repair_options, "fine_tune_batch", l.max_batch_size),
+        ];
+        for (table, path, max) in checks {
+            let section = if std::ptr::eq(table, &self.scan) {
+                "scan"
+            } else {
+                "repair"
+            };
+            let mut v = Some(table);
+            for part in path.split('.') {
+                v = v.and_then(|x| x.get(part));
+            }
+            let Some(v) = v else { continue };
+            let f = format!("options_toml.{section}.{path}");
+            match v.as_u64() {
+                Some(n) if n as usize <= max => {}
+                Some(n) => {
+                    return Err((f, format!("{n} is above this service's limit of {max}")));
+                }
+                None => return Err((f, format!("{v} is not a count"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_json(t: &toml::Table) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
+}
+
+/// `upload:<name>` (or a bare name) to the name, checked.
+fn strip_upload(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    let name = name.strip_prefix(uploads::UPLOAD_SCHEME).unwrap_or(name);
+    uploads::check_name(name)?;
+    Ok(name.to_string())
+}
+
+/// Where a job finds a byom run's files once fetched.
+#[derive(Debug, Clone)]
+pub struct ByomFiles {
+    /// The model's weights (`model.safetensors`).
+    pub model: PathBuf,
+    /// Its card (`card.toml` or `card.json`).
+    pub card: PathBuf,
+    /// The clean data folder.
+    pub data: PathBuf,
+}
+
+impl ByomFiles {
+    /// The files of the model folder `dir` (as uploaded): the one
+    /// `.safetensors` file and the card.
+    pub fn find(model_dir: &Path, data: PathBuf) -> Result<ByomFiles, String> {
+        let mut weights = Vec::new();
+        let mut cards = Vec::new();
+        let entries = std::fs::read_dir(model_dir)
+            .map_err(|e| format!("model upload {}: {e}", model_dir.display()))?;
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".safetensors") {
+                weights.push(p);
+            } else if name.ends_with(".toml") || name.ends_with(".json") {
+                cards.push(p);
+            }
+        }
+        match (weights.as_slice(), cards.as_slice()) {
+            ([w], [c]) => Ok(ByomFiles {
+                model: w.clone(),
+                card: c.clone(),
+                data,
+            }),
+            _ => Err(format!(
+                "a model upload holds one .safetensors file and one card (.toml or .json); this one holds {} and {}",
+                weights.len(),
+                cards.len()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
+    #[test]
+    fn kinds_and_round_trip() {
+        let s = ByomSpec::from_request(
+            "team-a",
+            "",
+            "upload:vendor-net",
+            "digits",
+            true,
+            "layer = \"conv2\"\n[repair]\nfine_tune_epochs = 2\n[scan.cleanse]\nsteps = 50\n",
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(s.name, "vendor-net");
+        assert_eq!(s.model_location, "object:teams/team-a/models/vendor-net");
+        assert_eq!(s.data_location, "object:teams/team-a/datasets/digits");
+        assert_eq!(s.layer.as_deref(), Some("conv2"));
+        assert_eq!(s.repair_options["fine_tune_epochs"], 2);
+        let v = s.to_json();
+        assert_eq!(RunKind::of(&v), RunKind::Byom);
+        assert_eq!(ByomSpec::from_json(&v).unwrap(), s);
+        assert_eq!(
+            RunKind::of(&serde_json::json!({"name": "x", "seed": 1})),
+            RunKind::Experiment
+        );
+    }
+
+    #[test]
+    fn bad_requests_name_their_field() {
+        let l = limits();
+        let e = |model: &str, opts: &str| {
+            ByomSpec::from_request("t", "", model, "d", false, opts, &l)
+                .unwrap_err()
+                .0
+        };
+        assert_eq!(e("../x", ""), "model");
+        assert_eq!(e("m", "colour = 1"), "options_toml.colour");
+        assert_eq!(e("m", "split = \"val\""), "options_toml.split");
+        assert_eq!(e("m", "scan = 3"), "options_toml.scan");
+        assert_eq!(e("m", "[scan"), "options_toml");
+        let big = l.max_fine_tune_epochs + 1;
+        assert_eq!(
+            e("m", &format!("[repair]\nfine_tune_epochs = {big}")),
+            "options_toml.repair.fine_tune_epochs"
+        );
+        let big = l.max_synthetic_steps + 1;
+        assert_eq!(
+            e("m", &format!("[scan.cleanse]\nsteps = {big}")),
+            "options_toml.scan.cleanse.steps"
+        );
+        assert_eq!(
+            e("m", "[repair]\nfine_tune_batch = -1"),
+            "options_toml.repair.fine_tune_batch"
+        );
+    }
+}

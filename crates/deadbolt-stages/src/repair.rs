@@ -1,0 +1,71 @@
+//! The `repair` stage of a scan run that asked for one: the core's
+//! [`deadbolt_core::repair::repair`] on the uploaded model and clean data
+//! (a held-out part the repair never tunes on; k chosen with fine-tuning
+//! in the loop; figures with Wilson intervals; never a claim the figures
+//! do not show). Stores the repaired weights (original parameter names,
+//! pruned channels zeroed), its card, report and figures as `repair/<file>`
+//! and the figures before and after in the `scan_results` row next to the
+//! scan's verdict. `PrunerService.Repair` is its thin tonic adapter (in
+//! [`crate::prune`]'s service).
+
+use std::time::Instant;
+
+use deadbolt_core::repair::{self, Outcome, RepairOptions};
+use deadbolt_runtime::{JobContext, JobError, Work};
+use deadbolt_store::ScanResult;
+
+use crate::common::{byom_options, byom_subject, upload_dir};
+use crate::contract::{Repair, RepairOutput, RunOnly, Scan};
+use crate::error::core;
+use crate::progress::JobProgress;
+
+/// The work of the `repair` stage.
+pub struct RepairWork;
+
+impl Work<Repair> for RepairWork {
+    fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<RepairOutput, JobError> {
+        let t = Instant::now();
+        let scan = ctx.output::<Scan>()?;
+        let (spec, files) = ctx.byom()?;
+        let opts: RepairOptions = byom_options(&spec.repair_options, "repair")?;
+        let subject = byom_subject(&spec, &files)?;
+        let out = ctx.work_dir.join("repair");
+        let report = core(repair::repair(
+            &subject,
+            &opts,
+            &out,
+            &JobProgress::new(ctx),
+        ))?;
+        let files = upload_dir(ctx, &out, "repair")?;
+        let met = report.met();
+        ctx.put_scan_result(&ScanResult {
+            model: spec.model.clone(),
+            verdict: scan.verdict.as_str().to_string(),
+            suspect_label: Some(scan.suspect_label),
+            anomaly_index: scan.anomaly_index.is_finite().then_some(scan.anomaly_index),
+            clean_acc: scan.clean_acc,
+            repaired: true,
+            acc_before: Some(report.original.acc.value),
+            asr_before: Some(report.original.asr.value),
+            acc_after: Some(report.repaired.acc.value),
+            asr_after: Some(report.repaired.asr.value),
+            pruned_channels: Some(report.k as i64),
+            met: Some(met),
+        })?;
+        tracing::info!(run_id = %ctx.run_id(), met, k = report.k, acc_after = report.repaired.acc.value, asr_after = report.repaired.asr.value, "repair done");
+        Ok(RepairOutput {
+            met,
+            reasons: match &report.outcome {
+                Outcome::Met => Vec::new(),
+                Outcome::NotMet { reasons } => reasons.clone(),
+            },
+            label: report.label,
+            k: report.k,
+            pruned_channels: report.pruned_channels.clone(),
+            original: report.original,
+            repaired: report.repaired,
+            files,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! The `scan` stage of a scan run (bring your own model): opens the model
+//! and clean data the team uploaded (fetched and sha256-checked), runs the
+//! core's [`deadbolt_core::scan::scan`] (triggers reverse-engineered for
+//! every label, anomaly index, activation statistics, CLP, Grad-CAM, a
+//! verdict with its reasons), stores every file it wrote as `scan/<file>`
+//! and the verdict in the `scan_results` table. `AnalyzerService.Scan` is
+//! its thin tonic adapter (in [`crate::analyze`]'s service).
+
+use std::time::Instant;
+
+use deadbolt_core::scan::{self, ScanOptions};
+use deadbolt_runtime::{JobContext, JobError, Work};
+use deadbolt_store::ScanResult;
+
+use crate::common::{byom_options, byom_subject, upload_dir};
+use crate::contract::{RunOnly, Scan, ScanOutput};
+use crate::error::core;
+use crate::progress::JobProgress;
+
+/// The work of the `scan` stage.
+pub struct ScanWork;
+
+impl Work<Scan> for ScanWork {
+    fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<ScanOutput, JobError> {
+        let t = Instant::now();
+        let (spec, files) = ctx.byom()?;
+        let opts: ScanOptions = byom_options(&spec.scan, "scan")?;
+        let subject = byom_subject(&spec, &files)?;
+        let out = ctx.work_dir.join("scan");
+        let report = core(scan::scan(&subject, &opts, &out, &JobProgress::new(ctx)))?;
+        let files = upload_dir(ctx, &out, "scan")?;
+        let label = report.analysed_label;
+        let anomaly_index = report
+            .reverse
+            .anomaly_index
+            .get(label.max(0) as usize)
+            .copied()
+            .unwrap_or(f64::NAN);
+        ctx.put_scan_result(&ScanResult {
+            model: spec.model.clone(),
+            verdict: report.verdict.as_str().to_string(),
+            suspect_label: Some(label),
+            anomaly_index: anomaly_index.is_finite().then_some(anomaly_index),
+            clean_acc: report.clean_accuracy,
+            repaired: false,
+            acc_before: None,
+            asr_before: None,
+            acc_after: None,
+            asr_after: None,
+            pruned_channels: None,
+            met: None,
+        })?;
+        tracing::info!(run_id = %ctx.run_id(), verdict = report.verdict.as_str(), label, anomaly_index, "scan done");
+        Ok(ScanOutput {
+            verdict: report.verdict,
+            reasons: report.reasons.clone(),
+            suspect_label: label,
+            anomaly_index,
+            flagged_labels: report.suspect_labels.clone(),
+            clean_acc: report.clean_accuracy,
+            outlier_channels: report.activations.outlier_channels.clone(),
+            files,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+}
