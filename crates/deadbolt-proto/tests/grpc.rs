@@ -72,6 +72,13 @@ impl ExperimentService for Stub {
         Ok(Response::new(Box::pin(futures::stream::iter(events))))
     }
 
+    async fn submit_scan(
+        &self,
+        _: Request<deadbolt_proto::v1::SubmitScanRequest>,
+    ) -> Result<Response<SubmitExperimentResponse>, Status> {
+        Err(Status::unimplemented("not in this stub"))
+    }
+
     async fn upload(
         &self,
         req: Request<tonic::Streaming<UploadChunk>>,
