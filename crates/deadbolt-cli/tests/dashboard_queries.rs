@@ -64,6 +64,28 @@ const EXPECTED: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "Scanned models",
+        &[
+            "run_id",
+            "name",
+            "team",
+            "status",
+            "created_at",
+            "model",
+            "verdict",
+            "suspect_label",
+            "anomaly_index",
+            "clean_acc",
+            "repaired",
+            "acc_before",
+            "asr_before",
+            "acc_after",
+            "asr_after",
+            "pruned_channels",
+            "met",
+        ],
+    ),
+    (
         "Backdoored model and l_inf pruning",
         &[
             "clean_acc",
@@ -378,6 +400,33 @@ async fn dashboard_and_autoscaler_queries_run_on_a_finished_run() {
             "ScaledObject {name} still asks for workers after the run"
         );
     }
+
+    // a scan verdict, so that the "Scanned models" panel has a row (the
+    // scan flow itself runs in services_byom; here only the view's query
+    // is under test)
+    let store = deadbolt_store::connect(pg.url()).await.unwrap();
+    let run_uuid: uuid::Uuid = sub.run_id.parse().unwrap();
+    store
+        .put_scan_result(
+            None,
+            run_uuid,
+            &deadbolt_store::ScanResult {
+                model: "vendor-net".into(),
+                verdict: "backdoored".into(),
+                suspect_label: Some(0),
+                anomaly_index: Some(3.5),
+                clean_acc: 0.97,
+                repaired: true,
+                acc_before: Some(0.97),
+                asr_before: Some(0.99),
+                acc_after: Some(0.96),
+                asr_after: Some(0.01),
+                pruned_channels: Some(1),
+                met: Some(true),
+            },
+        )
+        .await
+        .unwrap();
 
     // the variables as Grafana fills them in: a query variable takes its
     // query's first value (the newest run: ours), a custom one its current value

@@ -266,7 +266,12 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
         run.error,
         all.log_tail()
     );
-    assert!(all.log_text().contains("dataset upload fetched"));
+    let log = all.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("upload fetched") && l.contains("teams/team-a/datasets/")),
+        "no dataset upload fetched in the log"
+    );
 
     // team B: the same names are not its uploads (the answer of a name
     // nobody uploaded)
