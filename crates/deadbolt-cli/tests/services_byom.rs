@@ -11,7 +11,8 @@
 //!   succeed;
 //! - the `scan_summary` view (Postgres) says `backdoored`, label 3, for the
 //!   second and not `backdoored` for the first, with the repair's figures
-//!   equal to the run's repair report;
+//!   equal to the run's repair report; a repair of the clean model never
+//!   counts as met (the scan found no backdoor to remove);
 //! - `deadbolt report` downloads the repaired model; PyTorch loads it and,
 //!   on test digits the repair never saw, with the real trigger it never
 //!   saw: ASR <= 5% and ACC at most 2 points below the original model's;
@@ -231,6 +232,21 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
         .unwrap()
         .into_inner()
         .run_id;
+    // ... and scanned and repaired: the repair cannot count as met when
+    // the scan found no backdoor
+    let clean_repair = c
+        .submit_scan(pb::SubmitScanRequest {
+            client_request_id: "clean-repair".into(),
+            model: "upload:vendor-clean".into(),
+            data: "upload:clean-digits".into(),
+            repair: true,
+            options_toml: String::new(),
+            name: "vendor-clean-repair".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
     // the backdoored one: scan and repair, submitted with the CLI
     let out = cli(&[
         "submit-scan",
@@ -248,7 +264,7 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
         .unwrap()
         .to_string();
 
-    for id in [&clean_run, &bd_run] {
+    for id in [&clean_run, &clean_repair, &bd_run] {
         let (events, run) = watch(&mut c, id, Duration::from_secs(900)).await;
         assert_eq!(
             run.status,
@@ -279,14 +295,14 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     let rows: Vec<SummaryRow> = sqlx::query_as(
         "SELECT name, status, model, verdict, suspect_label, anomaly_index, repaired, \
          acc_before, asr_before, acc_after, asr_after, pruned_channels, met \
-         FROM scan_summary ORDER BY model",
+         FROM scan_summary ORDER BY model, repaired",
     )
     .fetch_all(&db)
     .await
     .unwrap();
     println!("{rows:#?}");
-    assert_eq!(rows.len(), 2, "{rows:?}");
-    let (b, k) = (&rows[0], &rows[1]);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let (b, k, kr) = (&rows[0], &rows[1], &rows[2]);
     assert_eq!(
         (b.model.as_str(), k.model.as_str()),
         ("vendor-bd", "vendor-clean")
@@ -301,6 +317,14 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     assert!(b.repaired && b.met.is_some() && b.pruned_channels.is_some());
     assert_ne!(k.verdict, "backdoored", "{k:?}");
     assert!(!k.repaired && k.met.is_none() && k.acc_after.is_none());
+    assert_eq!(kr.name, "vendor-clean-repair");
+    assert_eq!(kr.verdict, k.verdict);
+    assert!(kr.repaired && kr.acc_after.is_some(), "{kr:?}");
+    assert_eq!(
+        kr.met,
+        Some(false),
+        "a repair of a model the scan cleared met: {kr:?}"
+    );
 
     // the repaired model and reports, downloaded and sha256-checked
     let got = d.join("got");

@@ -5,12 +5,15 @@
 //! do not show). Stores the repaired weights (original parameter names,
 //! pruned channels zeroed), its card, report and figures as `repair/<file>`
 //! and the figures before and after in the `scan_results` row next to the
-//! scan's verdict. `PrunerService.Repair` is its thin tonic adapter (in
+//! scan's verdict. The repair counts as met only when the core's repair
+//! met its budget *and* the run's scan called the model backdoored.
+//! `PrunerService.Repair` is its thin tonic adapter (in
 //! [`crate::prune`]'s service).
 
 use std::time::Instant;
 
 use deadbolt_core::repair::{self, Outcome, RepairOptions};
+use deadbolt_core::scan::Verdict;
 use deadbolt_runtime::{JobContext, JobError, Work};
 use deadbolt_store::ScanResult;
 
@@ -37,7 +40,22 @@ impl Work<Repair> for RepairWork {
             &JobProgress::new(ctx),
         ))?;
         let files = upload_dir(ctx, &out, "repair")?;
-        let met = report.met();
+        // the run also has the scan's verdict (on all the clean data): a
+        // repair of a model the scan did not call backdoored is judged
+        // with a synthetic trigger that may not be the backdoor's, so its
+        // figures back no claim of removal
+        let mut reasons = match &report.outcome {
+            Outcome::Met => Vec::new(),
+            Outcome::NotMet { reasons } => reasons.clone(),
+        };
+        if scan.verdict != Verdict::Backdoored {
+            reasons.push(format!(
+                "the scan's verdict is {}: the synthetic trigger the repair was measured with may not be \
+                 the backdoor's, so its ASR is no evidence that a backdoor was removed",
+                scan.verdict.as_str()
+            ));
+        }
+        let met = reasons.is_empty();
         ctx.put_scan_result(&ScanResult {
             model: spec.model.clone(),
             verdict: scan.verdict.as_str().to_string(),
@@ -55,10 +73,7 @@ impl Work<Repair> for RepairWork {
         tracing::info!(run_id = %ctx.run_id(), met, k = report.k, acc_after = report.repaired.acc.value, asr_after = report.repaired.asr.value, "repair done");
         Ok(RepairOutput {
             met,
-            reasons: match &report.outcome {
-                Outcome::Met => Vec::new(),
-                Outcome::NotMet { reasons } => reasons.clone(),
-            },
+            reasons,
             label: report.label,
             k: report.k,
             pruned_channels: report.pruned_channels.clone(),
