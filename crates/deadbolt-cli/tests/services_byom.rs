@@ -70,12 +70,6 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn field_of(st: &tonic::Status) -> Vec<String> {
-    tonic_types::StatusExt::get_details_bad_request(st)
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
-}
-
 #[derive(Debug, sqlx::FromRow)]
 struct SummaryRow {
     name: String,

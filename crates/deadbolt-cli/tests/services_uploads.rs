@@ -93,12 +93,6 @@ fn chunks(h: pb::UploadHeader, body: &[u8]) -> impl futures::Stream<Item = pb::U
     futures::stream::iter(msgs)
 }
 
-fn field_of(s: &tonic::Status) -> Vec<String> {
-    tonic_types::StatusExt::get_details_bad_request(s)
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
     let dir = tempfile::tempdir().unwrap();

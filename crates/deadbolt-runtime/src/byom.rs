@@ -147,31 +147,19 @@ impl ByomSpec {
 
     /// The options that cost time, within the service's limits.
     pub fn check_limits(&self, l: &Limits) -> Result<(), (String, String)> {
-        let checks: [(&Value, &str, usize); 9] = [
-            (&self.scan, "cleanse.steps", l.max_synthetic_steps),
-            (&self.scan, "cleanse.images", l.max_synthetic_images),
-            (&self.scan, "stats_images", l.max_stats_images),
-            (&self.scan, "gradcam_images", l.max_stats_images),
-            (&self.repair_options, "cleanse.steps", l.max_synthetic_steps),
-            (
-                &self.repair_options,
-                "cleanse.images",
-                l.max_synthetic_images,
-            ),
-            (&self.repair_options, "stats_images", l.max_stats_images),
-            (
-                &self.repair_options,
-                "fine_tune_epochs",
-                l.max_fine_tune_epochs,
-            ),
-            (&self.repair_options, "fine_tune_batch", l.max_batch_size),
+        let (scan, repair) = (&self.scan, &self.repair_options);
+        let checks: [(&Value, &str, &str, usize); 9] = [
+            (scan, "scan", "cleanse.steps", l.max_synthetic_steps),
+            (scan, "scan", "cleanse.images", l.max_synthetic_images),
+            (scan, "scan", "stats_images", l.max_stats_images),
+            (scan, "scan", "gradcam_images", l.max_stats_images),
+            (repair, "repair", "cleanse.steps", l.max_synthetic_steps),
+            (repair, "repair", "cleanse.images", l.max_synthetic_images),
+            (repair, "repair", "stats_images", l.max_stats_images),
+            (repair, "repair", "fine_tune_epochs", l.max_fine_tune_epochs),
+            (repair, "repair", "fine_tune_batch", l.max_batch_size),
         ];
-        for (table, path, max) in checks {
-            let section = if std::ptr::eq(table, &self.scan) {
-                "scan"
-            } else {
-                "repair"
-            };
+        for (table, section, path, max) in checks {
             let mut v = Some(table);
             for part in path.split('.') {
                 v = v.and_then(|x| x.get(part));

@@ -249,4 +249,23 @@ impl RepairOutput {
 impl ScanOutput {
     pub const REPORT: &'static str = "scan/report.json";
     pub const REPORT_MD: &'static str = "scan/report.md";
+
+    /// The run's `scan_results` row as the scan leaves it (no repair
+    /// figures yet); the repair stage fills those in on top of it.
+    pub fn row(&self, model: &str) -> deadbolt_store::ScanResult {
+        deadbolt_store::ScanResult {
+            model: model.to_string(),
+            verdict: self.verdict.as_str().to_string(),
+            suspect_label: Some(self.suspect_label),
+            anomaly_index: self.anomaly_index.is_finite().then_some(self.anomaly_index),
+            clean_acc: self.clean_acc,
+            repaired: false,
+            acc_before: None,
+            asr_before: None,
+            acc_after: None,
+            asr_after: None,
+            pruned_channels: None,
+            met: None,
+        }
+    }
 }

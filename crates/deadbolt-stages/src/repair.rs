@@ -57,11 +57,6 @@ impl Work<Repair> for RepairWork {
         }
         let met = reasons.is_empty();
         ctx.put_scan_result(&ScanResult {
-            model: spec.model.clone(),
-            verdict: scan.verdict.as_str().to_string(),
-            suspect_label: Some(scan.suspect_label),
-            anomaly_index: scan.anomaly_index.is_finite().then_some(scan.anomaly_index),
-            clean_acc: scan.clean_acc,
             repaired: true,
             acc_before: Some(report.original.acc.value),
             asr_before: Some(report.original.asr.value),
@@ -69,6 +64,7 @@ impl Work<Repair> for RepairWork {
             asr_after: Some(report.repaired.asr.value),
             pruned_channels: Some(report.k as i64),
             met: Some(met),
+            ..scan.row(&spec.model)
         })?;
         tracing::info!(run_id = %ctx.run_id(), met, k = report.k, acc_after = report.repaired.acc.value, asr_after = report.repaired.asr.value, "repair done");
         Ok(RepairOutput {

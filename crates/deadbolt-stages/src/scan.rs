@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use deadbolt_core::scan::{self, ScanOptions};
 use deadbolt_runtime::{JobContext, JobError, Work};
-use deadbolt_store::ScanResult;
 
 use crate::common::{byom_options, byom_subject, upload_dir};
 use crate::contract::{RunOnly, Scan, ScanOutput};
@@ -36,22 +35,8 @@ impl Work<Scan> for ScanWork {
             .get(label.max(0) as usize)
             .copied()
             .unwrap_or(f64::NAN);
-        ctx.put_scan_result(&ScanResult {
-            model: spec.model.clone(),
-            verdict: report.verdict.as_str().to_string(),
-            suspect_label: Some(label),
-            anomaly_index: anomaly_index.is_finite().then_some(anomaly_index),
-            clean_acc: report.clean_accuracy,
-            repaired: false,
-            acc_before: None,
-            asr_before: None,
-            acc_after: None,
-            asr_after: None,
-            pruned_channels: None,
-            met: None,
-        })?;
         tracing::info!(run_id = %ctx.run_id(), verdict = report.verdict.as_str(), label, anomaly_index, "scan done");
-        Ok(ScanOutput {
+        let output = ScanOutput {
             verdict: report.verdict,
             reasons: report.reasons.clone(),
             suspect_label: label,
@@ -61,6 +46,8 @@ impl Work<Scan> for ScanWork {
             outlier_channels: report.activations.outlier_channels.clone(),
             files,
             seconds: t.elapsed().as_secs_f64(),
-        })
+        };
+        ctx.put_scan_result(&output.row(&spec.model))?;
+        Ok(output)
     }
 }

@@ -843,37 +843,29 @@ async fn scan_summary_view_reads_like_the_store(s: Store, db: Db) {
              clean_acc, repaired, acc_before, asr_before, acc_after, asr_after, \
              pruned_channels, met FROM scan_summary";
     type Row = (String, String, String, ScanResult);
+    // the same decoding on either driver's rows
+    macro_rules! read {
+        ($pool:expr) => {
+            sqlx::query(q)
+                .fetch_all($pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    use sqlx::{FromRow, Row as _};
+                    (
+                        row.get("team"),
+                        row.get("name"),
+                        row.get("status"),
+                        ScanResult::from_row(row).unwrap(),
+                    )
+                })
+                .collect()
+        };
+    }
     let rows: Vec<Row> = match &db {
-        Db::Pg(pool) => sqlx::query(q)
-            .fetch_all(pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| {
-                use sqlx::{FromRow, Row as _};
-                (
-                    row.get("team"),
-                    row.get("name"),
-                    row.get("status"),
-                    ScanResult::from_row(row).unwrap(),
-                )
-            })
-            .collect(),
-        Db::Sqlite(pool) => sqlx::query(q)
-            .fetch_all(pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| {
-                use sqlx::{FromRow, Row as _};
-                (
-                    row.get("team"),
-                    row.get("name"),
-                    row.get("status"),
-                    ScanResult::from_row(row).unwrap(),
-                )
-            })
-            .collect(),
+        Db::Pg(pool) => read!(pool),
+        Db::Sqlite(pool) => read!(pool),
     };
     assert_eq!(
         rows,

@@ -21,3 +21,10 @@ pub fn bin() -> &'static str {
 pub fn serve(dir: &Path, name: &str, services: &str, config: &str) -> Proc {
     deadbolt_test_support::serve::serve(Path::new(bin()), dir, name, services, config)
 }
+
+/// The fields of a status's BadRequest violations.
+pub fn field_of(st: &tonic::Status) -> Vec<String> {
+    tonic_types::StatusExt::get_details_bad_request(st)
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
