@@ -165,8 +165,9 @@ enum Command {
         gateway: String,
     },
     /// Upload files into the gateway's object storage under your team, for
-    /// specs to name as `upload:NAME`: `dataset NAME FILE...` (the files of
-    /// one dataset folder: MNIST IDX files or CIFAR-10 batches),
+    /// specs to name as `upload:NAME`: `dataset NAME FILE|DIR...` (the files of
+    /// one dataset folder: MNIST IDX files, CIFAR-10 batches, or an image
+    /// folder `DIR/<class>/*.png|jpg`, stored as `<class>/<file>`),
     /// `trigger NAME IMAGE.png` (a trigger pattern image) or `model NAME
     /// model.safetensors card.toml` (a model to scan). Prints the
     /// reference, sha256 and size of each file.
@@ -472,10 +473,20 @@ fn run(cli: Cli) -> Result<()> {
             if kind == deadbolt_proto::v1::UploadKind::TriggerImage && files.len() != 1 {
                 anyhow::bail!("upload trigger: give exactly one image file");
             }
+            let files = match kind {
+                deadbolt_proto::v1::UploadKind::Dataset => services::dataset_files(&files)?,
+                _ => files
+                    .iter()
+                    .map(|f| {
+                        let n = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                        (n.to_string(), f.clone())
+                    })
+                    .collect(),
+            };
             tokio_rt()?.block_on(async {
                 let mut c = services::client(&gateway).await?;
-                for f in &files {
-                    let r = services::upload(&mut c, kind, &name, f).await?;
+                for (file_name, f) in &files {
+                    let r = services::upload(&mut c, kind, &name, file_name, f).await?;
                     println!("{} {} {} {}", f.display(), r.reference, r.sha256, r.size);
                 }
                 anyhow::Ok(())

@@ -250,12 +250,60 @@ pub async fn client(url: &str) -> Result<Client> {
 /// Bytes per upload message (the servers decode at most 4 MiB).
 const UPLOAD_CHUNK: usize = 1 << 20;
 
-/// Uploads one file: its sha256 and size first (one pass over the file),
-/// then its bytes in 1 MiB messages (a second pass, streamed).
+/// The files of a dataset upload and the names they are stored under:
+/// a file as its file name; a folder as its files (`FILE`) and the files of
+/// its sub-folders (`CLASS/FILE`, an image folder's layout). Deeper
+/// folders are refused, naming them.
+pub fn dataset_files(paths: &[PathBuf]) -> Result<Vec<(String, PathBuf)>> {
+    fn name_of(p: &Path) -> Result<String> {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .with_context(|| format!("{}: not a UTF-8 file name", p.display()))
+    }
+    fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut v = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("reading {}", dir.display()))?;
+        v.sort();
+        Ok(v)
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.is_dir() {
+            out.push((name_of(p)?, p.clone()));
+            continue;
+        }
+        for e in entries(p)? {
+            if !e.is_dir() {
+                out.push((name_of(&e)?, e));
+                continue;
+            }
+            let class = name_of(&e)?;
+            for f in entries(&e)? {
+                if f.is_dir() {
+                    anyhow::bail!(
+                        "{}: an image folder has one level of class folders (CLASS/FILE)",
+                        f.display()
+                    );
+                }
+                out.push((format!("{class}/{}", name_of(&f)?), f));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Uploads one file as `file_name` (a name, or `CLASS/NAME` in a dataset):
+/// its sha256 and size first (one pass over the file), then its bytes in
+/// 1 MiB messages (a second pass, streamed).
 pub async fn upload(
     c: &mut Client,
     kind: pb::UploadKind,
     name: &str,
+    file_name: &str,
     file: &Path,
 ) -> Result<pb::UploadResponse> {
     use sha2::Digest;
@@ -268,15 +316,10 @@ pub async fn upload(
             std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", file.display()))?;
         (hex::encode(h.finalize()), size)
     };
-    let file_name = file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
     let header = pb::UploadHeader {
         kind: kind as i32,
         name: name.to_string(),
-        file: file_name,
+        file: file_name.to_string(),
         sha256,
         size,
     };

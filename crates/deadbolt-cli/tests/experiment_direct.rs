@@ -1,7 +1,8 @@
 //! `deadbolt experiment` (services in-process, driven over gRPC) writes the
 //! same files as the core's pipeline (`--direct`): the same file set, the
 //! same figures byte for byte, and the same report apart from timings and
-//! paths.
+//! paths. The spec fine-tunes (`defense.fine_tune_epochs = 1`), so k is
+//! chosen with the fine-tuning in the loop on both paths.
 
 mod common;
 
@@ -61,6 +62,13 @@ fn services_write_the_same_files_as_the_core_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let spec = tiny_spec_local(d, 1, 1200);
+    // k chosen with the fine-tuning in the loop, on both paths
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replace("[defense]\n", "[defense]\nfine_tune_epochs = 1\n"),
+    )
+    .unwrap();
     let run = |out: &str, direct: bool| {
         let mut c = Command::new(bin());
         c.args(["--quiet", "experiment"])
@@ -99,7 +107,21 @@ fn services_write_the_same_files_as_the_core_pipeline() {
     let read = |p: &Path| -> Value {
         serde_json::from_str(&std::fs::read_to_string(p.join("report.json")).unwrap()).unwrap()
     };
-    assert_eq!(science(read(&sa)), science(read(&sb)));
+    let (ra, rb) = (read(&sa), read(&sb));
+    for (c, r) in ra["pruning"].as_object().unwrap() {
+        let search = &r["fine_tune_search"];
+        let tried = search["candidates"].as_array().unwrap();
+        assert!(!tried.is_empty(), "{c}: {search}");
+        let choice = r["choice"].as_str().unwrap();
+        assert!(choice.starts_with("fine-tuned"), "{c}: {choice}");
+        // the chosen k is the last one tried when it met the target
+        let k = r["chosen"]["k"].as_i64().unwrap();
+        if choice == "fine-tuned-meets-target" {
+            assert_eq!(tried.last().unwrap()["k"].as_i64(), Some(k), "{c}");
+        }
+        assert_eq!(r["fine_tuned"]["k"].as_i64(), Some(k), "{c}");
+    }
+    assert_eq!(science(ra), science(rb));
     assert_eq!(
         std::fs::read_to_string(sa.join("spec.toml")).unwrap(),
         std::fs::read_to_string(sb.join("spec.toml")).unwrap()

@@ -4,9 +4,11 @@
 //! clean one and one backdoored with a 4x4 random binary patch at rows
 //! 3-6, columns 12-15 relabelled to 3 (a trigger deadbolt's own trigger
 //! code cannot make), are uploaded with `deadbolt upload model`, the
-//! defender's 1,000 clean digits with `deadbolt upload dataset`.
+//! defender's 1,000 clean digits with `deadbolt upload dataset` (as IDX
+//! files, and 500 of them as an image folder `<class>/<n>.png`).
 //!
-//! - a scan run of the clean model (`SubmitScan`, no repair) and a scan +
+//! - a scan run of the clean model on the image folder (`SubmitScan`, no
+//!   repair) and a scan +
 //!   repair run of the backdoored one (`deadbolt submit-scan --repair`)
 //!   succeed;
 //! - the `scan_summary` view (Postgres) says `backdoored`, label 3, for the
@@ -176,6 +178,40 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     args.extend(files.iter().map(String::as_str));
     args.extend(["--gateway", &url]);
     cli(&args);
+    // every other one of the same digits (500) as an image folder
+    // (<class>/<n>.png), for the clean model's scan
+    let folder = d.join("folder");
+    let digits = deadbolt_core::data::folder::load_clean(
+        &defender,
+        deadbolt_core::data::folder::Split::All,
+        &[],
+        (1, 28, 28),
+        10,
+    )
+    .unwrap()
+    .data;
+    for i in (0..1000).step_by(2) {
+        let label = digits.labels.int64_value(&[i]);
+        let px: Vec<u8> = Vec::<f32>::try_from(digits.images.get(i).flatten(0, -1) * 255.0)
+            .unwrap()
+            .iter()
+            .map(|v| v.round() as u8)
+            .collect();
+        let f = folder.join(label.to_string()).join(format!("{i:04}.png"));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        image::GrayImage::from_raw(28, 28, px)
+            .unwrap()
+            .save(&f)
+            .unwrap();
+    }
+    cli(&[
+        "upload",
+        "dataset",
+        "clean-folder",
+        &s(&folder),
+        "--gateway",
+        &url,
+    ]);
 
     // refusals name their field
     let mut c = gateway(&url).await;
@@ -206,20 +242,37 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
             ),
             "options_toml.device",
         ),
+        (
+            // typed and range-checked at submit, as the stages read them
+            submit(
+                "upload:vendor-bd",
+                "upload:clean-digits",
+                "[repair]\ncriterion = \"l7\"\n",
+            ),
+            "options_toml.repair.criterion",
+        ),
+        (
+            submit(
+                "upload:vendor-bd",
+                "upload:clean-digits",
+                "[scan.cleanse]\nanomaly_threshold = -1.0\n",
+            ),
+            "options_toml.scan.cleanse.anomaly_threshold",
+        ),
     ] {
         let e = c.submit_scan(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert_eq!(field_of(&e), vec![field.to_string()], "{e:?}");
     }
 
-    // the clean model: a scan run over gRPC
+    // the clean model: a scan run over gRPC, on the image folder
     let clean_run = c
         .submit_scan(pb::SubmitScanRequest {
             client_request_id: "clean-scan".into(),
             model: "upload:vendor-clean".into(),
-            data: "upload:clean-digits".into(),
+            data: "upload:clean-folder".into(),
             repair: false,
-            options_toml: "split = \"test\"\n".into(),
+            options_toml: String::new(),
             name: String::new(),
         })
         .await
@@ -345,6 +398,24 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
         serde_json::from_str(&std::fs::read_to_string(got.join("scan/report.json")).unwrap())
             .unwrap();
     assert_eq!(scan["verdict"], "backdoored");
+    // the clean model's scan read the image folder, classes kept
+    let got_clean = d.join("got-clean");
+    cli(&[
+        "report",
+        &clean_run,
+        "--out",
+        &s(&got_clean),
+        "--gateway",
+        &url,
+        "--config",
+        &s(&cfg),
+    ]);
+    let scan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(got_clean.join("scan/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(scan["data"]["source"], "image-folder", "{}", scan["data"]);
+    assert_eq!(scan["data"]["images"], 500);
+    assert_ne!(scan["verdict"], "backdoored");
 
     // PyTorch on the repaired model, test digits and the real trigger the
     // repair never saw

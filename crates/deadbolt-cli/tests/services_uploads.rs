@@ -322,7 +322,14 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
         ),
         (
             "file",
-            header("bad", "a/b", good_sha.clone(), n),
+            header("bad", "a/../b", good_sha.clone(), n),
+            &body,
+            "header.file",
+        ),
+        (
+            // an image folder has one level of class folders
+            "deep file",
+            header("bad", "a/b/c.png", good_sha.clone(), n),
             &body,
             "header.file",
         ),

@@ -32,7 +32,6 @@
 //! A label is flagged when its index exceeds `anomaly_threshold` and its
 //! trigger reaches `min_success` on the clean images of other labels.
 
-use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -51,81 +50,7 @@ pub const LAMBDA_STEP: f64 = 1.4;
 /// Initial mask parameter: masks start small (sigmoid(-3) = 0.047).
 pub const MASK_INIT: f64 = -3.0;
 
-/// Budget and thresholds of the reverse engineering.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CleanseSpec {
-    /// Optimisation steps (every label takes each one).
-    pub steps: usize,
-    /// Clean images used (a seeded random subset).
-    pub images: usize,
-    /// Images per label and step.
-    pub minibatch: i64,
-    /// Most stamped images per forward pass (labels are chunked to fit).
-    pub max_batch: i64,
-    pub lr: f64,
-    /// Initial weight of the mask's L1 norm.
-    pub lambda: f64,
-    /// Adapt the weight per label (Neural Cleanse's schedule).
-    pub adapt: bool,
-    /// Success on a window at which a trigger counts as working.
-    pub success_target: f64,
-    pub anomaly_threshold: f64,
-    /// Success a flagged label's trigger needs on all images used.
-    pub min_success: f64,
-    pub seed: u64,
-}
-
-impl Default for CleanseSpec {
-    fn default() -> Self {
-        CleanseSpec {
-            steps: 300,
-            images: 256,
-            minibatch: 16,
-            max_batch: 512,
-            lr: 0.1,
-            lambda: 0.01,
-            adapt: true,
-            success_target: 0.9,
-            anomaly_threshold: 2.0,
-            min_success: 0.75,
-            seed: 0x4e43,
-        }
-    }
-}
-
-impl CleanseSpec {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |f: &str, m: &str| Err(Error::invalid(format!("cleanse.{f}"), m.to_string()));
-        if self.steps == 0 {
-            return bad("steps", "must be at least 1");
-        }
-        if self.images == 0 {
-            return bad("images", "must be at least 1");
-        }
-        if self.minibatch < 1 || self.max_batch < 1 {
-            return bad("minibatch", "minibatch and max_batch must be at least 1");
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("lr", "must be > 0");
-        }
-        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return bad("lambda", "must be >= 0");
-        }
-        for (f, v) in [
-            ("success_target", self.success_target),
-            ("min_success", self.min_success),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return bad(f, "must lie in [0, 1]");
-            }
-        }
-        if self.anomaly_threshold.is_nan() || self.anomaly_threshold <= 0.0 {
-            return bad("anomaly_threshold", "must be > 0");
-        }
-        Ok(())
-    }
-}
+pub use deadbolt_spec::byom::CleanseSpec;
 
 struct Adam {
     m: Tensor,

@@ -23,7 +23,7 @@ use crate::model::Model;
 use crate::spec::Arch;
 
 /// CLP's default threshold, in standard deviations above the mean.
-pub const DEFAULT_U: f64 = 3.0;
+pub const DEFAULT_U: f64 = deadbolt_spec::byom::DEFAULT_CLP_U;
 /// BatchNorm's epsilon (PyTorch's default).
 pub const BN_EPS: f64 = 1e-5;
 

@@ -30,13 +30,14 @@ use crate::model::{CheckpointMeta, Model, ModelInfo};
 use crate::plot::{self, Rgb};
 use crate::poison::Attack;
 use crate::progress::Progress;
-use crate::prune::{self, CurvePoint};
+use crate::prune::{self, Choice, CurvePoint};
+use crate::repair;
 use crate::report::{
-    CriterionReport, DataSummary, GradcamSummary, HeatmapImage, ModelFigures, Report,
-    SyntheticSummary, TriggerSource,
+    CriterionReport, DataSummary, FineTuneSearch, GradcamSummary, HeatmapImage, ModelFigures,
+    Report, SyntheticSummary, TriggerSource,
 };
 use crate::spec::{Criterion, ExperimentSpec, TrainingSpec};
-use crate::train::{self, EpochReport};
+use crate::train::EpochReport;
 use crate::trigger::Trigger;
 use crate::workflow::{self, Prepared, TrainJob};
 
@@ -475,6 +476,10 @@ pub fn stage_prune(
     }
     let mut tables: Vec<BTreeMap<Criterion, CriterionReport>> = Vec::new();
     let mut figures = Vec::new();
+    let fit_check = val.stratified_split(
+        repair::RepairOptions::default().check_fraction,
+        spec.defense.seed ^ 0xc4ec,
+    );
     for (i, (source, attack)) in sources.iter().enumerate() {
         let t = Instant::now();
         let imgs = stats_sample(spec, val).images;
@@ -495,37 +500,40 @@ pub fn stage_prune(
             let tc = Instant::now();
             let ranking = prune::rank(criterion, &clean_stats, &trig_stats, spec.defense.seed)?;
             let validation_curve = prune::sweep_cached(&model, &val_cache, &ranking.order, &ks)?;
-            let op = prune::choose_k(
-                &validation_curve,
-                spec.defense.target_asr,
-                spec.defense.max_acc_drop,
-            )?;
             let curve = prune::sweep_cached(&model, &test_cache, &ranking.order, &ks)?;
-            let chosen = curve[op.k];
-            let der = prune::der(&curve[0], &chosen);
             let k_for_target_asr = curve
                 .iter()
                 .find(|p| p.asr <= spec.defense.target_asr)
                 .map(|p| p.k);
-            let pruned_channels = ranking.order[..op.k].to_vec();
-            let mut pruned = prune::pruned_model(&model, &layer, &ranking.order, op.k)?;
-            let (mut fine_tuned, mut fine_tuned_der) = (None, None);
-            if spec.defense.fine_tune_epochs > 0 {
-                let ts = TrainingSpec {
-                    epochs: spec.defense.fine_tune_epochs,
-                    ..spec.training.clone()
-                };
-                train::train(
-                    &mut pruned,
-                    val,
-                    &ts,
-                    spec.seed,
-                    train::Start::fresh(),
+            let (k, choice, pruned, fine_tune_search) = if spec.defense.fine_tune_epochs > 0 {
+                let (search, picked) = fine_tune_search(
+                    spec,
+                    &model,
+                    &layer,
+                    &ranking.order,
+                    &fit_check,
+                    attack,
                     progress,
-                    |_, _, _| Ok(()),
                 )?;
+                let (k, choice, model) = picked;
+                (k, choice, model, Some(search))
+            } else {
+                let op = prune::choose_k(
+                    &validation_curve,
+                    spec.defense.target_asr,
+                    spec.defense.max_acc_drop,
+                )?;
+                let pruned = prune::pruned_model(&model, &layer, &ranking.order, op.k)?;
+                (op.k, op.choice, pruned, None)
+            };
+            let chosen = curve[k];
+            let validation_point = validation_curve[k];
+            let der = prune::der(&curve[0], &chosen);
+            let pruned_channels = ranking.order[..k].to_vec();
+            let (mut fine_tuned, mut fine_tuned_der) = (None, None);
+            if fine_tune_search.is_some() {
                 let mut p = point(&eval::evaluate(&pruned, test, Some(eval_attack))?);
-                p.k = op.k;
+                p.k = k;
                 fine_tuned_der = Some(prune::der(&curve[0], &p));
                 fine_tuned = Some(p);
             }
@@ -541,7 +549,7 @@ pub fn stage_prune(
             tracing::info!(
                 criterion = criterion.as_str(),
                 ranked_with = ?source,
-                k = op.k,
+                    k,
                 acc = chosen.acc,
                 asr = chosen.asr,
                 "pruning criterion done"
@@ -557,14 +565,15 @@ pub fn stage_prune(
                     curve,
                     validation_curve,
                     chosen,
-                    choice: op.choice,
-                    validation_point: op.validation,
+                    choice,
+                    validation_point,
                     der,
                     k_for_target_asr,
                     pruned_channels,
                     checkpoint: Some(dir),
                     fine_tuned,
                     fine_tuned_der,
+                    fine_tune_search,
                     seconds: secs(tc),
                 },
             );
@@ -605,6 +614,61 @@ pub fn stage_prune(
         figures,
         timings,
     })
+}
+
+/// Chooses k with the fine-tuning in the loop, as `deadbolt repair` does
+/// ([`repair::search_k`]): the validation data is split (stratified, by
+/// the repair's default check fraction) into a fit part, fine-tuned on
+/// together with the repair's default share of unlearning copies (fit
+/// images stamped with the ranking trigger, true labels), and a check part
+/// that judges every k. Fine-tuning uses the spec's training settings with
+/// `defense.fine_tune_epochs` epochs. Returns the search and the chosen k,
+/// why, and the pruned and fine-tuned model.
+fn fine_tune_search(
+    spec: &ExperimentSpec,
+    model: &Model,
+    layer: &str,
+    order: &[i64],
+    (fit, check): &(Dataset, Dataset),
+    attack: &Attack,
+    progress: &dyn Progress,
+) -> Result<(FineTuneSearch, (usize, Choice, Model))> {
+    if fit.is_empty() || check.is_empty() {
+        return Err(Error::EmptyDataset(format!(
+            "{} validation images cannot be split into a fit and a check part to choose k with \
+             defense.fine_tune_epochs > 0; raise dataset.validation_fraction",
+            fit.len() + check.len()
+        )));
+    }
+    let unlearn_fraction = repair::RepairOptions::default().unlearn_fraction;
+    let ft_data = repair::unlearning_set(fit, attack, unlearn_fraction, spec.defense.seed ^ 0x0b1e);
+    let search = repair::SearchSpec {
+        target_asr: spec.defense.target_asr,
+        max_acc_drop: spec.defense.max_acc_drop,
+        fine_tune: TrainingSpec {
+            epochs: spec.defense.fine_tune_epochs,
+            ..spec.training.clone()
+        },
+        seed: spec.seed,
+    };
+    let s = repair::search_k(
+        model, layer, order, &ft_data, check, attack, &search, progress,
+    )?;
+    let c = s.candidates[s.pick];
+    let choice = if c.meets_target && c.within_budget {
+        Choice::FineTunedMeetsTarget
+    } else {
+        Choice::FineTunedBestFound
+    };
+    Ok((
+        FineTuneSearch {
+            fit_images: fit.len(),
+            check_images: check.len(),
+            unlearn_fraction,
+            candidates: s.candidates,
+        },
+        (c.k, choice, s.model),
+    ))
 }
 
 fn figures_of(m: &TrainOutcome) -> ModelFigures {

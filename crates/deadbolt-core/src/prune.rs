@@ -647,6 +647,13 @@ pub enum Choice {
     MeetsTarget,
     /// No `k` met the target: the lowest ASR within the ACC budget.
     LowestAsrWithinBudget,
+    /// Chosen with the fine-tuning in the loop
+    /// ([`crate::repair::search_k`]): the smallest `k` whose fine-tuned
+    /// model met the ASR target within the ACC budget on the check part.
+    FineTunedMeetsTarget,
+    /// Chosen with the fine-tuning in the loop, and no `k` met both: the
+    /// best found (the best ACC meeting the target, else the lowest ASR).
+    FineTunedBestFound,
 }
 
 /// The chosen pruning count and its validation figures.

@@ -52,7 +52,7 @@ use crate::analysis::reverse::{save_trigger, synthetic_attack};
 use crate::analysis::shuffled_subset;
 use crate::analysis::stats;
 use crate::card;
-use crate::cleanse::{self, CleanseSpec};
+use crate::cleanse;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::{self, EVAL_BATCH};
@@ -62,105 +62,10 @@ use crate::poison::Attack;
 use crate::progress::Progress;
 use crate::prune::{self, CurvePoint};
 use crate::scan::{self, figure, DataInfo, Subject};
-use crate::spec::{Criterion, TrainingSpec};
+use crate::spec::TrainingSpec;
 use crate::train;
 
-/// How a repair runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RepairOptions {
-    pub cleanse: CleanseSpec,
-    pub criterion: Criterion,
-    /// ASR the repaired model must not exceed.
-    pub target_asr: f64,
-    /// ACC (fraction) the repaired model may lose.
-    pub max_acc_drop: f64,
-    /// Share of the clean data held out for the final figures.
-    pub holdout: f64,
-    /// Share of the tuning part that chooses k (the rest is fine-tuned on).
-    pub check_fraction: f64,
-    /// Share of the fit images added again stamped with the synthetic
-    /// trigger and their true labels while fine-tuning (0: clean only).
-    pub unlearn_fraction: f64,
-    /// Fine-tuning on the tuning part after pruning.
-    pub fine_tune_epochs: usize,
-    pub fine_tune_lr: f64,
-    pub fine_tune_batch: usize,
-    /// Tuning images for the activation statistics that rank channels (0 = all).
-    pub stats_images: usize,
-    /// Repair against this label's trigger instead of the suspect's.
-    pub label: Option<i64>,
-    /// Reverse-engineer again on the repaired model.
-    pub verify: bool,
-    pub seed: u64,
-}
-
-impl Default for RepairOptions {
-    fn default() -> Self {
-        RepairOptions {
-            cleanse: CleanseSpec::default(),
-            criterion: Criterion::Linf,
-            target_asr: 0.05,
-            max_acc_drop: 0.02,
-            holdout: 0.3,
-            check_fraction: 0.2,
-            unlearn_fraction: 0.2,
-            fine_tune_epochs: 5,
-            fine_tune_lr: 0.01,
-            fine_tune_batch: 32,
-            stats_images: 500,
-            label: None,
-            verify: true,
-            seed: 0,
-        }
-    }
-}
-
-impl RepairOptions {
-    pub fn validate(&self, classes: i64) -> Result<()> {
-        self.cleanse.validate()?;
-        if !(0.0..=1.0).contains(&self.target_asr) {
-            return Err(Error::invalid("target_asr", "must lie in [0, 1]"));
-        }
-        if !(0.0..=1.0).contains(&self.max_acc_drop) {
-            return Err(Error::invalid("max_acc_drop", "must lie in [0, 1]"));
-        }
-        if !(self.holdout > 0.0 && self.holdout < 1.0) {
-            return Err(Error::invalid(
-                "holdout",
-                format!("must lie strictly between 0 and 1, got {}", self.holdout),
-            ));
-        }
-        if !(self.check_fraction > 0.0 && self.check_fraction < 1.0) {
-            return Err(Error::invalid(
-                "check_fraction",
-                format!(
-                    "must lie strictly between 0 and 1, got {}",
-                    self.check_fraction
-                ),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.unlearn_fraction) {
-            return Err(Error::invalid("unlearn_fraction", "must lie in [0, 1]"));
-        }
-        if self.fine_tune_epochs > 0 && !(self.fine_tune_lr > 0.0 && self.fine_tune_lr.is_finite())
-        {
-            return Err(Error::invalid("fine_tune_lr", "must be > 0"));
-        }
-        if self.fine_tune_batch == 0 {
-            return Err(Error::invalid("fine_tune_batch", "must be at least 1"));
-        }
-        if let Some(l) = self.label {
-            if l < 0 || l >= classes {
-                return Err(Error::invalid(
-                    "label",
-                    format!("label {l} out of range for {classes} classes"),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
+pub use deadbolt_spec::byom::RepairOptions;
 
 /// A proportion with its 95% Wilson score interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -354,26 +259,50 @@ pub fn unlearning_set(fit: &Dataset, attack: &Attack, fraction: f64, seed: u64) 
     }
 }
 
+/// What [`search_k`] aims for and how it fine-tunes each candidate.
+#[derive(Debug, Clone)]
+pub struct SearchSpec {
+    /// ASR (on the check data) a candidate must not exceed.
+    pub target_asr: f64,
+    /// ACC (fraction) a candidate may lose against the unpruned model.
+    pub max_acc_drop: f64,
+    /// The fine-tuning of every candidate (`epochs = 0`: pruning only).
+    pub fine_tune: TrainingSpec,
+    pub seed: u64,
+}
+
+impl SearchSpec {
+    /// The k search of a repair.
+    pub fn of(opts: &RepairOptions) -> SearchSpec {
+        let o = opts;
+        SearchSpec {
+            target_asr: o.target_asr,
+            max_acc_drop: o.max_acc_drop,
+            fine_tune: TrainingSpec {
+                epochs: o.fine_tune_epochs,
+                lr: o.fine_tune_lr,
+                batch_size: o.fine_tune_batch,
+                ..TrainingSpec::default()
+            },
+            seed: o.seed,
+        }
+    }
+}
+
 fn fine_tune(
     model: &mut Model,
     data: &Dataset,
-    opts: &RepairOptions,
+    search: &SearchSpec,
     progress: &dyn Progress,
 ) -> Result<Vec<train::EpochReport>> {
-    if opts.fine_tune_epochs == 0 {
+    if search.fine_tune.epochs == 0 {
         return Ok(Vec::new());
     }
-    let ts = TrainingSpec {
-        epochs: opts.fine_tune_epochs,
-        lr: opts.fine_tune_lr,
-        batch_size: opts.fine_tune_batch,
-        ..TrainingSpec::default()
-    };
     train::train(
         model,
         data,
-        &ts,
-        opts.seed,
+        &search.fine_tune,
+        search.seed,
         train::Start::fresh(),
         progress,
         |_, _, _| Ok(()),
@@ -396,7 +325,7 @@ pub struct KSearch {
 /// [`k_ladder`], prunes the first k channels of `order` (on top of the
 /// model's own masks), fine-tunes on `fine_tune_data` and measures ACC and
 /// ASR on `check` with `attack`; stops at the first k that meets
-/// `opts.target_asr` within `opts.max_acc_drop` of the unpruned model's ACC
+/// `search.target_asr` within `search.max_acc_drop` of the unpruned model's ACC
 /// on `check`. When none does: the best ACC among those meeting the
 /// target, else the lowest ASR (then the best ACC).
 #[allow(clippy::too_many_arguments)]
@@ -407,7 +336,7 @@ pub fn search_k(
     fine_tune_data: &Dataset,
     check: &Dataset,
     attack: &Attack,
-    opts: &RepairOptions,
+    search: &SearchSpec,
     progress: &dyn Progress,
 ) -> Result<KSearch> {
     let channels = model.layer(layer)?.channels;
@@ -422,7 +351,7 @@ pub fn search_k(
             return Err(Error::Cancelled);
         }
         let mut m = prune::pruned_model(model, layer, order, k)?;
-        let epochs = fine_tune(&mut m, fine_tune_data, opts, progress)?;
+        let epochs = fine_tune(&mut m, fine_tune_data, search, progress)?;
         let f = held_out_figures(&m, check, attack);
         let acc_drop = base.acc.value - f.acc.value;
         let c = Candidate {
@@ -430,8 +359,8 @@ pub fn search_k(
             acc: f.acc.value,
             asr: f.asr.value,
             acc_drop,
-            meets_target: f.asr.value <= opts.target_asr + 1e-12,
-            within_budget: acc_drop <= opts.max_acc_drop + 1e-12,
+            meets_target: f.asr.value <= search.target_asr + 1e-12,
+            within_budget: acc_drop <= search.max_acc_drop + 1e-12,
         };
         tracing::info!(k, acc = c.acc, asr = c.asr, "repair candidate");
         let i = candidates.len();
@@ -544,7 +473,7 @@ pub fn repair(
         &ft_data,
         &check,
         &attack,
-        opts,
+        &SearchSpec::of(opts),
         progress,
     )?;
     let k = candidates[pick].k;

@@ -37,7 +37,7 @@ use crate::analysis::reverse::{save_trigger, ReverseSummary, Reversed};
 use crate::analysis::shuffled_subset;
 use crate::analysis::stats::{self, Norm};
 use crate::card::{self, LoadedModel, ModelCard, Normalizer};
-use crate::cleanse::{self, CleanseSpec};
+use crate::cleanse;
 use crate::clp::{self, ClpScores};
 use crate::data::folder::{self, Source, Split};
 use crate::data::Dataset;
@@ -145,31 +145,7 @@ pub fn open(
     })
 }
 
-/// What a scan does besides the defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ScanOptions {
-    pub cleanse: CleanseSpec,
-    /// Clean images for the activation statistics (0 = all).
-    pub stats_images: usize,
-    /// Images whose Grad-CAM is averaged.
-    pub gradcam_images: usize,
-    /// CLP threshold in standard deviations.
-    pub clp_u: f64,
-    pub seed: u64,
-}
-
-impl Default for ScanOptions {
-    fn default() -> Self {
-        ScanOptions {
-            cleanse: CleanseSpec::default(),
-            stats_images: 500,
-            gradcam_images: 100,
-            clp_u: clp::DEFAULT_U,
-            seed: 0,
-        }
-    }
-}
+pub use deadbolt_spec::byom::ScanOptions;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -574,6 +550,7 @@ pub fn scan(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<ScanReport> {
+    opts.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let model = &subject.loaded.model;
     let mut timings = BTreeMap::new();

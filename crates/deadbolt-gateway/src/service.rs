@@ -235,7 +235,11 @@ impl Gateway {
         uploads::check_name(&h.name).map_err(|m| invalid_argument("header.name", m))?;
         let key = match kind {
             UploadKind::Dataset | UploadKind::Model => {
-                uploads::check_name(&h.file).map_err(|m| invalid_argument("header.file", m))?;
+                let check = match kind {
+                    UploadKind::Dataset => uploads::check_file,
+                    _ => uploads::check_name,
+                };
+                check(&h.file).map_err(|m| invalid_argument("header.file", m))?;
                 format!("{}/{}", uploads::key(team, kind, &h.name), h.file)
             }
             UploadKind::TriggerImage => uploads::key(team, kind, &h.name),

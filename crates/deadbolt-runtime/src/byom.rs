@@ -8,16 +8,19 @@
 //! `scan` job on the analyzer service, the repair as the `repair` job on
 //! the pruner service (see [`crate::StageKind`]).
 //!
-//! The gateway checks what it can without libtorch: the uploads exist
+//! The gateway checks all it can without libtorch: the uploads exist
 //! under the caller's team, the options are tables of known sections
-//! within the service's limits. The stage parses the option tables into
-//! the core's scan and repair options; a bad value fails the job once,
-//! naming the option.
+//! within the service's limits, and each table parses as the scan or
+//! repair options (`deadbolt_spec::byom`) with every value in range, so a
+//! bad option is INVALID_ARGUMENT at submit, naming it. The stages parse
+//! the same tables the same way ([`parse_section`]).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use deadbolt_spec::byom::{RepairOptions, ScanOptions};
 
 use crate::policy::Limits;
 use crate::uploads::{self, UploadKind};
@@ -142,7 +145,25 @@ impl ByomSpec {
             }
         }
         spec.check_limits(limits)?;
+        spec.check_options()?;
         Ok(spec)
+    }
+
+    /// The `[scan]` and `[repair]` tables as the stages will read them:
+    /// every key known, every value of its type and in range (a repair's
+    /// `label` is checked against the class count by the job, which reads
+    /// the card).
+    pub fn check_options(&self) -> Result<(), (String, String)> {
+        let within = |section: &str, e: deadbolt_spec::Error| match e.field() {
+            Some(f) => (format!("options_toml.{section}.{f}"), e.to_string()),
+            None => (format!("options_toml.{section}"), e.to_string()),
+        };
+        parse_section::<ScanOptions>(&self.scan, "scan")?
+            .validate()
+            .map_err(|e| within("scan", e))?;
+        parse_section::<RepairOptions>(&self.repair_options, "repair")?
+            .validate(i64::MAX)
+            .map_err(|e| within("repair", e))
     }
 
     /// The options that cost time, within the service's limits.
@@ -176,6 +197,66 @@ impl ByomSpec {
         }
         Ok(())
     }
+}
+
+/// A section (`scan` or `repair`) of a scan run's options: the JSON table
+/// as its options type. A key the type does not know is an error naming it
+/// (`options_toml.<section>.<key>`), as is a value of the wrong type.
+pub fn parse_section<T: serde::de::DeserializeOwned + Serialize>(
+    table: &Value,
+    section: &str,
+) -> Result<T, (String, String)> {
+    let table = if table.is_null() {
+        Value::Object(Default::default())
+    } else {
+        table.clone()
+    };
+    let field = |f: &str| format!("options_toml.{section}{f}");
+    // the first unknown key, as a dotted path
+    fn unknown(given: &Value, known: &Value, path: &str) -> Option<String> {
+        let (Value::Object(g), Value::Object(k)) = (given, known) else {
+            return None;
+        };
+        g.iter().find_map(|(key, v)| {
+            let p = format!("{path}.{key}");
+            match k.get(key) {
+                None => Some(p),
+                Some(kv) => unknown(v, kv, &p),
+            }
+        })
+    }
+    let defaults = serde_json::from_value::<T>(Value::Object(Default::default()))
+        .and_then(|d| serde_json::to_value(&d))
+        .map_err(|e| (field(""), format!("[{section}]: {e}")))?;
+    if let Some(u) = unknown(&table, &defaults, "") {
+        return Err((field(&u), "unknown option".into()));
+    }
+    serde_json::from_value(table.clone()).map_err(|e| {
+        // name the value serde refused: the first one that fails on its
+        // own among the defaults
+        fn leaves(v: &Value, path: String, out: &mut Vec<(String, Value)>) {
+            match v {
+                Value::Object(m) => m
+                    .iter()
+                    .for_each(|(k, v)| leaves(v, format!("{path}/{k}"), out)),
+                other => out.push((path, other.clone())),
+            }
+        }
+        let mut all = Vec::new();
+        leaves(&table, String::new(), &mut all);
+        let bad = all.into_iter().find(|(ptr, v)| {
+            let mut probe = defaults.clone();
+            match probe.pointer_mut(ptr) {
+                Some(slot) => *slot = v.clone(),
+                None => return false,
+            }
+            serde_json::from_value::<T>(probe).is_err()
+        });
+        match bad {
+            Some((ptr, v)) => (field(&ptr.replace('/', ".")), format!("{v}: {e}")),
+            None => (field(""), format!("[{section}]: {e}")),
+        }
+    })
 }
 
 fn to_json(t: &toml::Table) -> Value {
@@ -294,5 +375,44 @@ mod tests {
             e("m", "[repair]\nfine_tune_batch = -1"),
             "options_toml.repair.fine_tune_batch"
         );
+        // checked as the stages read them: unknown keys, types, ranges
+        for (opts, field) in [
+            ("[scan]\nstats_imagez = 3", "options_toml.scan.stats_imagez"),
+            (
+                "[scan.cleanse]\nlr = \"fast\"",
+                "options_toml.scan.cleanse.lr",
+            ),
+            (
+                "[scan.cleanse]\nlambda = -1.0",
+                "options_toml.scan.cleanse.lambda",
+            ),
+            ("[scan]\nclp_u = 0.0", "options_toml.scan.clp_u"),
+            (
+                "[repair]\ntarget_asr = 1.5",
+                "options_toml.repair.target_asr",
+            ),
+            (
+                "[repair]\ncriterion = \"l7\"",
+                "options_toml.repair.criterion",
+            ),
+            ("[repair]\nverify = \"yes\"", "options_toml.repair.verify"),
+            ("[repair]\nholdout = 1.0", "options_toml.repair.holdout"),
+            (
+                "[repair.cleanse]\nsteps = 0",
+                "options_toml.repair.cleanse.steps",
+            ),
+        ] {
+            assert_eq!(e("m", opts), field, "{opts}");
+        }
+        ByomSpec::from_request(
+            "t",
+            "",
+            "m",
+            "d",
+            true,
+            "[repair]\ncriterion = \"l2\"\nlabel = 3\nverify = false\n[scan]\nclp_u = 2.5\n",
+            &l,
+        )
+        .unwrap();
     }
 }

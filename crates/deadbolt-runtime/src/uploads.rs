@@ -64,6 +64,19 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A file of a dataset upload: `FILE`, or `CLASS/FILE` for an image
+/// folder (torchvision's `ImageFolder` layout: one folder level), each part
+/// an upload name ([`check_name`]).
+pub fn check_file(file: &str) -> Result<(), String> {
+    let parts: Vec<&str> = file.split('/').collect();
+    if parts.len() > 2 {
+        return Err(format!(
+            "{file:?}: a dataset file is FILE or CLASS/FILE (one folder level)"
+        ));
+    }
+    parts.iter().try_for_each(|p| check_name(p))
+}
+
 /// The object key (trigger image) or key prefix (dataset) of an upload.
 pub fn key(team: &str, kind: UploadKind, name: &str) -> String {
     match kind {
@@ -134,8 +147,9 @@ pub fn trigger_image_mut(spec: &mut ExperimentSpec) -> Option<&mut PathBuf> {
 }
 
 /// Downloads every file of the folder upload at `location`
-/// (`object:<prefix>` or the prefix itself) into `local`, each checked
-/// against its stored sha256 (a mismatch is DATA_LOSS, no file NOT_FOUND).
+/// (`object:<prefix>` or the prefix itself) into `local`, keeping an image
+/// folder's class folders, each file checked against its stored sha256 (a
+/// mismatch is DATA_LOSS, no file NOT_FOUND).
 pub async fn fetch_folder(
     artifacts: &ArtifactStore,
     location: &str,
@@ -148,8 +162,13 @@ pub async fn fetch_folder(
     let mut n = 0;
     for (file, _) in files.iter().filter(|(f, _)| f.ends_with(SHA_SUFFIX)) {
         let file = file.trim_end_matches(SHA_SUFFIX);
-        check_name(file).map_err(data_loss)?;
-        fetch_verified(artifacts, &format!("{prefix}/{file}"), &local.join(file)).await?;
+        check_file(file).map_err(data_loss)?;
+        let dest = local.join(file);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| JobError::transient(format!("creating {}: {e}", parent.display())))?;
+        }
+        fetch_verified(artifacts, &format!("{prefix}/{file}"), &dest).await?;
         n += 1;
     }
     if n == 0 {
@@ -222,6 +241,45 @@ mod tests {
             location("team-a", UploadKind::Dataset, "digits"),
             "object:teams/team-a/datasets/digits"
         );
+        for good in ["a.png", "3/a.png", "cat/img_001.jpg"] {
+            check_file(good).unwrap();
+        }
+        for bad in [
+            "a/b/c.png",
+            "../a.png",
+            "a/../b",
+            "/a.png",
+            "a/",
+            "Cat/a.png",
+        ] {
+            assert!(check_file(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_image_folder_upload_keeps_its_class_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let art = ArtifactStore::local(&dir.path().join("store")).unwrap();
+        let k = key("t", UploadKind::Dataset, "faces");
+        for (f, body) in [
+            ("0/a.png", &b"zero"[..]),
+            ("1/b.png", b"one"),
+            ("1/c.png", b"one!"),
+        ] {
+            let body = bytes::Bytes::copy_from_slice(body);
+            let mut w = art.start_upload(&format!("{k}/{f}")).await.unwrap();
+            w.write(body.clone()).await.unwrap();
+            w.finish(body.len() as u64, &sha256_hex(&body))
+                .await
+                .unwrap();
+        }
+        let local = dir.path().join("local");
+        fetch_folder(&art, &location("t", UploadKind::Dataset, "faces"), &local)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(local.join("0/a.png")).unwrap(), b"zero");
+        assert_eq!(std::fs::read(local.join("1/c.png")).unwrap(), b"one!");
+        assert_eq!(std::fs::read_dir(local.join("1")).unwrap().count(), 2);
     }
 
     #[tokio::test]

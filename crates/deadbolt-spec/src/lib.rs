@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub mod byom;
 pub mod error;
 
 pub use error::{Error, Result};

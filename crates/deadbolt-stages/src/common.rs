@@ -86,45 +86,14 @@ pub fn upload_dir(
     Ok(refs)
 }
 
-/// Options of a scan run's section (`scan` or `repair`): the JSON table
-/// as the core's options type. A key the type does not know is an error
-/// naming it (the core's types take defaults for missing keys, so a typo
-/// would otherwise be silently ignored).
+/// Options of a scan run's section (`scan` or `repair`) as the core's
+/// options type ([`deadbolt_runtime::byom::parse_section`]; the gateway
+/// checked them the same way at submit).
 pub fn byom_options<T: serde::de::DeserializeOwned + serde::Serialize>(
     table: &serde_json::Value,
     section: &str,
 ) -> Result<T, JobError> {
-    let table = if table.is_null() {
-        serde_json::Value::Object(Default::default())
-    } else {
-        table.clone()
-    };
-    let field = |f: &str| format!("options_toml.{section}{f}");
-    let typed: T = serde_json::from_value(table.clone())
-        .map_err(|e| JobError::invalid(field(""), format!("[{section}]: {e}")))?;
-    let back = serde_json::to_value(&typed)
-        .map_err(|e| JobError::invalid(field(""), format!("[{section}]: {e}")))?;
-    fn unknown(given: &serde_json::Value, known: &serde_json::Value, path: &str) -> Option<String> {
-        let (serde_json::Value::Object(g), serde_json::Value::Object(k)) = (given, known) else {
-            return None;
-        };
-        for (key, v) in g {
-            let p = format!("{path}.{key}");
-            match k.get(key) {
-                None => return Some(p),
-                Some(kv) => {
-                    if let Some(u) = unknown(v, kv, &p) {
-                        return Some(u);
-                    }
-                }
-            }
-        }
-        None
-    }
-    if let Some(u) = unknown(&table, &back, "") {
-        return Err(JobError::invalid(field(&u), "unknown option"));
-    }
-    Ok(typed)
+    deadbolt_runtime::byom::parse_section(table, section).map_err(|(f, m)| JobError::invalid(f, m))
 }
 
 /// Opens the model and clean data of a scan run (fetched by
