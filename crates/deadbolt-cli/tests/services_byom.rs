@@ -32,27 +32,7 @@ use deadbolt_proto::v1 as pb;
 use deadbolt_test_support::specs::mnist_dir;
 use tonic::Code;
 
-fn python() -> PathBuf {
-    std::env::var_os("DEADBOLT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| deadbolt_core::paths::cache_dir().join("venv-torch-2.13.0"))
-        .join("bin/python")
-}
-
-fn py(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(python())
-        .arg(repo().join("scripts/byom_torch.py"))
-        .args(args)
-        .output()
-        .expect("run the torch virtualenv's python (scripts/setup.sh makes it)");
-    assert!(
-        out.status.success(),
-        "byom_torch.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap()
-}
+use deadbolt_test_support::torch::byom_torch as py;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
@@ -190,20 +170,8 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     )
     .unwrap()
     .data;
-    for i in (0..1000).step_by(2) {
-        let label = digits.labels.int64_value(&[i]);
-        let px: Vec<u8> = Vec::<f32>::try_from(digits.images.get(i).flatten(0, -1) * 255.0)
-            .unwrap()
-            .iter()
-            .map(|v| v.round() as u8)
-            .collect();
-        let f = folder.join(label.to_string()).join(format!("{i:04}.png"));
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        image::GrayImage::from_raw(28, 28, px)
-            .unwrap()
-            .save(&f)
-            .unwrap();
-    }
+    let written = deadbolt_core::data::folder::write_image_folder(&digits, &folder, 2).unwrap();
+    assert_eq!(written, 500);
     cli(&[
         "upload",
         "dataset",

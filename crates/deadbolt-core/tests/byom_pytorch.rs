@@ -22,7 +22,6 @@
 //! `DEADBOLT_TEST_OUT` keeps the work folder (and reuses trained models).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use deadbolt_core::analysis::reverse::load_trigger;
 use deadbolt_core::card::{self, ModelCard};
@@ -31,34 +30,14 @@ use deadbolt_core::data::idx;
 use deadbolt_core::progress::Silent;
 use deadbolt_core::repair::{self, RepairOptions};
 use deadbolt_core::scan::{self, ScanOptions, Verdict};
-use tch::{Device, Kind};
+use tch::Device;
 
 const TARGET: i64 = 3;
 
+use deadbolt_test_support::torch::byom_torch as py;
+
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    let venv = std::env::var_os("DEADBOLT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| deadbolt_core::paths::cache_dir().join("venv-torch-2.13.0"));
-    venv.join("bin/python")
-}
-
-fn py(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(python())
-        .arg(workspace().join("scripts/byom_torch.py"))
-        .args(args)
-        .output()
-        .expect("run the torch virtualenv's python (scripts/setup.sh makes it)");
-    assert!(
-        out.status.success(),
-        "byom_torch.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap()
 }
 
 fn mnist_dir() -> PathBuf {
@@ -70,24 +49,6 @@ fn mnist_dir() -> PathBuf {
         deadbolt_core::data::mnist::fetch_mnist(&dir, None).unwrap();
     }
     dir
-}
-
-/// The IDX test files of `dir` as an image folder `<out>/<label>/<i>.png`.
-fn idx_to_png_folder(dir: &Path, out: &Path) {
-    let x = idx::read_images(&dir.join("t10k-images-idx3-ubyte")).unwrap();
-    let y = idx::read_labels(&dir.join("t10k-labels-idx1-ubyte")).unwrap();
-    let bytes: Vec<u8> =
-        Vec::try_from((x * 255.0).round().to_kind(Kind::Uint8).flatten(0, -1)).unwrap();
-    let labels: Vec<i64> = Vec::try_from(y).unwrap();
-    for (i, l) in labels.iter().enumerate() {
-        let d = out.join(l.to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        let px = bytes[i * 784..(i + 1) * 784].to_vec();
-        image::GrayImage::from_raw(28, 28, px)
-            .unwrap()
-            .save(d.join(format!("{i:04}.png")))
-            .unwrap();
-    }
 }
 
 /// ACC and ASR (real trigger, image space) of a model on IDX test files.
@@ -139,7 +100,15 @@ fn pytorch_models_scanned_and_repaired_on_real_mnist() {
     }
     let folder = data.join("defender-png");
     if !folder.join("9").is_dir() {
-        idx_to_png_folder(&data.join("defender"), &folder);
+        let defender = deadbolt_core::data::folder::load_clean(
+            &data.join("defender"),
+            Split::Test,
+            &[],
+            (1, 28, 28),
+            10,
+        )
+        .unwrap();
+        deadbolt_core::data::folder::write_image_folder(&defender.data, &folder, 1).unwrap();
     }
     let test = data.join("test");
 

@@ -9,8 +9,7 @@
 //!   back loads in PyTorch (strict) and gives deadbolt's masked logits;
 //! - scan and repair run end to end on it (a smoke test with tiny budgets).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use deadbolt_core::card::{self, ModelCard};
 use deadbolt_core::cleanse::CleanseSpec;
@@ -20,25 +19,7 @@ use deadbolt_core::repair::{self, RepairOptions};
 use deadbolt_core::scan::{self, ScanOptions};
 use tch::{Device, Tensor};
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn py(args: &[&str]) {
-    let venv = std::env::var_os("DEADBOLT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| deadbolt_core::paths::cache_dir().join("venv-torch-2.13.0"));
-    let out = Command::new(venv.join("bin/python"))
-        .arg(workspace().join("scripts/byom_torch.py"))
-        .args(args)
-        .output()
-        .expect("run the torch virtualenv's python (scripts/setup.sh makes it)");
-    assert!(
-        out.status.success(),
-        "byom_torch.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use deadbolt_test_support::torch::byom_torch as py;
 
 fn tensor(path: &Path, name: &str) -> Tensor {
     Tensor::read_safetensors(path)

@@ -6,10 +6,12 @@
 //! - [`serve`]: `deadbolt serve` child processes, their config, and gateway
 //!   client helpers;
 //! - [`specs`]: tiny experiment specs;
-//! - [`tls`]: a private CA and certificates (rcgen).
+//! - [`tls`]: a private CA and certificates (rcgen);
+//! - [`torch`]: the project's torch virtualenv and `scripts/byom_torch.py`.
 
 pub mod pg;
 pub mod s3;
 pub mod serve;
 pub mod specs;
 pub mod tls;
+pub mod torch;
