@@ -36,7 +36,7 @@ use crate::report::{
     CriterionReport, DataSummary, FineTuneSearch, GradcamSummary, HeatmapImage, ModelFigures,
     Report, SyntheticSummary, TriggerSource,
 };
-use crate::spec::{Criterion, ExperimentSpec, TrainingSpec};
+use crate::spec::{Criterion, ExperimentSpec};
 use crate::train::EpochReport;
 use crate::trigger::Trigger;
 use crate::workflow::{self, Prepared, TrainJob};
@@ -621,8 +621,9 @@ pub fn stage_prune(
 /// the repair's default check fraction) into a fit part, fine-tuned on
 /// together with the repair's default share of unlearning copies (fit
 /// images stamped with the ranking trigger, true labels), and a check part
-/// that judges every k. Fine-tuning uses the spec's training settings with
-/// `defense.fine_tune_epochs` epochs. Returns the search and the chosen k,
+/// that judges every k. Fine-tuning is the repair's (SGD, lr 0.01,
+/// momentum 0.9, batch 32: gentler than training, so that a small fit part
+/// does not cost accuracy) for `defense.fine_tune_epochs` epochs. Returns the search and the chosen k,
 /// why, and the pruned and fine-tuned model.
 fn fine_tune_search(
     spec: &ExperimentSpec,
@@ -640,17 +641,18 @@ fn fine_tune_search(
             fit.len() + check.len()
         )));
     }
-    let unlearn_fraction = repair::RepairOptions::default().unlearn_fraction;
-    let ft_data = repair::unlearning_set(fit, attack, unlearn_fraction, spec.defense.seed ^ 0x0b1e);
-    let search = repair::SearchSpec {
+    // the repair's own search, with the spec's budget and epochs
+    let opts = repair::RepairOptions {
         target_asr: spec.defense.target_asr,
         max_acc_drop: spec.defense.max_acc_drop,
-        fine_tune: TrainingSpec {
-            epochs: spec.defense.fine_tune_epochs,
-            ..spec.training.clone()
-        },
+        fine_tune_epochs: spec.defense.fine_tune_epochs,
         seed: spec.seed,
+        ..repair::RepairOptions::default()
     };
+    let unlearn_fraction = opts.unlearn_fraction;
+    let ft_data = repair::unlearning_set(fit, attack, unlearn_fraction, spec.defense.seed ^ 0x0b1e);
+    let mut search = repair::SearchSpec::of(&opts);
+    search.fine_tune.device = spec.training.device;
     let s = repair::search_k(
         model, layer, order, &ft_data, check, attack, &search, progress,
     )?;
