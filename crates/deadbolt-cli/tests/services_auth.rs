@@ -12,43 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use deadbolt_proto::v1 as pb;
-use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
 use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::Code;
-
-type AddKey =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-type Keyed = ExperimentServiceClient<InterceptedService<Channel, AddKey>>;
-
-async fn as_key(url: &str, key: Option<&str>) -> Keyed {
-    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
-        key.map(|k| format!("Bearer {k}").parse().unwrap());
-    let f: AddKey = Box::new(move |mut r| {
-        if let Some(h) = &header {
-            r.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(r)
-    });
-    ExperimentServiceClient::with_interceptor(channel(url).await, f)
-}
-
-fn admin(cfg: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin())
-        .args(["--quiet", "admin", "--config"])
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_scopes_and_teams_are_enforced() {

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use common::*;
 use deadbolt_proto::v1 as pb;
-use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
 use deadbolt_test_support::specs::mnist_dir;
 use sha2::Digest;
 use tonic::Code;
@@ -33,40 +32,6 @@ fn cut_idx(src: &Path, dst: &Path, header: usize, record: usize, n: usize) {
         out.extend_from_slice(&b[at..at + record]);
     }
     std::fs::write(dst, out).unwrap();
-}
-
-fn admin(cfg: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin())
-        .args(["--quiet", "admin", "--config"])
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
-}
-
-type AddKey =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-
-async fn as_key(
-    url: &str,
-    key: &str,
-) -> ExperimentServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddKey>,
-> {
-    let h: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-        format!("Bearer {key}").parse().unwrap();
-    let f: AddKey = Box::new(move |mut r| {
-        r.metadata_mut().insert("authorization", h.clone());
-        Ok(r)
-    });
-    ExperimentServiceClient::with_interceptor(channel(url).await, f)
 }
 
 fn header(name: &str, file: &str, sha256: String, size: u64) -> pb::UploadHeader {
@@ -223,7 +188,7 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
             spec.to_string(),
         )),
     };
-    let mut ca = as_key(&url, &a).await;
+    let mut ca = as_key(&url, Some(&a)).await;
     let run_id = ca
         .submit_experiment(submit("up-1", &spec))
         .await
@@ -269,7 +234,7 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
 
     // team B: the same names are not its uploads (the answer of a name
     // nobody uploaded)
-    let e = as_key(&url, &b)
+    let e = as_key(&url, Some(&b))
         .await
         .submit_experiment(submit("up-b", &spec))
         .await
@@ -345,7 +310,7 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
         assert!(field_of(&e).contains(&field.to_string()), "{what}: {e:?}");
     }
-    let e = as_key(&url, &a_read)
+    let e = as_key(&url, Some(&a_read))
         .await
         .upload(chunks(header("bad", "f", good_sha.clone(), n), &body))
         .await

@@ -28,3 +28,44 @@ pub fn field_of(st: &tonic::Status) -> Vec<String> {
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
 }
+
+/// `deadbolt admin --config CFG ARGS...`; its last stdout line as JSON
+/// (null when none). Panics with stderr when it fails.
+pub fn admin(cfg: &Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(bin())
+        .args(["--quiet", "admin", "--config"])
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "admin {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
+}
+
+pub type AddKey =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+pub type Keyed = deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddKey>,
+>;
+
+/// A gateway client that sends `key` as its bearer token (none: no
+/// `authorization` header).
+pub async fn as_key(url: &str, key: Option<&str>) -> Keyed {
+    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        key.map(|k| format!("Bearer {k}").parse().unwrap());
+    let f: AddKey = Box::new(move |mut r| {
+        if let Some(h) = &header {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    });
+    deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient::with_interceptor(
+        channel(url).await,
+        f,
+    )
+}

@@ -1,7 +1,7 @@
 //! CIFAR-10 binary batches: records of 1 label byte + 3x32x32 pixel bytes
 //! (`data_batch_1.bin` ... `data_batch_5.bin`, `test_batch.bin`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 use super::{read_file, Dataset, Splits};
@@ -56,9 +56,9 @@ pub fn read_batch(path: &Path) -> Result<Dataset> {
     )
 }
 
-/// Reads `data_batch_*.bin` (train) and `test_batch.bin` (test) from a folder.
-pub fn load_dir(dir: &Path) -> Result<Splits> {
-    let mut train_files: Vec<_> = std::fs::read_dir(dir)
+/// The training batches (`data_batch_*.bin`) of a folder, sorted.
+pub fn train_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -67,7 +67,13 @@ pub fn load_dir(dir: &Path) -> Result<Splits> {
                 .is_some_and(|n| n.starts_with("data_batch_") && n.ends_with(".bin"))
         })
         .collect();
-    train_files.sort();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads `data_batch_*.bin` (train) and `test_batch.bin` (test) from a folder.
+pub fn load_dir(dir: &Path) -> Result<Splits> {
+    let train_files = train_files(dir)?;
     if train_files.is_empty() {
         return Err(Error::bad_file(dir, "no data_batch_*.bin files"));
     }

@@ -133,18 +133,7 @@ fn has_idx(dir: &Path) -> bool {
 }
 
 fn has_cifar_train(dir: &Path) -> Result<bool> {
-    Ok(cifar_train_files(dir)?.next().is_some())
-}
-
-fn cifar_train_files(dir: &Path) -> Result<impl Iterator<Item = PathBuf>> {
-    Ok(std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("data_batch_") && n.ends_with(".bin"))
-        }))
+    Ok(!cifar::train_files(dir)?.is_empty())
 }
 
 fn concat(parts: Vec<Dataset>, classes: i64, what: &Path) -> Result<Dataset> {
@@ -190,8 +179,7 @@ fn load_idx(dir: &Path, split: Split, classes: i64) -> Result<Dataset> {
 fn load_cifar(dir: &Path, split: Split) -> Result<Dataset> {
     let test = || read_cifar_test(dir);
     let train = || -> Result<Dataset> {
-        let mut files: Vec<_> = cifar_train_files(dir)?.collect();
-        files.sort();
+        let files = cifar::train_files(dir)?;
         if files.is_empty() {
             return Err(Error::bad_file(
                 dir,
