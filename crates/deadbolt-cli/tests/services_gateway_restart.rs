@@ -20,17 +20,8 @@ async fn a_new_gateway_resumes_runs_in_flight() {
     let db = format!("sqlite://{}", d.join("meta.db").display());
     let art = d.join("artifacts").display().to_string();
     std::fs::create_dir_all(d.join("work")).unwrap();
-    let stages = serve(
-        d,
-        "stages",
-        "poisoner,trainer,analyzer,pruner",
-        &config(&db, &art, &d.join("work"), ""),
-    );
-    let peer_list: Vec<(&str, Vec<String>)> = ["poisoner", "trainer", "analyzer", "pruner"]
-        .iter()
-        .map(|s| (*s, vec![stages.url(s)]))
-        .collect();
-    let gw_config = config(&db, &art, &d.join("work"), &peers(&peer_list));
+    let (_stages, peer_config) = serve_stages(d, &config(&db, &art, &d.join("work"), ""), false);
+    let gw_config = config(&db, &art, &d.join("work"), &peer_config);
     let mut gw1 = serve(d, "gateway-1", "gateway", &gw_config);
     let mut c = gateway(&gw1.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "restart-1").await.run_id;

@@ -76,17 +76,8 @@ async fn the_mnist_run_goes_over_tls_and_plaintext_is_refused() {
         std::fs::create_dir_all(&work).unwrap();
         config(pg.url(), &art, &work, &format!("{extra}\n{}", pki.config()))
     };
-    let stages = serve(
-        d,
-        "stages",
-        "poisoner,trainer,analyzer,pruner",
-        &base("stages", ""),
-    );
-    let peer_list: Vec<(&str, Vec<String>)> = ["poisoner", "trainer", "analyzer", "pruner"]
-        .iter()
-        .map(|s| (*s, vec![stages.url_tls(s)]))
-        .collect();
-    let gw = serve(d, "gateway", "gateway", &base("gw", &peers(&peer_list)));
+    let (stages, peer_config) = serve_stages(d, &base("stages", ""), true);
+    let gw = serve(d, "gateway", "gateway", &base("gw", &peer_config));
     let url = gw.url_tls("gateway");
 
     // the run, over TLS from here to the gateway and from it to the stages

@@ -32,19 +32,10 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
             &format!("{extra}\n{}", moto.config()),
         )
     };
-    let stages = serve(
-        d,
-        "stages",
-        "poisoner,trainer,analyzer,pruner",
-        &base("stages", ""),
-    );
-    let peer_list: Vec<(&str, Vec<String>)> = ["poisoner", "trainer", "analyzer", "pruner"]
-        .iter()
-        .map(|s| (*s, vec![stages.url(s)]))
-        .collect();
+    let (stages, peer_config) = serve_stages(d, &base("stages", ""), false);
     let mut gws = vec![
-        serve(d, "gateway-1", "gateway", &base("g1", &peers(&peer_list))),
-        serve(d, "gateway-2", "gateway", &base("g2", &peers(&peer_list))),
+        serve(d, "gateway-1", "gateway", &base("g1", &peer_config)),
+        serve(d, "gateway-2", "gateway", &base("g2", &peer_config)),
     ];
 
     let mut c1 = gateway(&gws[0].url("gateway")).await;

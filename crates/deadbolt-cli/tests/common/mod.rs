@@ -69,3 +69,22 @@ pub async fn as_key(url: &str, key: Option<&str>) -> Keyed {
         f,
     )
 }
+
+/// The four stage services in one `deadbolt serve` process (`stages`), and
+/// the `[peers]` config of a gateway that calls them (over TLS when `tls`).
+pub fn serve_stages(dir: &Path, config: &str, tls: bool) -> (Proc, String) {
+    let stages = serve(dir, "stages", "poisoner,trainer,analyzer,pruner", config);
+    let peer_list: Vec<(&str, Vec<String>)> = ["poisoner", "trainer", "analyzer", "pruner"]
+        .iter()
+        .map(|s| {
+            let url = if tls {
+                stages.url_tls(s)
+            } else {
+                stages.url(s)
+            };
+            (*s, vec![url])
+        })
+        .collect();
+    let peer_config = peers(&peer_list);
+    (stages, peer_config)
+}
