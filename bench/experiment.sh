@@ -5,7 +5,8 @@
 # collects conv2 norms and sweeps l_inf pruning (k = 0..32, whole model per
 # k); deadbolt does all of that plus Grad-CAM, the synthetic trigger and
 # every criterion with the real and the synthetic trigger. Prints the wall
-# times, the per-stage timings and the figures of both.
+# times (medians of REPEATS=3 interleaved repeats), the per-stage timings
+# and the figures of both (of the last repeat).
 #   bench/experiment.sh [--spec FILE] [--out DIR] [--direct]
 #     --direct: `deadbolt experiment --direct` (the core pipeline, no services)
 set -euo pipefail
@@ -33,22 +34,33 @@ print(t.get("epochs", 6), t.get("lr", 0.01), t.get("momentum", 0.9), t.get("batc
       a["rate"], a.get("target", 0), s.get("seed", 0))
 PY
 )
-echo "== pytorch (epochs $epochs, lr $lr, momentum $momentum, batch $batch, rate $rate, target $target)"
-t0=$(date +%s.%N)
-$py bench/experiment_torch.py --data data/mnist --out "$out/torch" --epochs "$epochs" --lr "$lr" \
-  --momentum "$momentum" --batch "$batch" --rate "$rate" --target "$target" --seed "$seed"
-t1=$(date +%s.%N)
-echo "== deadbolt experiment ${direct[*]}"
-$bin experiment "$spec" --out "$out/deadbolt" "${direct[@]}" >/dev/null
-t2=$(date +%s.%N)
-$py - "$out" "$(echo "$t1 - $t0" | bc)" "$(echo "$t2 - $t1" | bc)" <<'PY'
-import json, sys
-out, wall_torch, wall_db = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+repeats=${REPEATS:-3}
+echo "== pytorch (epochs $epochs, lr $lr, momentum $momentum, batch $batch, rate $rate, target $target) vs deadbolt experiment ${direct[*]}, $repeats interleaved repeats"
+walls_torch=(); walls_db=()
+for i in $(seq "$repeats"); do
+  t0=$(date +%s.%N)
+  $py bench/experiment_torch.py --data data/mnist --out "$out/torch" --epochs "$epochs" --lr "$lr" \
+    --momentum "$momentum" --batch "$batch" --rate "$rate" --target "$target" --seed "$seed" >/dev/null
+  t1=$(date +%s.%N)
+  rm -rf "$out/deadbolt"
+  $bin --quiet experiment "$spec" --out "$out/deadbolt" "${direct[@]}" >/dev/null
+  t2=$(date +%s.%N)
+  walls_torch+=("$(echo "$t1 - $t0" | bc)"); walls_db+=("$(echo "$t2 - $t1" | bc)")
+  echo "repeat $i: pytorch ${walls_torch[-1]} s, deadbolt ${walls_db[-1]} s"
+done
+$py - "$out" "${walls_torch[*]}" "${walls_db[*]}" <<'PY'
+import json, statistics, sys
+out = sys.argv[1]
+wt, wd = [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+wall_torch, wall_db = statistics.median(wt), statistics.median(wd)
+print(f"medians of {len(wt)} interleaved repeats: pytorch {wall_torch:.1f} s [{min(wt):.1f}, {max(wt):.1f}], "
+      f"deadbolt {wall_db:.1f} s [{min(wd):.1f}, {max(wd):.1f}]; per-repeat pytorch/deadbolt: "
+      + ", ".join(f"{a / b:.2f}" for a, b in zip(wt, wd)))
 t = json.load(open(f"{out}/torch/torch_report.json"))
 d = json.load(open(f"{out}/deadbolt/report.json"))
 dt = d.get("timings", {})
 print(f"\n{'':28}{'pytorch':>12}{'deadbolt':>12}")
-print(f"{'wall time (s)':28}{wall_torch:12.1f}{wall_db:12.1f}   ratio pytorch/deadbolt {wall_torch / wall_db:.2f}")
+print(f"{'wall time, median (s)':28}{wall_torch:12.1f}{wall_db:12.1f}   ratio pytorch/deadbolt {wall_torch / wall_db:.2f}")
 for tk, dk in [("train_clean", "train_clean"), ("train_backdoored", "train_backdoored"), ("stats", "stats"), ("prune_sweep", "prune_real")]:
     a, b = t["timings"].get(tk), dt.get(dk)
     fa = f"{a:12.2f}" if a is not None else f"{'-':>12}"
