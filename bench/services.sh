@@ -90,8 +90,10 @@ times=$out/times.tsv
 # interleaved repeats: processes, in-process, direct, then again
 for r in $(seq "$repeats"); do
   t0=$(now)
-  run=$($bin submit "$spec" --gateway "http://$gw" --request-id "bench-$$-$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
-  $bin --quiet watch "$run" --gateway "http://$gw" >/dev/null
+  # one client process, as each of the other two is (a process start loads
+  # libtorch: about 0.3 s)
+  submitted=$($bin --quiet submit "$spec" --gateway "http://$gw" --request-id "bench-$$-$r" --watch)
+  run=$(echo "$submitted" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
   t1=$(now)
   rm -rf "$out/inproc" "$out/direct"
   $bin --quiet experiment "$spec" --out "$out/inproc" >/dev/null

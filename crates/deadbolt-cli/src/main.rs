@@ -119,6 +119,10 @@ enum Command {
         /// Idempotency key: the same id returns the same run.
         #[arg(long)]
         request_id: Option<String>,
+        /// Then follow the run to its end, as `deadbolt watch` does (one
+        /// connection; fails unless the run succeeds).
+        #[arg(long)]
+        watch: bool,
     },
     /// Scan (and with --repair, repair) an uploaded model on the gateway:
     /// `--model upload:NAME` (deadbolt upload model), `--data upload:NAME`
@@ -385,15 +389,26 @@ fn run(cli: Cli) -> Result<()> {
             spec,
             gateway,
             request_id,
+            watch,
         } => {
-            let r = tokio_rt()?.block_on(async {
+            let finished = tokio_rt()?.block_on(async {
                 let mut c = services::client(&gateway).await?;
-                services::submit(&mut c, &spec, request_id).await
+                let r = services::submit(&mut c, &spec, request_id).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({ "run_id": r.run_id, "created": r.created })
+                );
+                if !watch {
+                    return anyhow::Ok(None);
+                }
+                Ok(Some(services::watch(&mut c, &r.run_id, cli.quiet).await?))
             })?;
-            println!(
-                "{}",
-                serde_json::json!({ "run_id": r.run_id, "created": r.created })
-            );
+            if let Some(r) = finished {
+                println!("{}", services::run_line(&r));
+                if r.status != deadbolt_proto::v1::JobStatus::Succeeded as i32 {
+                    anyhow::bail!("run {} did not succeed: {}", r.id, r.error);
+                }
+            }
         }
         Command::SubmitScan {
             model,
