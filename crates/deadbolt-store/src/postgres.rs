@@ -49,8 +49,12 @@ pub struct PgStore {
 impl PgStore {
     /// Connects to `url` (postgres://...) and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self> {
+        // a few connections kept open: a stage call, the worker's lease
+        // and a heartbeat each need one at once, and opening one on demand
+        // costs a backend start (tens of ms) on the path of every stage
         let pool = PgPoolOptions::new()
             .max_connections(10)
+            .min_connections(3)
             .acquire_timeout(Duration::from_secs(30))
             .connect(url)
             .await?;
