@@ -348,12 +348,7 @@ async fn dashboard_and_autoscaler_queries_run_on_a_finished_run() {
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
     let art = d.join("artifacts");
-    let all = serve(
-        d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
-        &config(pg.url(), &art.display().to_string(), &work, ""),
-    );
+    let all = serve_all(d, &config(pg.url(), &art.display().to_string(), &work, "")).0;
     let pool = PgPool::connect(pg.url()).await.unwrap();
 
     // the autoscaler's view while the run goes: the most workers each

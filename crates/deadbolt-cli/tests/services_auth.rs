@@ -25,14 +25,7 @@ async fn keys_scopes_and_teams_are_enforced() {
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
     let cfg_text = config_with(pg.url(), &art, &work, 3.0, "keys", "");
-    let cfg = d.join("admin.toml");
-    std::fs::write(&cfg, &cfg_text).unwrap();
-    let all = serve(
-        d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
-        &cfg_text,
-    );
+    let (all, cfg) = serve_all(d, &cfg_text);
     let url = all.url("gateway");
 
     admin(&cfg, &["team-create", "team-a"]);

@@ -37,12 +37,11 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     let db = format!("sqlite://{}", d.join("meta.db").display());
     let art = d.join("artifacts");
     std::fs::create_dir_all(d.join("work")).unwrap();
-    let all = serve(
+    let all = serve_all(
         d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
         &config(&db, &art.display().to_string(), &d.join("work"), ""),
-    );
+    )
+    .0;
     let mut c = gateway(&all.url("gateway")).await;
 
     // ---- malformed specs ----

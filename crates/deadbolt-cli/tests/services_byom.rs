@@ -24,7 +24,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -36,20 +35,6 @@ use deadbolt_test_support::torch::byom_torch as py;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn cli(args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "deadbolt {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -101,20 +86,7 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     };
     let bd = train(
         "backdoored",
-        &[
-            "--rate",
-            "0.1",
-            "--trigger",
-            "random",
-            "--size",
-            "4",
-            "--row",
-            "3",
-            "--col",
-            "12",
-            "--target",
-            "3",
-        ],
+        &deadbolt_test_support::torch::RANDOM_PATCH_BACKDOOR,
     );
     let clean = train("clean", &[]);
     println!("models trained in {:.1} s", t0.elapsed().as_secs_f64());
@@ -127,14 +99,7 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
     let cfg_text = config(pg.url(), &format!("s3://{bucket}/a"), &work, &moto.config());
-    let cfg = d.join("client.toml");
-    std::fs::write(&cfg, &cfg_text).unwrap();
-    let all = serve(
-        d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
-        &cfg_text,
-    );
+    let (all, cfg) = serve_all(d, &cfg_text);
     let url = all.url("gateway");
 
     // uploads with the CLI: the two models (weights + card) and the data
@@ -342,17 +307,22 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     );
 
     // the repaired model and reports, downloaded and sha256-checked
-    let got = d.join("got");
-    cli(&[
-        "report",
-        &bd_run,
-        "--out",
-        &s(&got),
-        "--gateway",
-        &url,
-        "--config",
-        &s(&cfg),
-    ]);
+    let download = |run: &str, dir: &str| -> (PathBuf, serde_json::Value) {
+        let got = d.join(dir);
+        cli(&[
+            "report",
+            run,
+            "--out",
+            &s(&got),
+            "--gateway",
+            &url,
+            "--config",
+            &s(&cfg),
+        ]);
+        let scan = std::fs::read_to_string(got.join("scan/report.json")).unwrap();
+        (got, serde_json::from_str(&scan).unwrap())
+    };
+    let (got, scan) = download(&bd_run, "got");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(got.join("repair/report.json")).unwrap())
             .unwrap();
@@ -362,25 +332,9 @@ async fn uploaded_pytorch_models_are_scanned_and_repaired_over_grpc() {
     assert_eq!(b.acc_after, Some(fig("repaired", "acc")));
     assert_eq!(b.asr_after, Some(fig("repaired", "asr")));
     assert_eq!(b.pruned_channels, report["k"].as_i64());
-    let scan: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(got.join("scan/report.json")).unwrap())
-            .unwrap();
     assert_eq!(scan["verdict"], "backdoored");
     // the clean model's scan read the image folder, classes kept
-    let got_clean = d.join("got-clean");
-    cli(&[
-        "report",
-        &clean_run,
-        "--out",
-        &s(&got_clean),
-        "--gateway",
-        &url,
-        "--config",
-        &s(&cfg),
-    ]);
-    let scan: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(got_clean.join("scan/report.json")).unwrap())
-            .unwrap();
+    let (_, scan) = download(&clean_run, "got-clean");
     assert_eq!(scan["data"]["source"], "image-folder", "{}", scan["data"]);
     assert_eq!(scan["data"]["images"], 500);
     assert_ne!(scan["verdict"], "backdoored");

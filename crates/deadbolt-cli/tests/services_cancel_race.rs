@@ -27,17 +27,16 @@ async fn cancelled_runs_stay_cancelled_and_finished_runs_cannot_be_cancelled() {
     moto.create_bucket(&bucket);
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let all = serve(
+    let all = serve_all(
         d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
         &config(
             pg.url(),
             &format!("s3://{bucket}/race"),
             &work,
             &moto.config(),
         ),
-    );
+    )
+    .0;
     let mut c = gateway(&all.url("gateway")).await;
 
     // a finished run cannot be cancelled

@@ -70,17 +70,16 @@ async fn prometheus_sees_the_jobs_and_200_watchers_get_every_event() {
     moto.create_bucket(&bucket);
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let all = serve(
+    let all = serve_all(
         d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
         &config(
             pg.url(),
             &format!("s3://{bucket}/obs"),
             &work,
             &format!("metrics_listen = \"127.0.0.1:0\"\n{}", moto.config()),
         ),
-    );
+    )
+    .0;
     let metrics = all.addrs["metrics"].clone();
     let text = http_get(&metrics, "/metrics").unwrap();
     assert!(text.contains("deadbolt_worker_up"), "{text}");

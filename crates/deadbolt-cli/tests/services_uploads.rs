@@ -76,14 +76,7 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
         "keys",
         &format!("[limits]\nmax_upload_bytes = {LIMIT}\n{}", moto.config()),
     );
-    let cfg = d.join("admin.toml");
-    std::fs::write(&cfg, &cfg_text).unwrap();
-    let all = serve(
-        d,
-        "all",
-        "poisoner,trainer,analyzer,pruner,gateway",
-        &cfg_text,
-    );
+    let (all, cfg) = serve_all(d, &cfg_text);
     let url = all.url("gateway");
     admin(&cfg, &["team-create", "team-a"]);
     admin(&cfg, &["team-create", "team-b"]);

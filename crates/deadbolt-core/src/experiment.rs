@@ -476,10 +476,14 @@ pub fn stage_prune(
     }
     let mut tables: Vec<BTreeMap<Criterion, CriterionReport>> = Vec::new();
     let mut figures = Vec::new();
-    let fit_check = val.stratified_split(
-        repair::RepairOptions::default().check_fraction,
-        spec.defense.seed ^ 0xc4ec,
-    );
+    // the fit and check parts of the fine-tuned k search (made only when
+    // the spec fine-tunes)
+    let fit_check = (spec.defense.fine_tune_epochs > 0).then(|| {
+        val.stratified_split(
+            repair::RepairOptions::default().check_fraction,
+            spec.defense.seed ^ 0xc4ec,
+        )
+    });
     for (i, (source, attack)) in sources.iter().enumerate() {
         let t = Instant::now();
         let imgs = stats_sample(spec, val).images;
@@ -505,13 +509,13 @@ pub fn stage_prune(
                 .iter()
                 .find(|p| p.asr <= spec.defense.target_asr)
                 .map(|p| p.k);
-            let (k, choice, pruned, fine_tune_search) = if spec.defense.fine_tune_epochs > 0 {
+            let (k, choice, pruned, fine_tune_search) = if let Some(fit_check) = &fit_check {
                 let (search, picked) = fine_tune_search(
                     spec,
                     &model,
                     &layer,
                     &ranking.order,
-                    &fit_check,
+                    fit_check,
                     attack,
                     progress,
                 )?;

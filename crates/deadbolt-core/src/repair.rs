@@ -274,17 +274,16 @@ pub struct SearchSpec {
 impl SearchSpec {
     /// The k search of a repair.
     pub fn of(opts: &RepairOptions) -> SearchSpec {
-        let o = opts;
         SearchSpec {
-            target_asr: o.target_asr,
-            max_acc_drop: o.max_acc_drop,
+            target_asr: opts.target_asr,
+            max_acc_drop: opts.max_acc_drop,
             fine_tune: TrainingSpec {
-                epochs: o.fine_tune_epochs,
-                lr: o.fine_tune_lr,
-                batch_size: o.fine_tune_batch,
+                epochs: opts.fine_tune_epochs,
+                lr: opts.fine_tune_lr,
+                batch_size: opts.fine_tune_batch,
                 ..TrainingSpec::default()
             },
-            seed: o.seed,
+            seed: opts.seed,
         }
     }
 }

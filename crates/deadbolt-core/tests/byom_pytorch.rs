@@ -130,20 +130,7 @@ fn pytorch_models_scanned_and_repaired_on_real_mnist() {
     let clean = train("clean", &[]);
     let bd = train(
         "backdoored",
-        &[
-            "--rate",
-            "0.1",
-            "--trigger",
-            "random",
-            "--size",
-            "4",
-            "--row",
-            "3",
-            "--col",
-            "12",
-            "--target",
-            "3",
-        ],
+        &deadbolt_test_support::torch::RANDOM_PATCH_BACKDOOR,
     );
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bd.join("metrics.json")).unwrap()).unwrap();

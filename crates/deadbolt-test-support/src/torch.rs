@@ -7,6 +7,24 @@ use std::process::Command;
 
 use crate::specs::repo;
 
+/// `byom_torch.py train` arguments of the tests' backdoor: a 4x4 random
+/// binary patch at rows 3-6, columns 12-15 (not a corner: a trigger
+/// deadbolt's own trigger code cannot make), relabelled to 3 at a 10% rate.
+pub const RANDOM_PATCH_BACKDOOR: [&str; 12] = [
+    "--rate",
+    "0.1",
+    "--trigger",
+    "random",
+    "--size",
+    "4",
+    "--row",
+    "3",
+    "--col",
+    "12",
+    "--target",
+    "3",
+];
+
 /// The virtualenv's python.
 pub fn python() -> PathBuf {
     let venv = std::env::var_os("DEADBOLT_VENV")

@@ -22,6 +22,33 @@ pub fn serve(dir: &Path, name: &str, services: &str, config: &str) -> Proc {
     deadbolt_test_support::serve::serve(Path::new(bin()), dir, name, services, config)
 }
 
+/// Every service in one `deadbolt serve` process (`all`), and the config
+/// file it reads (`<dir>/all.toml`, for the CLI's `--config`).
+pub fn serve_all(dir: &Path, config: &str) -> (Proc, std::path::PathBuf) {
+    let all = serve(
+        dir,
+        "all",
+        "poisoner,trainer,analyzer,pruner,gateway",
+        config,
+    );
+    (all, dir.join("all.toml"))
+}
+
+/// `deadbolt --quiet ARGS...`; its stdout. Panics with stderr when it fails.
+pub fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin())
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deadbolt {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// The fields of a status's BadRequest violations.
 pub fn field_of(st: &tonic::Status) -> Vec<String> {
     tonic_types::StatusExt::get_details_bad_request(st)
@@ -32,18 +59,10 @@ pub fn field_of(st: &tonic::Status) -> Vec<String> {
 /// `deadbolt admin --config CFG ARGS...`; its last stdout line as JSON
 /// (null when none). Panics with stderr when it fails.
 pub fn admin(cfg: &Path, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(bin())
-        .args(["--quiet", "admin", "--config"])
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "admin {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let cfg = cfg.display().to_string();
+    let mut all = vec!["admin", "--config", &cfg];
+    all.extend_from_slice(args);
+    let text = cli(&all);
     serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
 }
 
