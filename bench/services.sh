@@ -18,11 +18,13 @@ while [ $# -gt 0 ]; do
 done
 scripts/setup.sh
 source scripts/env.sh
-cargo build --quiet -p deadbolt-cli
-bin=$PWD/target/debug/deadbolt
+# release, as deployed (deploy/Dockerfile): the services path does more
+# Rust-side work (messages, files) than --direct, and a debug build inflates it
+cargo build --quiet --release -p deadbolt-cli
+bin=$PWD/target/release/deadbolt
 $bin data fetch-mnist --out data/mnist >/dev/null
 out=$(mktemp -d)
-pids=()
+pids=(); svc_pids=()
 db=deadbolt_bench_$$
 pg_admin=${DEADBOLT_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 cleanup() {
@@ -69,7 +71,7 @@ pruner = "127.0.0.1:0"
 gateway = "127.0.0.1:0"
 TOML
   $bin serve --config "$out/$name.toml" --services "$svcs" >"$out/$name.out" 2>"$out/$name.log" &
-  pids+=($!)
+  pids+=($!); svc_pids+=($!)
   for _ in $(seq 300); do grep -q "listening on" "$out/$name.out" 2>/dev/null && break; sleep 0.1; done
   ADDR=$(grep "listening on" "$out/$name.out" | awk '{print $4}')
   [ -n "$ADDR" ] || { echo "$name did not start:" >&2; tail -20 "$out/$name.log" >&2; exit 1; }
@@ -84,24 +86,56 @@ start gateway gateway "$peers"
 gw=$ADDR
 
 now() { python3 -c 'import time; print(time.time())'; }
+# CPU seconds (user + system): the wall time of one run on a shared machine
+# moves with what else runs there, the CPU it takes much less.
+# servers_cpu: of the service processes so far; `times` (a builtin: no
+# fork) records this shell's finished children, i.e. the client commands
+servers_cpu() {
+  python3 - "${svc_pids[@]}" <<'PY'
+import os, sys
+tck = os.sysconf("SC_CLK_TCK"); total = 0
+for pid in sys.argv[1:]:
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total += int(f[11]) + int(f[12])
+print(total / tck)
+PY
+}
+children_cpu() { # times' second line: children's user and system time
+  python3 -c 'import sys
+l = open(sys.argv[1]).read().splitlines()[1].split()
+f = lambda t: int(t.split("m")[0]) * 60 + float(t.split("m")[1].rstrip("s"))
+print(f(l[0]) + f(l[1]))' "$1"
+}
 repeats=${REPEATS:-3}
 times=$out/times.tsv
 : >"$times"
 # interleaved repeats: processes, in-process, direct, then again
 for r in $(seq "$repeats"); do
+  s0=$(servers_cpu)
   t0=$(now)
+  times >"$out/c0"
   # one client process, as each of the other two is (a process start loads
   # libtorch: about 0.3 s)
   submitted=$($bin --quiet submit "$spec" --gateway "http://$gw" --request-id "bench-$$-$r" --watch)
-  run=$(echo "$submitted" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
+  times >"$out/c1"
   t1=$(now)
+  s1=$(servers_cpu)
+  run=$(echo "$submitted" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
   rm -rf "$out/inproc" "$out/direct"
+  t1b=$(now)
+  times >"$out/c2"
   $bin --quiet experiment "$spec" --out "$out/inproc" >/dev/null
+  times >"$out/c3"
   t2=$(now)
+  times >"$out/c4"
   $bin --quiet experiment "$spec" --out "$out/direct" --direct >/dev/null
+  times >"$out/c5"
   t3=$(now)
-  echo "$t0 $t1 $t2 $t3" >>"$times"
-  echo "repeat $r: processes $(python3 -c "print(f'{$t1-$t0:.1f}')") s, in-process $(python3 -c "print(f'{$t2-$t1:.1f}')") s, direct $(python3 -c "print(f'{$t3-$t2:.1f}')") s" >&2
+  cp=$(python3 -c "print($s1 - $s0 + $(children_cpu "$out/c1") - $(children_cpu "$out/c0"))")
+  ci=$(python3 -c "print($(children_cpu "$out/c3") - $(children_cpu "$out/c2"))")
+  cd_=$(python3 -c "print($(children_cpu "$out/c5") - $(children_cpu "$out/c4"))")
+  echo "$t0 $t1 $t1b $t2 $t3 $cp $ci $cd_" >>"$times"
+  echo "repeat $r: processes $(python3 -c "print(f'{$t1-$t0:.1f}')") s ($(python3 -c "print(f'{$cp:.1f}')") CPU s), in-process $(python3 -c "print(f'{$t2-$t1b:.1f}')") s ($(python3 -c "print(f'{$ci:.1f}')") CPU s), direct $(python3 -c "print(f'{$t3-$t2:.1f}')") s ($(python3 -c "print(f'{$cd_:.1f}')") CPU s)" >&2
 done
 $bin report "$run" --gateway "http://$gw" --config "$out/gateway.toml" --out "$out/procs" >/dev/null
 python3 - "$times" "$out" <<'PY'
@@ -113,11 +147,15 @@ keys = ["data", "train_clean", "train_backdoored", "analyze", "prune", "total"]
 print("stage seconds      " + " ".join(f"{k:>16}" for k in keys))
 for k, r in reps.items():
     print(f"{k:<18} " + " ".join(f"{r['timings'].get(s, float('nan')):16.1f}" for s in keys))
-P = [r[1] - r[0] for r in rows]; I = [r[2] - r[1] for r in rows]; D = [r[3] - r[2] for r in rows]
+P = [r[1] - r[0] for r in rows]; I = [r[3] - r[2] for r in rows]; D = [r[4] - r[3] for r in rows]
+CP = [r[5] for r in rows]; CI = [r[6] for r in rows]; CD = [r[7] for r in rows]
 procs, inproc, direct = statistics.median(P), statistics.median(I), statistics.median(D)
 spread = lambda v: f"[{min(v):.1f}, {max(v):.1f}]"
 print(f"{len(rows)} interleaved repeats; medians, [min, max]:")
 print(f"  processes {procs:.1f} s {spread(P)}  in-process {inproc:.1f} s {spread(I)}  direct {direct:.1f} s {spread(D)}")
+print(f"  CPU seconds (user + system, every deadbolt process of the path): processes {statistics.median(CP):.1f} {spread(CP)}  in-process {statistics.median(CI):.1f} {spread(CI)}  direct {statistics.median(CD):.1f} {spread(CD)}")
+med = lambda a, b: statistics.median(x / y for x, y in zip(a, b))
+print(f"  median of the per-repeat ratios to direct: wall processes {med(P, D):.3f}, in-process {med(I, D):.3f}; CPU processes {med(CP, CD):.3f}, in-process {med(CI, CD):.3f}")
 print(f"  per repeat, processes/direct: {', '.join(f'{p/d:.3f}' for p, d in zip(P, D))}; in-process/direct: {', '.join(f'{i/d:.3f}' for i, d in zip(I, D))}")
 a = json.load(open(f"{out}/inproc/report.json"))
 b = json.load(open(f"{out}/direct/report.json"))

@@ -105,7 +105,7 @@ async fn prometheus_sees_the_jobs_and_200_watchers_get_every_event() {
             std::fs::File::create(d.join("prometheus.log")).unwrap(),
         ))
         .spawn()
-        .expect("prometheus (scripts/setup-test-deps.sh installs it)");
+        .expect("prometheus (scripts/setup-deploy-deps.sh installs it)");
     wait_for("prometheus to scrape", Duration::from_secs(60), || {
         let p = prom_addr.clone();
         async move { (prom_value(&p, "up{job=\"deadbolt\"}") == Some(1.0)).then_some(()) }

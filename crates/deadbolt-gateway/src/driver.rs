@@ -34,6 +34,8 @@ pub struct Clients {
     pub trainer: TrainerServiceClient<StageChannel>,
     pub analyzer: AnalyzerServiceClient<StageChannel>,
     pub pruner: PrunerServiceClient<StageChannel>,
+    /// The same channels, by service, for health checks.
+    channels: Vec<(ServiceKind, StageChannel)>,
 }
 
 impl Clients {
@@ -46,12 +48,52 @@ impl Clients {
                 "internal_token",
             )
         };
+        let channels = [
+            ServiceKind::Poisoner,
+            ServiceKind::Trainer,
+            ServiceKind::Analyzer,
+            ServiceKind::Pruner,
+        ]
+        .into_iter()
+        .map(|k| Ok((k, ch(k)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+        let of = |k: ServiceKind| {
+            channels
+                .iter()
+                .find(|(c, _)| *c == k)
+                .map(|(_, ch)| ch.clone())
+                .expect("every stage has a channel")
+        };
         Ok(Clients {
-            poisoner: PoisonerServiceClient::new(ch(ServiceKind::Poisoner)?),
-            trainer: TrainerServiceClient::new(ch(ServiceKind::Trainer)?),
-            analyzer: AnalyzerServiceClient::new(ch(ServiceKind::Analyzer)?),
-            pruner: PrunerServiceClient::new(ch(ServiceKind::Pruner)?),
+            poisoner: PoisonerServiceClient::new(of(ServiceKind::Poisoner)),
+            trainer: TrainerServiceClient::new(of(ServiceKind::Trainer)),
+            analyzer: AnalyzerServiceClient::new(of(ServiceKind::Analyzer)),
+            pruner: PrunerServiceClient::new(of(ServiceKind::Pruner)),
+            channels,
         })
+    }
+
+    /// Opens the connections to every stage instance now (one health check
+    /// per service: the balanced channel connects to all its addresses
+    /// when first polled), so the first run does not wait for them.
+    /// Best effort: an instance that is not up yet is connected on first
+    /// use, as before.
+    pub async fn warm(&self) {
+        let checks = self.channels.iter().map(|(kind, ch)| async move {
+            let t0 = Instant::now();
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            match tokio::time::timeout(Duration::from_secs(5), health.check(req)).await {
+                Ok(Ok(_)) => tracing::debug!(
+                    service = kind.as_str(),
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "stage channel warm"
+                ),
+                Ok(Err(s)) => tracing::debug!(service = kind.as_str(), code = ?s.code(), error = %s.message(), "stage channel not warmed"),
+                Err(_) => tracing::debug!(service = kind.as_str(), "stage channel not warmed: timed out"),
+            }
+        });
+        futures::future::join_all(checks).await;
     }
 }
 

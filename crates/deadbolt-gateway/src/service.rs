@@ -47,6 +47,8 @@ impl Gateway {
     /// Must be called inside a tokio runtime (the stage channels spawn).
     pub fn new(shared: Shared) -> anyhow::Result<Gateway> {
         let clients = Clients::from_config(&shared.config)?;
+        let warm = clients.clone();
+        tokio::spawn(async move { warm.warm().await });
         Ok(Gateway {
             clients,
             driver_id: deadbolt_runtime::worker::worker_id("gateway"),

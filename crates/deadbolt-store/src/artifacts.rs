@@ -501,6 +501,10 @@ impl UploadWriter {
         }
         self.writer.finish().await?;
         self.store.rename(&self.staging, &self.final_path).await?;
+        // the checksum last: it is the commit marker (an upload counts as
+        // present only with it), so a crash between the two leaves an
+        // object that a retried upload overwrites, never one that is used
+        // unchecked
         let sidecar = ObjectPath::from(format!("{}.sha256", self.final_path));
         self.store
             .put(&sidecar, PutPayload::from(Bytes::from(actual.clone())))
