@@ -186,18 +186,18 @@ async fn keys_scopes_and_teams_are_enforced() {
         .into_inner();
     assert!(b_run.created && b_run.run_id != run_id);
     // and team A's own report works with A's key
-    let mine = Command::new(bin())
-        .args(["--quiet", "report", &run_id, "--gateway", &url, "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(d.join("mine"))
-        .env("DEADBOLT_API_KEY", &a)
-        .output()
-        .unwrap();
-    assert!(
-        mine.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mine.stderr)
+    cli_as(
+        Some(&a),
+        &[
+            "report",
+            &run_id,
+            "--gateway",
+            &url,
+            "--config",
+            &cfg.to_string_lossy(),
+            "--out",
+            &d.join("mine").to_string_lossy(),
+        ],
     );
 
     // a stage service refuses a user's key

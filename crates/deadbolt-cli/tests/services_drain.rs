@@ -159,18 +159,13 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
 
     // the figures of an uninterrupted run
     let reference = d.join("reference");
-    let out = std::process::Command::new(bin())
-        .args(["--quiet", "experiment", "--direct"])
-        .arg(tiny_spec_local(d, 4, 3000))
-        .arg("--out")
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli(&[
+        "experiment",
+        "--direct",
+        &tiny_spec_local(d, 4, 3000).to_string_lossy(),
+        "--out",
+        &reference.to_string_lossy(),
+    ]);
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
             .unwrap();

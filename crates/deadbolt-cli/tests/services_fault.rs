@@ -159,18 +159,13 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     // exactly what an uninterrupted run gives: the same per-epoch losses
     // (the resumed epochs included) and the same test accuracy
     let reference = d.join("reference");
-    let out = std::process::Command::new(bin())
-        .args(["--quiet", "experiment", "--direct"])
-        .arg(tiny_spec_local(d, 3, 3000))
-        .arg("--out")
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli(&[
+        "experiment",
+        "--direct",
+        &tiny_spec_local(d, 3, 3000).to_string_lossy(),
+        "--out",
+        &reference.to_string_lossy(),
+    ]);
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
             .unwrap();

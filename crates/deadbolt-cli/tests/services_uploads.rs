@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -140,19 +139,11 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
     .save(&mark)
     .unwrap();
     let upload = |kind: &str, name: &str, files: Vec<std::path::PathBuf>| {
-        let out = Command::new(bin())
-            .args(["--quiet", "upload", kind, name])
-            .args(&files)
-            .args(["--gateway", &url])
-            .env("DEADBOLT_API_KEY", &a)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "upload {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let mut args = vec!["upload", kind, name];
+        args.extend(files.iter().map(String::as_str));
+        args.extend(["--gateway", &url]);
+        cli_as(Some(&a), &args)
     };
     let files: Vec<_> = std::fs::read_dir(&digits)
         .unwrap()

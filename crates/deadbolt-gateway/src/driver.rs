@@ -48,28 +48,21 @@ impl Clients {
                 "internal_token",
             )
         };
-        let channels = [
-            ServiceKind::Poisoner,
-            ServiceKind::Trainer,
-            ServiceKind::Analyzer,
-            ServiceKind::Pruner,
-        ]
-        .into_iter()
-        .map(|k| Ok((k, ch(k)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-        let of = |k: ServiceKind| {
-            channels
-                .iter()
-                .find(|(c, _)| *c == k)
-                .map(|(_, ch)| ch.clone())
-                .expect("every stage has a channel")
-        };
+        let poisoner = ch(ServiceKind::Poisoner)?;
+        let trainer = ch(ServiceKind::Trainer)?;
+        let analyzer = ch(ServiceKind::Analyzer)?;
+        let pruner = ch(ServiceKind::Pruner)?;
         Ok(Clients {
-            poisoner: PoisonerServiceClient::new(of(ServiceKind::Poisoner)),
-            trainer: TrainerServiceClient::new(of(ServiceKind::Trainer)),
-            analyzer: AnalyzerServiceClient::new(of(ServiceKind::Analyzer)),
-            pruner: PrunerServiceClient::new(of(ServiceKind::Pruner)),
-            channels,
+            poisoner: PoisonerServiceClient::new(poisoner.clone()),
+            trainer: TrainerServiceClient::new(trainer.clone()),
+            analyzer: AnalyzerServiceClient::new(analyzer.clone()),
+            pruner: PrunerServiceClient::new(pruner.clone()),
+            channels: vec![
+                (ServiceKind::Poisoner, poisoner),
+                (ServiceKind::Trainer, trainer),
+                (ServiceKind::Analyzer, analyzer),
+                (ServiceKind::Pruner, pruner),
+            ],
         })
     }
 

@@ -36,11 +36,17 @@ pub fn serve_all(dir: &Path, config: &str) -> (Proc, std::path::PathBuf) {
 
 /// `deadbolt --quiet ARGS...`; its stdout. Panics with stderr when it fails.
 pub fn cli(args: &[&str]) -> String {
-    let out = std::process::Command::new(bin())
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .unwrap();
+    cli_as(None, args)
+}
+
+/// [`cli`] presenting `key` in `DEADBOLT_API_KEY`.
+pub fn cli_as(key: Option<&str>, args: &[&str]) -> String {
+    let mut c = std::process::Command::new(bin());
+    c.arg("--quiet").args(args);
+    if let Some(k) = key {
+        c.env("DEADBOLT_API_KEY", k);
+    }
+    let out = c.output().unwrap();
     assert!(
         out.status.success(),
         "deadbolt {args:?}: {}",
