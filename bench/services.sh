@@ -100,6 +100,25 @@ for pid in sys.argv[1:]:
 print(total / tck)
 PY
 }
+# db_cpu: of the local Postgres server's processes (the database work of
+# the processes path; SQLite's runs inside the in-process path's process):
+# utime + stime of each, plus what their parents reaped of exited children
+db_cpu() {
+  python3 - <<'PY'
+import os
+tck = os.sysconf("SC_CLK_TCK"); total = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        raw = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    if "(postgres)" not in raw:
+        continue
+    f = raw.rsplit(")", 1)[1].split()
+    total += sum(int(x) for x in f[11:15])
+print(total / tck)
+PY
+}
 children_cpu() { # times' second line: children's user and system time
   python3 -c 'import sys
 l = open(sys.argv[1]).read().splitlines()[1].split()
@@ -111,7 +130,7 @@ times=$out/times.tsv
 : >"$times"
 # interleaved repeats: processes, in-process, direct, then again
 for r in $(seq "$repeats"); do
-  s0=$(servers_cpu)
+  s0=$(servers_cpu); p0=$(db_cpu)
   t0=$(now)
   times >"$out/c0"
   # one client process, as each of the other two is (a process start loads
@@ -119,7 +138,7 @@ for r in $(seq "$repeats"); do
   submitted=$($bin --quiet submit "$spec" --gateway "http://$gw" --request-id "bench-$$-$r" --watch)
   times >"$out/c1"
   t1=$(now)
-  s1=$(servers_cpu)
+  s1=$(servers_cpu); p1=$(db_cpu)
   run=$(echo "$submitted" | head -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["run_id"])')
   rm -rf "$out/inproc" "$out/direct"
   t1b=$(now)
@@ -134,19 +153,23 @@ for r in $(seq "$repeats"); do
   cp=$(python3 -c "print($s1 - $s0 + $(children_cpu "$out/c1") - $(children_cpu "$out/c0"))")
   ci=$(python3 -c "print($(children_cpu "$out/c3") - $(children_cpu "$out/c2"))")
   cd_=$(python3 -c "print($(children_cpu "$out/c5") - $(children_cpu "$out/c4"))")
-  echo "$t0 $t1 $t1b $t2 $t3 $cp $ci $cd_" >>"$times"
-  echo "repeat $r: processes $(python3 -c "print(f'{$t1-$t0:.1f}')") s ($(python3 -c "print(f'{$cp:.1f}')") CPU s), in-process $(python3 -c "print(f'{$t2-$t1b:.1f}')") s ($(python3 -c "print(f'{$ci:.1f}')") CPU s), direct $(python3 -c "print(f'{$t3-$t2:.1f}')") s ($(python3 -c "print(f'{$cd_:.1f}')") CPU s)" >&2
+  pg=$(python3 -c "print($p1 - $p0)")
+  echo "$t0 $t1 $t1b $t2 $t3 $cp $ci $cd_ $pg" >>"$times"
+  # each path's own stage timings of this repeat (outside the timed spans)
+  rm -rf "$out/procs"
+  $bin --quiet report "$run" --gateway "http://$gw" --config "$out/gateway.toml" --out "$out/procs" >/dev/null
+  for k in procs inproc direct; do cp "$out/$k/report.json" "$out/report-$k-$r.json"; done
+  echo "repeat $r: processes $(python3 -c "print(f'{$t1-$t0:.1f}')") s ($(python3 -c "print(f'{$cp:.1f}')") CPU s + Postgres $(python3 -c "print(f'{$pg:.1f}')")), in-process $(python3 -c "print(f'{$t2-$t1b:.1f}')") s ($(python3 -c "print(f'{$ci:.1f}')") CPU s), direct $(python3 -c "print(f'{$t3-$t2:.1f}')") s ($(python3 -c "print(f'{$cd_:.1f}')") CPU s)" >&2
 done
-$bin report "$run" --gateway "http://$gw" --config "$out/gateway.toml" --out "$out/procs" >/dev/null
 python3 - "$times" "$out" <<'PY'
 import json, statistics, sys
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
 out = sys.argv[2]
-reps = {k: json.load(open(f"{out}/{k}/report.json")) for k in ("procs", "inproc", "direct")}
 keys = ["data", "train_clean", "train_backdoored", "analyze", "prune", "total"]
-print("stage seconds      " + " ".join(f"{k:>16}" for k in keys))
-for k, r in reps.items():
-    print(f"{k:<18} " + " ".join(f"{r['timings'].get(s, float('nan')):16.1f}" for s in keys))
+print("stage seconds, median over repeats " + " ".join(f"{k:>16}" for k in keys))
+for k in ("procs", "inproc", "direct"):
+    t = [json.load(open(f"{out}/report-{k}-{r + 1}.json"))["timings"] for r in range(len(rows))]
+    print(f"{k:<34} " + " ".join(f"{statistics.median(x.get(s, float('nan')) for x in t):16.2f}" for s in keys))
 P = [r[1] - r[0] for r in rows]; I = [r[3] - r[2] for r in rows]; D = [r[4] - r[3] for r in rows]
 CP = [r[5] for r in rows]; CI = [r[6] for r in rows]; CD = [r[7] for r in rows]
 procs, inproc, direct = statistics.median(P), statistics.median(I), statistics.median(D)
@@ -154,8 +177,10 @@ spread = lambda v: f"[{min(v):.1f}, {max(v):.1f}]"
 print(f"{len(rows)} interleaved repeats; medians, [min, max]:")
 print(f"  processes {procs:.1f} s {spread(P)}  in-process {inproc:.1f} s {spread(I)}  direct {direct:.1f} s {spread(D)}")
 print(f"  CPU seconds (user + system, every deadbolt process of the path): processes {statistics.median(CP):.1f} {spread(CP)}  in-process {statistics.median(CI):.1f} {spread(CI)}  direct {statistics.median(CD):.1f} {spread(CD)}")
+PG = [r[8] for r in rows]
+print(f"  and the Postgres server's CPU seconds during the processes path: {statistics.median(PG):.2f} {spread(PG)}")
 med = lambda a, b: statistics.median(x / y for x, y in zip(a, b))
-print(f"  median of the per-repeat ratios to direct: wall processes {med(P, D):.3f}, in-process {med(I, D):.3f}; CPU processes {med(CP, CD):.3f}, in-process {med(CI, CD):.3f}")
+print(f"  median of the per-repeat ratios to direct: wall processes {med(P, D):.3f}, in-process {med(I, D):.3f}; CPU processes {med(CP, CD):.3f} (with Postgres {med([c + g for c, g in zip(CP, PG)], CD):.3f}), in-process {med(CI, CD):.3f}")
 print(f"  per repeat, processes/direct: {', '.join(f'{p/d:.3f}' for p, d in zip(P, D))}; in-process/direct: {', '.join(f'{i/d:.3f}' for i, d in zip(I, D))}")
 a = json.load(open(f"{out}/inproc/report.json"))
 b = json.load(open(f"{out}/direct/report.json"))

@@ -466,15 +466,19 @@ pub fn safe_name(name: &str) -> Result<()> {
 }
 
 /// Downloads (sha256-verified) the run's artifacts that `keep` places
-/// under `out`; returns how many.
+/// under `out`; returns how many. A few at a time, each in a task of its
+/// own, so that reading, hashing and writing them use every core.
 async fn download_artifacts(
     artifacts: &ArtifactStore,
     run: &pb::Run,
     out: &Path,
     keep: impl Fn(&str) -> Option<PathBuf>,
 ) -> Result<usize> {
+    use futures::StreamExt;
     let run_id: uuid::Uuid = run.id.parse()?;
-    let mut n = 0;
+    // by path: of two names placed at one path the later one is written,
+    // as one at a time would leave it
+    let mut todo = BTreeMap::new();
     for a in &run.artifacts {
         // the names come from the server: one that could leave `out` (an
         // absolute path, `..`, odd characters) is refused, never written
@@ -491,13 +495,23 @@ async fn download_artifacts(
             size: r.size,
             content_type: None,
         };
-        let bytes = artifacts.get(&artifacts.ref_from_record(&rec)?).await?;
-        let path = out.join(&rel);
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-        n += 1;
+        todo.insert(out.join(&rel), artifacts.ref_from_record(&rec)?);
+    }
+    let n = todo.len();
+    let mut done = futures::stream::iter(todo)
+        .map(|(path, r)| {
+            let artifacts = artifacts.clone();
+            tokio::spawn(async move {
+                let bytes = artifacts.get(&r).await?;
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+            })
+        })
+        .buffer_unordered(4);
+    while let Some(r) = done.next().await {
+        r.context("a download task")??;
     }
     Ok(n)
 }

@@ -158,23 +158,7 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
     assert!(result["resumed_from"].as_u64().unwrap() >= 1, "{result}");
 
     // the figures of an uninterrupted run
-    let reference = d.join("reference");
-    cli(&[
-        "experiment",
-        "--direct",
-        &tiny_spec_local(d, 4, 3000).to_string_lossy(),
-        "--out",
-        &reference.to_string_lossy(),
-    ]);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
-            .unwrap();
-    let want: Vec<f64> = meta["metrics"]["train"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["loss"].as_f64().unwrap())
-        .collect();
+    let (want, report) = uninterrupted(d, 4);
     let mut losses: Vec<(i64, f64)> = store
         .list_metrics(id)
         .await
@@ -189,8 +173,6 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
         want,
         "per-epoch training loss, drained and resumed vs uninterrupted"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference.join("report.json")).unwrap()).unwrap();
     let summary = store.run_summary(id).await.unwrap();
     assert_eq!(summary.clean_acc, report["clean_model"]["acc"].as_f64());
     assert_eq!(

@@ -158,23 +158,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
 
     // exactly what an uninterrupted run gives: the same per-epoch losses
     // (the resumed epochs included) and the same test accuracy
-    let reference = d.join("reference");
-    cli(&[
-        "experiment",
-        "--direct",
-        &tiny_spec_local(d, 3, 3000).to_string_lossy(),
-        "--out",
-        &reference.to_string_lossy(),
-    ]);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference.join("clean/model.json")).unwrap())
-            .unwrap();
-    let want: Vec<f64> = meta["metrics"]["train"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["loss"].as_f64().unwrap())
-        .collect();
+    let (want, report) = uninterrupted(d, 3);
     let losses: Vec<f64> = sqlx::query_scalar(
         "SELECT value FROM metrics WHERE run_id = $1 AND stage = 'train-clean' AND name = 'train_loss' ORDER BY step",
     )
@@ -186,8 +170,6 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
         losses, want,
         "per-epoch training loss, resumed vs uninterrupted"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference.join("report.json")).unwrap()).unwrap();
     assert_eq!(summary.clean_acc, report["clean_model"]["acc"].as_f64());
     pool.close().await;
     drop(gw);

@@ -14,7 +14,7 @@ use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::server::balanced_channel;
 use deadbolt_runtime::{convert, Shared, StageKind};
 use deadbolt_spec::ExperimentSpec;
-use deadbolt_store::{RunStatus, StoreError};
+use deadbolt_store::{ChangeKind, RunStatus, StoreError};
 use tonic::transport::Channel;
 use tonic::Status;
 use uuid::Uuid;
@@ -208,7 +208,7 @@ impl Driver {
                 }
             }
             tokio::select! {
-                _ = deadbolt_runtime::stage::changed(&mut changes, self.run_id) => {}
+                _ = deadbolt_runtime::stage::changed(&mut changes, self.run_id, &[ChangeKind::Job, ChangeKind::Run]) => {}
                 _ = tokio::time::sleep(fallback) => {}
             }
         }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadbolt_store::{MetadataStore, RunEvent, RunStatus};
+use deadbolt_store::{ChangeKind, MetadataStore, RunEvent, RunStatus};
 use tokio::sync::watch;
 use tonic::Status;
 use uuid::Uuid;
@@ -106,7 +106,7 @@ async fn feed(
             return;
         }
         tokio::select! {
-            _ = deadbolt_runtime::stage::changed(&mut changes, run_id) => {}
+            _ = deadbolt_runtime::stage::changed(&mut changes, run_id, &ChangeKind::ALL) => {}
             _ = tokio::time::sleep(fallback) => {}
             _ = tx.closed() => return,
         }

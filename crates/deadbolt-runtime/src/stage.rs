@@ -22,7 +22,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadbolt_store::{Job, JobStatus, MetadataStore, NewJob, RunStatus};
+use deadbolt_store::{Change, ChangeKind, Job, JobStatus, MetadataStore, NewJob, RunStatus};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -257,13 +257,17 @@ pub async fn run_stage<S: Stage>(
     decode_output::<S>(&job).map_err(Status::from)
 }
 
-/// Resolves when the store says run `run_id` changed (or when
-/// notifications were lost: the caller re-reads either way).
-pub async fn changed(rx: &mut tokio::sync::broadcast::Receiver<Uuid>, run_id: Uuid) {
+/// Resolves when the store says run `run_id` changed in one of `kinds`
+/// (or when notifications were lost: the caller re-reads either way).
+pub async fn changed(
+    rx: &mut tokio::sync::broadcast::Receiver<Change>,
+    run_id: Uuid,
+    kinds: &[ChangeKind],
+) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match rx.recv().await {
-            Ok(id) if id == run_id => return,
+            Ok(c) if c.run_id == run_id && kinds.contains(&c.kind) => return,
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => return,
             Err(RecvError::Closed) => std::future::pending::<()>().await,
@@ -302,7 +306,7 @@ pub async fn wait_job(
             }
             JobStatus::Queued | JobStatus::Leased => {
                 tokio::select! {
-                    _ = changed(&mut changes, j.run_id) => {}
+                    _ = changed(&mut changes, j.run_id, &[ChangeKind::Job, ChangeKind::Run]) => {}
                     _ = tokio::time::sleep(fallback(poll)) => {}
                 }
             }

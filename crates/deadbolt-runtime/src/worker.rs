@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use deadbolt_store::{
-    ArtifactRecord, ArtifactRef, ArtifactStore, CurvePoint, Fence, Job, JobStatus, MetadataStore,
-    NeuronStat, RunStatus, StoreError,
+    ArtifactRecord, ArtifactRef, ArtifactStore, Change, ChangeKind, CurvePoint, Fence, Job,
+    JobStatus, MetadataStore, NeuronStat, RunStatus, StoreError,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -325,12 +326,34 @@ impl JobContext {
     }
 }
 
-/// Returns at the next change notification (at once after a lag); never
-/// when the channel is closed (the poll then takes over).
-async fn any_change(rx: &mut tokio::sync::broadcast::Receiver<Uuid>) {
+/// Returns at the next job change of any run (a job enqueued, ended or
+/// released), at once after a lag; never when the channel is closed (the
+/// timed wait then takes over). Other changes (events, results, run
+/// statuses) cannot make a job leasable, so they do not wake an idle worker.
+async fn job_change(rx: &mut tokio::sync::broadcast::Receiver<Change>) {
     use tokio::sync::broadcast::error::RecvError;
-    if let Err(RecvError::Closed) = rx.recv().await {
-        std::future::pending::<()>().await
+    loop {
+        match rx.recv().await {
+            Ok(c) if c.kind == ChangeKind::Job => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// How long an idle worker sleeps when no job change wakes it: until the
+/// store's next lease time (a retry's backoff ends, a lease may expire),
+/// at least `poll` and at most the fallback poll (notifications can be
+/// lost; `next` is by the store's clock, which may be skewed from ours).
+fn idle_wait(next: Option<DateTime<Utc>>, poll: Duration) -> Duration {
+    let most = crate::stage::fallback(poll);
+    match next {
+        Some(at) => (at - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .clamp(poll, most),
+        None => most,
     }
 }
 
@@ -392,9 +415,10 @@ impl Worker {
             }
         };
         up(1.0);
-        // an idle worker wakes on any run change (a stage job enqueued:
-        // LISTEN/NOTIFY across processes on Postgres, in-process on SQLite),
-        // polling only as a fallback
+        // an idle worker wakes on a job change (a stage job enqueued or
+        // released: LISTEN/NOTIFY across processes on Postgres, in-process
+        // on SQLite), or when the store says a retry or an expired lease
+        // is due, polling only as a fallback
         let mut changes = self.store.changes();
         while !self.drain.is_draining() {
             match self
@@ -408,9 +432,16 @@ impl Worker {
                     self.run_job(job).await
                 }
                 Ok(None) => {
+                    let next = match self.store.next_lease_at(&stages).await {
+                        Ok(next) => next,
+                        Err(e) => {
+                            tracing::warn!(service = self.service, error = %e, "next lease time unknown");
+                            None
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::time::sleep(self.poll) => {}
-                        _ = any_change(&mut changes) => {}
+                        _ = tokio::time::sleep(idle_wait(next, self.poll)) => {}
+                        _ = job_change(&mut changes) => {}
                         _ = self.drain.wait() => {}
                     }
                 }
@@ -669,6 +700,30 @@ async fn heartbeat_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_waits_until_the_next_lease_time_within_bounds() {
+        let poll = Duration::from_millis(200);
+        let most = crate::stage::fallback(poll);
+        assert_eq!(idle_wait(None, poll), most);
+        // due (or overdue, by a skewed store clock): the poll, not a spin
+        assert_eq!(
+            idle_wait(Some(Utc::now() - chrono::TimeDelta::seconds(5)), poll),
+            poll
+        );
+        let soon = idle_wait(
+            Some(Utc::now() + chrono::TimeDelta::milliseconds(700)),
+            poll,
+        );
+        assert!(
+            soon > poll && soon <= Duration::from_millis(700),
+            "{soon:?}"
+        );
+        assert_eq!(
+            idle_wait(Some(Utc::now() + chrono::TimeDelta::hours(1)), poll),
+            most
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -60,6 +60,7 @@ pub mod sqlite;
 pub use artifacts::{
     artifact_key, validate_name, ArtifactEntry, ArtifactRef, ArtifactStore, S3Options,
 };
+pub use changes::{Change, ChangeKind};
 pub use error::{Result, StoreError};
 pub use metadata::{connect, MetadataStore};
 pub use model::*;

@@ -39,9 +39,10 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<()>;
 
     /// Notifications of run changes (see [`crate::changes`]): the id of a
-    /// run whose events, jobs or status changed, from any process sharing
-    /// the database on Postgres, from this process on SQLite.
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+    /// run whose events, jobs or status changed, and which of them, from
+    /// any process sharing the database on Postgres, from this process on
+    /// SQLite.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<crate::changes::Change>;
 
     /// Runnable queued jobs per stage (for the queue gauges).
     async fn queue_stats(&self) -> Result<Vec<QueueStat>>;
@@ -142,6 +143,13 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
         stages: &[String],
         lease: Duration,
     ) -> Result<Option<Job>>;
+    /// When [`Self::lease_job`] may next find work among `stages` without
+    /// a new job being enqueued: the earliest `run_after` of their queued
+    /// jobs (a retry waiting out its backoff) or `lease_expires_at` of their
+    /// leased ones (a worker that may have died), by the store's clock; None
+    /// when there are neither. An idle worker sleeps until then, or until a
+    /// job change wakes it.
+    async fn next_lease_at(&self, stages: &[String]) -> Result<Option<DateTime<Utc>>>;
     /// Extends the lease; LeaseLost if the token is stale or the job is no
     /// longer leased.
     async fn heartbeat(

@@ -103,8 +103,8 @@ impl PgStore {
                     loop {
                         match listener.recv().await {
                             Ok(n) => {
-                                if let Ok(id) = Uuid::parse_str(n.payload()) {
-                                    let _ = tx.send(id);
+                                if let Some(change) = crate::changes::Change::parse(n.payload()) {
+                                    let _ = tx.send(change);
                                 }
                             }
                             Err(e) => {

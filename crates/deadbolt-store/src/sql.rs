@@ -115,6 +115,10 @@ pub(crate) struct At(pub DateTime<Utc>);
 /// again (so that authenticating is not a write per request).
 pub(crate) const LAST_USED_PRECISION: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
+/// Rows per multi-row `INSERT` (7 binds each at most: well under SQLite's
+/// 32,766 and Postgres's 65,535 bind parameters per statement).
+pub(crate) const ROWS_PER_INSERT: usize = 1000;
+
 /// The longest string that [`MetadataStore::authenticate`](crate::MetadataStore::authenticate)
 /// hashes; longer ones are no key.
 pub(crate) const MAX_API_KEY_LEN: usize = 256;
@@ -267,7 +271,7 @@ macro_rules! sql_store {
                 .await?;
                 if let Some(row) = row {
                     tracing::info!(run_id = %id, status = %status, "run status set");
-                    self.changed(id).await;
+                    self.changed(id, crate::changes::ChangeKind::Run).await;
                     return Ok(Run::from(row));
                 }
                 let current: Option<(String, Option<Id>)> =
@@ -290,11 +294,12 @@ macro_rules! sql_store {
 
             /// Tells the waiters of this process (and, on Postgres, of every
             /// process) that something about `run_id` changed.
-            async fn changed(&self, run_id: Uuid) {
-                self.changes.send(run_id);
+            async fn changed(&self, run_id: Uuid, kind: crate::changes::ChangeKind) {
+                let change = crate::changes::Change { run_id, kind };
+                self.changes.send(change);
                 if let Some(sql) = $dialect.notify {
                     if let Err(e) = sqlx::query(sql)
-                        .bind(run_id.to_string())
+                        .bind(change.payload())
                         .execute(&self.pool)
                         .await
                     {
@@ -347,7 +352,7 @@ macro_rules! sql_store {
                     job_id = %job_id, status = %j.status, attempt = j.attempts, %error,
                     "job attempt failed"
                 );
-                self.changed(j.run_id).await;
+                self.changed(j.run_id, crate::changes::ChangeKind::Job).await;
                 Ok(j)
             }
         }
@@ -363,7 +368,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            fn changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+            fn changes(&self) -> tokio::sync::broadcast::Receiver<crate::changes::Change> {
                 self.start_listener();
                 self.changes.subscribe()
             }
@@ -595,7 +600,7 @@ macro_rules! sql_store {
                 .await?;
                 tx.commit().await?;
                 tracing::info!(run_id = %id, jobs = jobs.rows_affected(), "run cancelled");
-                self.changed(id).await;
+                self.changed(id, crate::changes::ChangeKind::Run).await;
                 Ok(run)
             }
 
@@ -736,7 +741,7 @@ macro_rules! sql_store {
                         job_id = %j.id, run_id = %j.run_id, stage = %j.stage, "enqueued job"
                     );
                     // idle workers wake on it
-                    self.changed(j.run_id).await;
+                    self.changed(j.run_id, crate::changes::ChangeKind::Job).await;
                     return Ok((j, true));
                 }
                 let row: JobRow =
@@ -803,6 +808,24 @@ macro_rules! sql_store {
                 Ok(job)
             }
 
+            async fn next_lease_at(
+                &self,
+                stages: &[String],
+            ) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+                let (at,): (Option<chrono::DateTime<chrono::Utc>>,) = sqlx::query_as($dialect.sql(
+                    "SELECT min(t) FROM ( \
+                       SELECT run_after AS t FROM stage_jobs \
+                       WHERE status = 'queued' AND stage IN ({each $1}) \
+                       UNION ALL \
+                       SELECT lease_expires_at AS t FROM stage_jobs \
+                       WHERE status = 'leased' AND stage IN ({each $1})) AS soon",
+                ))
+                .bind(Json(stages))
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(at)
+            }
+
             async fn heartbeat(
                 &self,
                 job_id: Uuid,
@@ -851,7 +874,7 @@ macro_rules! sql_store {
                     Some(row) => {
                         tracing::info!(job_id = %job_id, "job succeeded");
                         let j = Job::from(row);
-                        self.changed(j.run_id).await;
+                        self.changed(j.run_id, crate::changes::ChangeKind::Job).await;
                         Ok(j)
                     }
                     // Repeating the completion with the same token is a no-op.
@@ -905,7 +928,7 @@ macro_rules! sql_store {
                 };
                 let j = Job::from(row);
                 tracing::info!(job_id = %job_id, attempts = j.attempts, "job released");
-                self.changed(j.run_id).await;
+                self.changed(j.run_id, crate::changes::ChangeKind::Job).await;
                 Ok(j)
             }
 
@@ -973,26 +996,38 @@ macro_rules! sql_store {
                 for r in rows {
                     r.validate()?;
                 }
+                // the last value of each key, as row-by-row upserts would
+                // leave it (one statement cannot update a row twice)
+                let mut last = std::collections::BTreeMap::new();
+                for r in rows {
+                    last.insert((&r.layer, &r.model, &r.input, &r.norm, r.channel), r.value);
+                }
+                let last: Vec<_> = last.into_iter().collect();
                 let mut tx = self.write_tx().await?;
                 Self::check_fence(&mut tx, fence, run_id).await?;
-                for r in rows {
-                    sqlx::query(
+                // a few multi-row statements, not one round trip per row
+                for chunk in last.chunks($crate::sql::ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO neuron_stats \
-                         (run_id, layer, model, input, norm, channel, value) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                         ON CONFLICT (run_id, layer, model, input, norm, channel) \
+                         (run_id, layer, model, input, norm, channel, value) ",
+                    );
+                    q.push_values(chunk, |mut b, ((layer, model, input, norm, channel), value)| {
+                        b.push_bind(Id(run_id))
+                            .push_bind(*layer)
+                            .push_bind(*model)
+                            .push_bind(*input)
+                            .push_bind(*norm)
+                            .push_bind(*channel)
+                            .push_bind(*value);
+                    });
+                    q.push(
+                        " ON CONFLICT (run_id, layer, model, input, norm, channel) \
                          DO UPDATE SET value = excluded.value",
-                    )
-                    .bind(Id(run_id))
-                    .bind(&r.layer)
-                    .bind(&r.model)
-                    .bind(&r.input)
-                    .bind(&r.norm)
-                    .bind(r.channel)
-                    .bind(r.value)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| map_db(e, Some(run_id)))?;
+                    );
+                    q.build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| map_db(e, Some(run_id)))?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -1015,24 +1050,33 @@ macro_rules! sql_store {
                 criterion: &str,
                 points: &[CurvePoint],
             ) -> Result<()> {
+                let mut last = std::collections::BTreeMap::new();
+                for p in points {
+                    last.insert(p.k, p);
+                }
+                let last: Vec<_> = last.into_values().collect();
                 let mut tx = self.write_tx().await?;
                 Self::check_fence(&mut tx, fence, run_id).await?;
-                for p in points {
-                    sqlx::query(
-                        "INSERT INTO pruning_curves (run_id, criterion, k, acc, asr, ra) \
-                         VALUES ($1, $2, $3, $4, $5, $6) \
-                         ON CONFLICT (run_id, criterion, k) \
+                for chunk in last.chunks($crate::sql::ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO pruning_curves (run_id, criterion, k, acc, asr, ra) ",
+                    );
+                    q.push_values(chunk, |mut b, p| {
+                        b.push_bind(Id(run_id))
+                            .push_bind(criterion)
+                            .push_bind(p.k)
+                            .push_bind(p.acc)
+                            .push_bind(p.asr)
+                            .push_bind(p.ra);
+                    });
+                    q.push(
+                        " ON CONFLICT (run_id, criterion, k) \
                          DO UPDATE SET acc = excluded.acc, asr = excluded.asr, ra = excluded.ra",
-                    )
-                    .bind(Id(run_id))
-                    .bind(criterion)
-                    .bind(p.k)
-                    .bind(p.acc)
-                    .bind(p.asr)
-                    .bind(p.ra)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| map_db(e, Some(run_id)))?;
+                    );
+                    q.build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| map_db(e, Some(run_id)))?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -1168,7 +1212,7 @@ macro_rules! sql_store {
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
                 tx.commit().await?;
-                self.changed(run_id).await;
+                self.changed(run_id, crate::changes::ChangeKind::Event).await;
                 Ok(())
             }
 
@@ -1256,7 +1300,7 @@ macro_rules! sql_store {
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
                 tx.commit().await?;
-                self.changed(run_id).await;
+                self.changed(run_id, crate::changes::ChangeKind::Event).await;
                 Ok(seq)
             }
 

@@ -452,6 +452,118 @@ async fn abort_fails_at_once(s: Store) {
     assert!(s.lease_job("w", &stages, lease).await.unwrap().is_none());
 }
 
+/// Waits (at most 5 s) for a change of `run` of `kind`, skipping others
+/// (on Postgres a change also comes back through the store's own LISTEN
+/// connection, after later local ones).
+async fn expect_change(
+    rx: &mut tokio::sync::broadcast::Receiver<Change>,
+    run: Uuid,
+    kind: ChangeKind,
+) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let c = rx.recv().await.expect("the change channel is open");
+            if c == (Change { run_id: run, kind }) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind:?} change of run {run} within 5 s"))
+}
+
+async fn changes_name_their_kind(s: Store) {
+    let mut rx = s.changes();
+    let run = new_run(&s, "changes").await;
+    let st = stage("kinds");
+    enqueue(&s, run.id, &st, 2).await;
+    expect_change(&mut rx, run.id, ChangeKind::Job).await;
+    let a = lease_one(&s, &st).await;
+    let fence = Fence {
+        job_id: a.id,
+        lease_token: a.lease_token.unwrap(),
+    };
+    s.append_event(Some(&fence), run.id, &st, "progress", "half", Some(0.5))
+        .await
+        .unwrap();
+    expect_change(&mut rx, run.id, ChangeKind::Event).await;
+    s.set_run_status(run.id, RunStatus::Running, None)
+        .await
+        .unwrap();
+    expect_change(&mut rx, run.id, ChangeKind::Run).await;
+    s.fail_job(
+        a.id,
+        fence.lease_token,
+        &failure("unavailable", "x"),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    expect_change(&mut rx, run.id, ChangeKind::Job).await;
+    let b = lease_one(&s, &st).await;
+    s.complete_job(b.id, b.lease_token.unwrap(), json!({}))
+        .await
+        .unwrap();
+    expect_change(&mut rx, run.id, ChangeKind::Job).await;
+    s.cancel_run(new_run(&s, "other").await.id).await.unwrap();
+    s.cancel_run(run.id).await.unwrap();
+    expect_change(&mut rx, run.id, ChangeKind::Run).await;
+}
+
+/// `next_lease_at` is within `tol` of `now + ahead` (by this process's
+/// clock; the local Postgres's is the same).
+async fn assert_next_lease(s: &Store, stages: &[String], ahead: Option<f64>) {
+    let next = s.next_lease_at(stages).await.unwrap();
+    match (next, ahead) {
+        (None, None) => {}
+        (Some(at), Some(ahead)) => {
+            let got = (at - chrono::Utc::now()).num_milliseconds() as f64 / 1000.0;
+            assert!(
+                (got - ahead).abs() < 3.0,
+                "next lease in {got} s, expected {ahead} s"
+            );
+        }
+        (next, ahead) => panic!("next lease at {next:?}, expected in {ahead:?} s"),
+    }
+}
+
+async fn next_lease_time_follows_backoff_and_leases(s: Store) {
+    let st = stage("next");
+    let stages = vec![st.clone()];
+    assert_next_lease(&s, &stages, None).await;
+    let run = new_run(&s, "next").await;
+    let job = enqueue(&s, run.id, &st, 3).await;
+    // a job of another stage does not count
+    enqueue(&s, run.id, &stage("other"), 3).await;
+    assert_next_lease(&s, &stages, Some(0.0)).await;
+    let a = s
+        .lease_job("w", &stages, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_next_lease(&s, &stages, Some(30.0)).await;
+    s.fail_job(
+        job.id,
+        a.lease_token.unwrap(),
+        &failure("unavailable", "x"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_next_lease(&s, &stages, Some(10.0)).await;
+    // the earliest of several
+    let st2 = stage("next");
+    enqueue(&s, run.id, &st2, 3).await;
+    assert_next_lease(&s, &[st.clone(), st2.clone()], Some(0.0)).await;
+    let b = lease_one(&s, &st2).await;
+    s.abort_job(b.id, b.lease_token.unwrap(), &failure("internal", "x"))
+        .await
+        .unwrap();
+    assert_next_lease(&s, &[st.clone(), st2], Some(10.0)).await;
+    s.cancel_run(run.id).await.unwrap();
+    assert_next_lease(&s, &stages, None).await;
+}
+
 async fn upserts_do_not_duplicate(s: Store) {
     let run = new_run(&s, "upserts").await;
     for v in [0.5, 0.9] {
@@ -485,6 +597,30 @@ async fn upserts_do_not_duplicate(s: Store) {
     let got = s.list_neuron_stats(run.id).await.unwrap();
     assert_eq!(got.len(), 16);
     assert!(got.iter().any(|n| n.value == 42.0 && n.channel == 0));
+    // more rows than one multi-row statement holds, and a key given twice
+    // in one call: every row stored, the later value of the repeated key
+    let many: Vec<NeuronStat> = (0..2600)
+        .map(|c| NeuronStat {
+            layer: "conv1".into(),
+            model: "clean".into(),
+            input: "clean".into(),
+            norm: "l2".into(),
+            channel: c % 2500,
+            value: c as f64,
+        })
+        .collect();
+    s.put_neuron_stats(None, run.id, &many).await.unwrap();
+    let got = s.list_neuron_stats(run.id).await.unwrap();
+    assert_eq!(got.len(), 16 + 2500);
+    let conv1: Vec<f64> = got
+        .iter()
+        .filter(|n| n.layer == "conv1")
+        .map(|n| n.value)
+        .collect();
+    let want: Vec<f64> = (0..2500)
+        .map(|c| if c < 100 { (c + 2500) as f64 } else { c as f64 })
+        .collect();
+    assert_eq!(conv1, want);
     let mut bad = stats[0].clone();
     bad.norm = "l3".into();
     assert!(matches!(
@@ -506,6 +642,21 @@ async fn upserts_do_not_duplicate(s: Store) {
     s.put_pruning_curve(None, run.id, "linf", &curve)
         .await
         .unwrap();
+    // a k given twice in one call: the later point
+    let mut twice = curve[..3].to_vec();
+    twice.push(CurvePoint {
+        acc: 0.5,
+        ..curve[1]
+    });
+    let other = new_run(&s, "curve-twice").await;
+    s.put_pruning_curve(None, other.id, "l2", &twice)
+        .await
+        .unwrap();
+    let l2 = s.list_pruning_curves(other.id).await.unwrap();
+    let l2 = &l2[0].points;
+    assert_eq!(l2.len(), 3);
+    assert_eq!(l2[1].acc, 0.5);
+    assert_eq!((l2[0], l2[2]), (curve[0], curve[2]));
     s.put_pruning_curve(None, run.id, "l1", &curve[..3])
         .await
         .unwrap();
@@ -2442,6 +2593,8 @@ metadata_test_suite!(
         lease_expiry_and_release,
         retries_with_backoff_then_fail,
         abort_fails_at_once,
+        changes_name_their_kind,
+        next_lease_time_follows_backoff_and_leases,
         upserts_do_not_duplicate,
         views_report_figures,
         scan_results_upsert_and_fill_their_view,

@@ -55,6 +55,31 @@ pub fn cli_as(key: Option<&str>, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// What an uninterrupted run of `tiny_spec_local(dir, epochs, 3000)` gives
+/// (`experiment --direct` into `dir/reference`): the clean model's
+/// per-epoch training losses and the report. The reference of the tests
+/// that stop a training midway and resume it.
+pub fn uninterrupted(dir: &Path, epochs: usize) -> (Vec<f64>, serde_json::Value) {
+    let reference = dir.join("reference");
+    cli(&[
+        "experiment",
+        "--direct",
+        &tiny_spec_local(dir, epochs, 3000).to_string_lossy(),
+        "--out",
+        &reference.to_string_lossy(),
+    ]);
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(reference.join(name)).unwrap()).unwrap()
+    };
+    let losses = read("clean/model.json")["metrics"]["train"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
+    (losses, read("report.json"))
+}
+
 /// The fields of a status's BadRequest violations.
 pub fn field_of(st: &tonic::Status) -> Vec<String> {
     tonic_types::StatusExt::get_details_bad_request(st)
