@@ -117,6 +117,15 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
     };
     let mut shared = shared.clone();
     let internal = shared.config.internal_token.clone();
+    deadbolt_stages::bundle::keep_written(
+        kinds.contains(&ServiceKind::Poisoner)
+            && kinds.iter().any(|k| {
+                matches!(
+                    k,
+                    ServiceKind::Trainer | ServiceKind::Analyzer | ServiceKind::Pruner
+                )
+            }),
+    );
     for &k in kinds.iter().filter(|k| **k != ServiceKind::Gateway) {
         let Some(token) = internal.as_deref() else {
             bail!(

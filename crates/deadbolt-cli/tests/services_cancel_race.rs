@@ -1,5 +1,5 @@
 //! Cancel races (Postgres + S3, separate processes): 50 submit/cancel
-//! pairs at offsets from 0 to ~2.5 s into the run. Every run whose cancel
+//! pairs at offsets spread over the duration of a first run. Every run whose cancel
 //! was accepted ends cancelled and stays cancelled (the driver's final
 //! status is compare-and-set in SQL, so it cannot flip it back); a cancel
 //! that came after the run ended answers FAILED_PRECONDITION; cancelling a
@@ -40,8 +40,13 @@ async fn cancelled_runs_stay_cancelled_and_finished_runs_cannot_be_cancelled() {
     let mut c = gateway(&all.url("gateway")).await;
 
     // a finished run cannot be cancelled
+    let started = Instant::now();
     let done = submit_toml(&mut c, &spec, "race-finished").await.run_id;
     let (_, run) = watch(&mut c, &done, Duration::from_secs(180)).await;
+    // how long a run takes here: the cancels are spread over it,
+    // so that most land while a run is going and some after it ended,
+    // however fast this machine and build are
+    let span = started.elapsed();
     assert_eq!(
         run.status,
         pb::JobStatus::Succeeded as i32,
@@ -73,7 +78,7 @@ async fn cancelled_runs_stay_cancelled_and_finished_runs_cannot_be_cancelled() {
         let id = submit_toml(&mut c, &spec, &format!("race-{i}"))
             .await
             .run_id;
-        let offset = Duration::from_millis(((i * 53) % 2500) as u64);
+        let offset = span.mul_f64(((i * 37) % PAIRS) as f64 / PAIRS as f64);
         tokio::time::sleep(offset).await;
         match c
             .cancel_experiment(pb::CancelExperimentRequest { run_id: id.clone() })
@@ -129,7 +134,8 @@ async fn cancelled_runs_stay_cancelled_and_finished_runs_cannot_be_cancelled() {
     drop(all);
     pg.drop_db().await;
     eprintln!(
-        "{PAIRS} pairs: {} cancelled, {refused} already finished; took {:.1} s",
+        "{PAIRS} pairs, cancels over {:.1} s: {} cancelled, {refused} already finished; took {:.1} s",
+        span.as_secs_f64(),
         accepted.len(),
         t0.elapsed().as_secs_f64()
     );

@@ -27,14 +27,16 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let spec = tiny_spec(d, 1, 1200);
+    // two epochs: the training jobs outlast a heartbeat (a sixth of the
+    // lease), so each reports its progress at least once
+    let spec = tiny_spec(d, 2, 1200);
 
     // the in-process reference, run alongside (the same spec with the local
     // path of the digits)
     let inproc_out = d.join("inproc");
     let mut inproc = Command::new(bin())
         .args(["experiment", "--quiet"])
-        .arg(tiny_spec_local(d, 1, 1200))
+        .arg(tiny_spec_local(d, 2, 1200))
         .arg("--out")
         .arg(&inproc_out)
         .stderr(std::fs::File::create(d.join("inproc.log")).unwrap())
@@ -131,7 +133,11 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     );
     assert!(
         events.iter().any(|e| e.kind == "progress"),
-        "progress events are streamed"
+        "progress events are streamed: {:?}",
+        events
+            .iter()
+            .map(|e| (&e.stage, &e.kind, &e.message))
+            .collect::<Vec<_>>()
     );
     assert!(events
         .iter()

@@ -657,8 +657,12 @@ async fn heartbeat_loop(
         lost.store(true, Ordering::SeqCst);
         cancelled.store(true, Ordering::SeqCst);
     };
+    // the first report comes after half a period, so that a job shorter
+    // than two periods still shows its progress once
+    let mut wait = every / 2;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         let p = progress.lock().ok().and_then(|p| p.clone());
         match store
             .heartbeat(fence.job_id, fence.lease_token, lease, p.clone())

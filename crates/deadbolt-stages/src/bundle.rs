@@ -13,6 +13,7 @@
 //! verify and decode it once, as the direct pipeline does.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use deadbolt_core::data::Dataset;
@@ -25,18 +26,45 @@ use tch::{Kind, Tensor};
 use crate::contract::Data;
 use crate::error::{core, io};
 
-/// `x` as uint8 when `from_bytes` of that gives `x` back bit for bit.
+/// Images per slice that [`as_bytes`] checks at a time: its float scratch
+/// (3 MB for MNIST, 12 MB for CIFAR-10) is reused from slice to slice, where
+/// one scratch of the dataset's size would cost its pages faulted in.
+const CHECK_IMAGES: i64 = 1024;
+
+/// `x` (float32, contiguous) as uint8 when `from_bytes` of that gives `x`
+/// back bit for bit (its decoding is then `x` itself).
 fn as_bytes(x: &Tensor) -> Option<Tensor> {
+    let n = *x.size().first()?;
     if x.numel() == 0 {
         return None;
     }
-    let u = (x * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
-    from_bytes(&u).equal(x).then_some(u)
+    let u = Tensor::empty(x.size(), (Kind::Uint8, x.device()));
+    let mut start = 0;
+    while start < n {
+        let len = CHECK_IMAGES.min(n - start);
+        let xs = x.narrow(0, start, len);
+        let mut back = &xs * 255.0;
+        let _ = back.round_();
+        let _ = back.clamp_(0.0, 255.0);
+        let us = back.to_kind(Kind::Uint8);
+        // the decoding of those bytes, as `from_bytes` computes it
+        let _ = back.copy_(&us);
+        let _ = back.g_div_scalar_(255.0);
+        if !back.equal(&xs) {
+            return None;
+        }
+        let _ = u.narrow(0, start, len).copy_(&us);
+        start += len;
+    }
+    Some(u)
 }
 
-/// The core's decoding of image bytes (`data::idx`, `data::cifar`).
+/// The core's decoding of image bytes (`data::idx`, `data::cifar`): the
+/// byte as a float, divided by 255 (in place: one buffer).
 fn from_bytes(u: &Tensor) -> Tensor {
-    u.to_kind(Kind::Float) / 255.0
+    let mut f = u.to_kind(Kind::Float);
+    let _ = f.g_div_scalar_(255.0);
+    f
 }
 
 /// The largest bundle (decoded images, in bytes) that a process keeps for
@@ -44,8 +72,25 @@ fn from_bytes(u: &Tensor) -> Tensor {
 /// copy included, is 1.4 GB), not an unbounded store.
 const KEEP_BYTES: i64 = 2 << 30;
 
-/// The last bundle fetched, by the sha256 of its artifact.
+/// The last bundle fetched (or stored, see [`keep_written`]), by the
+/// sha256 of its artifact.
 static LAST: Mutex<Option<(String, Bundle)>> = Mutex::new(None);
+
+fn last() -> std::sync::MutexGuard<'static, Option<(String, Bundle)>> {
+    LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether the data stage keeps the bundle it stored (see [`keep_written`]).
+static KEEP_WRITTEN: AtomicBool = AtomicBool::new(false);
+
+/// Set when a process runs the data stage beside a stage that reads the
+/// dataset (`deadbolt experiment`; a `serve` of the poisoner with the
+/// trainer): the data stage then keeps the bundle it stored, so the next
+/// stage does not download and decode it again. A poisoner alone keeps
+/// nothing (it would hold a dataset that it never reads).
+pub fn keep_written(on: bool) {
+    KEEP_WRITTEN.store(on, Ordering::Relaxed);
+}
 
 /// The splits of a run.
 #[derive(Debug, Clone)]
@@ -81,26 +126,37 @@ impl Bundle {
         }
     }
 
-    pub fn write(&self, path: &Path) -> Result<(), JobError> {
+    /// Writes the splits to `path`; returns them as [`Bundle::read`] will
+    /// read them back (the same tensors, bit for bit, kind and layout).
+    pub fn write(&self, path: &Path) -> Result<Bundle, JobError> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        let mut read = Vec::new();
         for s in SPLITS {
             let d = self.split(s);
             let images = d.images.to_kind(Kind::Float).contiguous();
             match as_bytes(&images) {
                 Some(u8s) => tensors.push((format!("{s}.images_u8"), u8s)),
-                None => tensors.push((format!("{s}.images"), images)),
+                None => tensors.push((format!("{s}.images"), images.shallow_clone())),
             }
-            tensors.push((
-                format!("{s}.labels"),
-                d.labels.to_kind(Kind::Int64).contiguous(),
-            ));
+            let labels = d.labels.to_kind(Kind::Int64).contiguous();
+            tensors.push((format!("{s}.labels"), labels.shallow_clone()));
+            read.push(core(Dataset::new(images, labels, self.train.classes, s))?);
         }
         tensors.push(("classes".into(), Tensor::from_slice(&[self.train.classes])));
         tensors.push((
             "poisoned_indices".into(),
             Tensor::from_slice(&self.poisoned_indices),
         ));
-        Tensor::write_safetensors(&tensors, path).map_err(|e| io(path.display(), e))
+        Tensor::write_safetensors(&tensors, path).map_err(|e| io(path.display(), e))?;
+        let mut it = read.into_iter();
+        let mut next = || it.next().expect("four splits");
+        Ok(Bundle {
+            train: next(),
+            poisoned: next(),
+            val: next(),
+            test: next(),
+            poisoned_indices: self.poisoned_indices.clone(),
+        })
     }
 
     pub fn read(path: &Path) -> Result<Bundle, JobError> {
@@ -144,7 +200,7 @@ impl Bundle {
             .map(|s| {
                 let i = &self.split(s).images;
                 let n = i.numel();
-                if as_bytes(&i.to_kind(Kind::Float)).is_some() {
+                if as_bytes(&i.to_kind(Kind::Float).contiguous()).is_some() {
                     n
                 } else {
                     4 * n
@@ -172,7 +228,6 @@ impl Bundle {
     pub fn fetch(ctx: &JobContext) -> Result<Bundle, JobError> {
         let data = ctx.output::<Data>()?;
         let sha = &data.dataset.sha256;
-        let last = || LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((_, b)) = last().as_ref().filter(|(k, _)| k == sha) {
             tracing::debug!(sha256 = %sha, "dataset from this process's last fetch");
             return Ok(b.clone());
@@ -180,13 +235,37 @@ impl Bundle {
         let path = ctx.work_dir.join("dataset.safetensors");
         ctx.download(&data.dataset, &path)?;
         let b = Bundle::read(&path)?;
+        b.remember(sha);
+        Ok(b)
+    }
+
+    /// Keeps this bundle as the process's last one, the content of the
+    /// artifact with `sha256` (replacing the one kept before: one run's
+    /// dataset at a time, and none larger than [`KEEP_BYTES`]).
+    fn remember(&self, sha256: &str) {
         let bytes: i64 = SPLITS
             .iter()
-            .map(|s| b.split(s).images.numel() as i64 * 4)
+            .map(|s| self.split(s).images.numel() as i64 * 4)
             .sum();
-        // replaced, not added to: one run's dataset at a time
-        *last() = (bytes <= KEEP_BYTES).then(|| (sha.clone(), b.clone()));
-        Ok(b)
+        *last() = (bytes <= KEEP_BYTES).then(|| (sha256.to_string(), self.clone()));
+    }
+
+    /// Writes the splits to `path` and stores them as the run's dataset
+    /// artifact `name`. When this process also runs a stage that reads the
+    /// dataset ([`keep_written`]), the bundle is kept for it, as it will
+    /// read it back.
+    pub fn store(
+        &self,
+        ctx: &JobContext,
+        path: &Path,
+        name: &str,
+    ) -> Result<deadbolt_store::ArtifactRef, JobError> {
+        let as_read = self.write(path)?;
+        let r = ctx.put_file(name, path, "application/octet-stream")?;
+        if KEEP_WRITTEN.load(Ordering::Relaxed) {
+            as_read.remember(&r.sha256);
+        }
+        Ok(r)
     }
 }
 
@@ -223,7 +302,7 @@ mod tests {
         assert_eq!(b.encoded_bytes(), 150 + 4 * 150 + 50 + 100);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.safetensors");
-        b.write(&p).unwrap();
+        let as_read = b.write(&p).unwrap();
         let names: Vec<String> = Tensor::read_safetensors(&p)
             .unwrap()
             .into_iter()
@@ -242,5 +321,22 @@ mod tests {
             assert!(a.labels.equal(&b.labels));
         }
         assert_eq!(r.poisoned_indices, vec![1, 4]);
+        // what the writer keeps is what a reader reads: values, kind,
+        // shape and layout
+        for (a, k) in [
+            (&r.train, &as_read.train),
+            (&r.poisoned, &as_read.poisoned),
+            (&r.val, &as_read.val),
+            (&r.test, &as_read.test),
+        ] {
+            for (x, y) in [(&a.images, &k.images), (&a.labels, &k.labels)] {
+                assert!(x.equal(y));
+                assert_eq!(x.kind(), y.kind());
+                assert_eq!(x.size(), y.size());
+                assert_eq!(x.stride(), y.stride());
+            }
+            assert_eq!(a.classes, k.classes);
+        }
+        assert_eq!(as_read.poisoned_indices, r.poisoned_indices);
     }
 }

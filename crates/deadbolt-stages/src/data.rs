@@ -29,13 +29,10 @@ impl Work<Data> for DataWork {
         let prepared = core(experiment::stage_data(&spec))?;
         let summary = experiment::data_summary(&prepared);
         let bundle = Bundle::from_prepared(&prepared);
+        let prepared_seconds = t.elapsed().as_secs_f64();
         let path = ctx.work_dir.join("dataset.safetensors");
-        bundle.write(&path)?;
-        let dataset = ctx.put_file(
-            "data/dataset.safetensors",
-            &path,
-            "application/octet-stream",
-        )?;
+        let dataset = bundle.store(ctx, &path, "data/dataset.safetensors")?;
+        let stored_seconds = t.elapsed().as_secs_f64() - prepared_seconds;
         let indices =
             serde_json::to_vec(&bundle.poisoned_indices).map_err(|e| io("poisoned indices", e))?;
         let poisoned_indices = ctx.put_artifact(
@@ -55,6 +52,8 @@ impl Work<Data> for DataWork {
             val = summary.validation,
             test = summary.test,
             poisoned = summary.poisoned,
+            prepared_seconds,
+            stored_seconds,
             "dataset stored"
         );
         Ok(DataOutput {
