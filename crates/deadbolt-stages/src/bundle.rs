@@ -33,30 +33,32 @@ const CHECK_IMAGES: i64 = 1024;
 
 /// `x` (float32, contiguous) as uint8 when `from_bytes` of that gives `x`
 /// back bit for bit (its decoding is then `x` itself).
-fn as_bytes(x: &Tensor) -> Option<Tensor> {
-    let n = *x.size().first()?;
+fn as_bytes(x: &Tensor) -> Result<Option<Tensor>, tch::TchError> {
+    let Some(&n) = x.size().first() else {
+        return Ok(None);
+    };
     if x.numel() == 0 {
-        return None;
+        return Ok(None);
     }
-    let u = Tensor::empty(x.size(), (Kind::Uint8, x.device()));
+    let u = Tensor::f_empty(x.size(), (Kind::Uint8, x.device()))?;
     let mut start = 0;
     while start < n {
         let len = CHECK_IMAGES.min(n - start);
-        let xs = x.narrow(0, start, len);
-        let mut back = &xs * 255.0;
-        let _ = back.round_();
-        let _ = back.clamp_(0.0, 255.0);
-        let us = back.to_kind(Kind::Uint8);
+        let xs = x.f_narrow(0, start, len)?;
+        let mut back = xs.f_mul_scalar(255.0)?;
+        let _ = back.f_round_()?;
+        let _ = back.f_clamp_(0.0, 255.0)?;
+        let us = back.f_to_kind(Kind::Uint8)?;
         // the decoding of those bytes, as `from_bytes` computes it
-        let _ = back.copy_(&us);
-        let _ = back.g_div_scalar_(255.0);
-        if !back.equal(&xs) {
-            return None;
+        back.f_copy_(&us)?;
+        let _ = back.f_div_scalar_(255.0)?;
+        if !back.f_equal(&xs)? {
+            return Ok(None);
         }
-        let _ = u.narrow(0, start, len).copy_(&us);
+        u.f_narrow(0, start, len)?.f_copy_(&us)?;
         start += len;
     }
-    Some(u)
+    Ok(Some(u))
 }
 
 /// The core's decoding of image bytes (`data::idx`, `data::cifar`): the
@@ -134,7 +136,7 @@ impl Bundle {
         for s in SPLITS {
             let d = self.split(s);
             let images = d.images.to_kind(Kind::Float).contiguous();
-            match as_bytes(&images) {
+            match as_bytes(&images).map_err(|e| io(format!("encoding {s}.images"), e))? {
                 Some(u8s) => tensors.push((format!("{s}.images_u8"), u8s)),
                 None => tensors.push((format!("{s}.images"), images.shallow_clone())),
             }
@@ -200,7 +202,7 @@ impl Bundle {
             .map(|s| {
                 let i = &self.split(s).images;
                 let n = i.numel();
-                if as_bytes(&i.to_kind(Kind::Float).contiguous()).is_some() {
+                if matches!(as_bytes(&i.to_kind(Kind::Float).contiguous()), Ok(Some(_))) {
                     n
                 } else {
                     4 * n
