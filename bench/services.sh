@@ -5,7 +5,8 @@
 # (all services in-process, SQLite + local files) vs `deadbolt experiment
 # --direct` (the core pipeline, no services), one after the other in one
 # run. Prints the wall times and the overhead of the services.
-#   bench/services.sh [--spec FILE] [--s3]   (REPEATS=3 interleaved repeats; medians)
+#   bench/services.sh [--spec FILE] [--s3]   (REPEATS=3 interleaved repeats; medians;
+#   KEEP_LOGS=1 keeps the service processes' logs and outputs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 spec=bench/services-bench.toml; s3=0
@@ -31,7 +32,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-  rm -rf "$out"
+  if [ -n "${KEEP_LOGS:-}" ]; then echo "logs kept in $out" >&2; else rm -rf "$out"; fi
 }
 trap cleanup EXIT
 psql -q "$pg_admin" -c "CREATE DATABASE $db" >/dev/null
