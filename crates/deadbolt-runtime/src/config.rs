@@ -165,7 +165,11 @@ pub struct Config {
     /// Leases a job may take before it fails for good.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: i32,
-    /// How often idle workers and waiting RPCs poll the store.
+    /// The polling scale. Idle workers and waiting calls wake on the
+    /// store's change notifications; without one they re-read the store
+    /// after the fallback poll, ten times this (at least 1 s), and an idle
+    /// worker sooner when the store says a retry or an expired lease is
+    /// due, but never more often than this.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
     /// On SIGTERM or Ctrl-C a worker stops leasing and lets its current
