@@ -257,22 +257,33 @@ pub async fn run_stage<S: Stage>(
     decode_output::<S>(&job).map_err(Status::from)
 }
 
-/// Resolves when the store says run `run_id` changed in one of `kinds`
-/// (or when notifications were lost: the caller re-reads either way).
-pub async fn changed(
+/// Resolves at the next change notification that `wanted` accepts, or at
+/// once when notifications were lost (a lag: the caller re-reads either
+/// way); never when the channel is closed (the caller's timed wait then
+/// takes over).
+pub async fn next_change(
     rx: &mut tokio::sync::broadcast::Receiver<Change>,
-    run_id: Uuid,
-    kinds: &[ChangeKind],
+    wanted: impl Fn(&Change) -> bool,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match rx.recv().await {
-            Ok(c) if c.run_id == run_id && kinds.contains(&c.kind) => return,
+            Ok(c) if wanted(&c) => return,
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => return,
             Err(RecvError::Closed) => std::future::pending::<()>().await,
         }
     }
+}
+
+/// Resolves when the store says run `run_id` changed in one of `kinds`
+/// (see [`next_change`]).
+pub async fn changed(
+    rx: &mut tokio::sync::broadcast::Receiver<Change>,
+    run_id: Uuid,
+    kinds: &[ChangeKind],
+) {
+    next_change(rx, |c| c.run_id == run_id && kinds.contains(&c.kind)).await
 }
 
 /// How long a waiter sleeps without a change notification before it

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use deadbolt_store::{
-    ArtifactRecord, ArtifactRef, ArtifactStore, Change, ChangeKind, CurvePoint, Fence, Job,
-    JobStatus, MetadataStore, NeuronStat, RunStatus, StoreError,
+    ArtifactRecord, ArtifactRef, ArtifactStore, ChangeKind, CurvePoint, Fence, Job, JobStatus,
+    MetadataStore, NeuronStat, RunStatus, StoreError,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -326,22 +326,6 @@ impl JobContext {
     }
 }
 
-/// Returns at the next job change of any run (a job enqueued, ended or
-/// released), at once after a lag; never when the channel is closed (the
-/// timed wait then takes over). Other changes (events, results, run
-/// statuses) cannot make a job leasable, so they do not wake an idle worker.
-async fn job_change(rx: &mut tokio::sync::broadcast::Receiver<Change>) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        match rx.recv().await {
-            Ok(c) if c.kind == ChangeKind::Job => return,
-            Ok(_) => {}
-            Err(RecvError::Lagged(_)) => return,
-            Err(RecvError::Closed) => std::future::pending::<()>().await,
-        }
-    }
-}
-
 /// How long an idle worker sleeps when no job change wakes it: until the
 /// store's next lease time (a retry's backoff ends, a lease may expire),
 /// at least `poll` and at most the fallback poll (notifications can be
@@ -441,7 +425,10 @@ impl Worker {
                     };
                     tokio::select! {
                         _ = tokio::time::sleep(idle_wait(next, self.poll)) => {}
-                        _ = job_change(&mut changes) => {}
+                        // a job of any run enqueued, ended or released;
+                        // other changes (events, results, run statuses)
+                        // cannot make a job leasable
+                        _ = crate::stage::next_change(&mut changes, |c| c.kind == ChangeKind::Job) => {}
                         _ = self.drain.wait() => {}
                     }
                 }

@@ -8,9 +8,11 @@
 //! bit-identical data to an in-process run.
 //!
 //! A process keeps the last bundle it fetched, decoded, by its sha256 (see
-//! [`Bundle::fetch`]): the stages of one run that share a process (the
-//! trainer's two trainings; every stage of `deadbolt experiment`) download,
-//! verify and decode it once, as the direct pipeline does.
+//! [`Bundle::fetch`]), and the one its data stage stored when it also runs
+//! a stage that reads it ([`keep_written`]): the stages of one run that
+//! share a process (the trainer's two trainings; every stage of `deadbolt
+//! experiment`) download, verify and decode it once, as the direct pipeline
+//! does.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,10 +65,10 @@ fn as_bytes(x: &Tensor) -> Result<Option<Tensor>, tch::TchError> {
 
 /// The core's decoding of image bytes (`data::idx`, `data::cifar`): the
 /// byte as a float, divided by 255 (in place: one buffer).
-fn from_bytes(u: &Tensor) -> Tensor {
-    let mut f = u.to_kind(Kind::Float);
-    let _ = f.g_div_scalar_(255.0);
-    f
+fn from_bytes(u: &Tensor) -> Result<Tensor, tch::TchError> {
+    let mut f = u.f_to_kind(Kind::Float)?;
+    let _ = f.f_div_scalar_(255.0)?;
+    Ok(f)
 }
 
 /// The largest bundle (decoded images, in bytes) that a process keeps for
@@ -177,7 +179,9 @@ impl Bundle {
         let mut ds = Vec::new();
         for s in SPLITS {
             let images = match take(&format!("{s}.images_u8")) {
-                Ok(u8s) => from_bytes(&u8s),
+                Ok(u8s) => {
+                    from_bytes(&u8s).map_err(|e| io(format!("decoding {s}.images_u8"), e))?
+                }
                 Err(_) => take(&format!("{s}.images"))?,
             };
             let labels = take(&format!("{s}.labels"))?;
@@ -291,7 +295,7 @@ mod tests {
         let bytes = (Tensor::rand([6, 1, 5, 5], (Kind::Float, tch::Device::Cpu)) * 255.0)
             .round()
             .to_kind(Kind::Uint8);
-        let clean = from_bytes(&bytes);
+        let clean = from_bytes(&bytes).unwrap();
         // a blend: values that are not bytes over 255
         let blended = &clean * 0.8 + 0.2 * 0.3137;
         let b = Bundle {
