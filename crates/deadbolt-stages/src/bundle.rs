@@ -152,15 +152,20 @@ impl Bundle {
             Tensor::from_slice(&self.poisoned_indices),
         ));
         Tensor::write_safetensors(&tensors, path).map_err(|e| io(path.display(), e))?;
-        let mut it = read.into_iter();
-        let mut next = || it.next().expect("four splits");
-        Ok(Bundle {
-            train: next(),
-            poisoned: next(),
-            val: next(),
-            test: next(),
-            poisoned_indices: self.poisoned_indices.clone(),
-        })
+        Ok(Bundle::from_splits(read, self.poisoned_indices.clone()))
+    }
+
+    /// The bundle of the four splits, in [`SPLITS`] order.
+    fn from_splits(splits: Vec<Dataset>, poisoned_indices: Vec<i64>) -> Bundle {
+        let [train, poisoned, val, test]: [Dataset; 4] =
+            splits.try_into().expect("one dataset per split");
+        Bundle {
+            train,
+            poisoned,
+            val,
+            test,
+            poisoned_indices,
+        }
     }
 
     pub fn read(path: &Path) -> Result<Bundle, JobError> {
@@ -187,15 +192,7 @@ impl Bundle {
             let labels = take(&format!("{s}.labels"))?;
             ds.push(core(Dataset::new(images, labels, classes, s))?);
         }
-        let mut it = ds.into_iter();
-        let mut next = || it.next().expect("four splits");
-        Ok(Bundle {
-            train: next(),
-            poisoned: next(),
-            val: next(),
-            test: next(),
-            poisoned_indices,
-        })
+        Ok(Bundle::from_splits(ds, poisoned_indices))
     }
 
     /// Bytes written by [`Bundle::write`] for these splits (for tests and
