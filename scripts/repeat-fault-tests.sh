@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Repeats the process-level fault tests N times each (not in CI: minutes
 # per repetition) and prints how many passed:
-#   scripts/repeat-fault-tests.sh [N_FAULT=10] [N_OTHERS=5]
-# services_fault (kill -9 a trainer mid-training) N_FAULT times;
-# services_zombie (SIGSTOP past the lease, SIGCONT after the takeover) and
-# services_drain (SIGTERM mid-training) N_OTHERS times. Each test checks
+#   scripts/repeat-fault-tests.sh [N=10] [N_OTHERS=N]
+# services_fault (kill -9 a trainer mid-training) N times;
+# services_zombie (SIGSTOP past the lease, SIGCONT after the takeover),
+# services_pause_in_fence (a trainer stopped by a failpoint between a
+# fenced write's row lock and its COMMIT) and services_drain (SIGTERM
+# mid-training) N_OTHERS times. Each test checks
 # itself for lost or duplicated rows and for figures equal to an
 # uninterrupted run's; a failing repetition's output is kept under
 # target/repeat-fault-tests/.
@@ -12,7 +14,7 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 n_fault=${1:-10}
-n_others=${2:-5}
+n_others=${2:-$n_fault}
 scripts/setup.sh
 scripts/setup-test-deps.sh
 source scripts/env.sh
@@ -20,7 +22,7 @@ cargo build --quiet -p deadbolt-cli --tests || exit 1
 logs=target/repeat-fault-tests
 mkdir -p "$logs"
 summary=()
-for spec in "services_fault:$n_fault" "services_zombie:$n_others" "services_drain:$n_others"; do
+for spec in "services_fault:$n_fault" "services_zombie:$n_others" "services_pause_in_fence:$n_others" "services_drain:$n_others"; do
   t=${spec%%:*}; n=${spec##*:}
   pass=0
   for i in $(seq "$n"); do

@@ -115,6 +115,7 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
         gateway: None,
         shared: shared.clone(),
     };
+    shared.config.check_serving(kinds)?;
     let mut shared = shared.clone();
     let internal = shared.config.internal_token.clone();
     deadbolt_stages::bundle::keep_written(
@@ -173,10 +174,11 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
             deadbolt_gateway::routes(g),
             listener,
             Some(shared.config.request_timeout()),
-            server::Guard::Keys(deadbolt_runtime::auth::AuthLayer {
-                store: shared.store.clone(),
-                mode: shared.config.auth,
-            }),
+            server::Guard::Keys(deadbolt_runtime::auth::AuthLayer::new(
+                shared.store.clone(),
+                shared.config.auth,
+                shared.config.key_cache(),
+            )),
             tls,
         )
         .await?;

@@ -11,7 +11,7 @@ use deadbolt_proto::validate::invalid_argument;
 use deadbolt_runtime::byom::ByomSpec;
 use deadbolt_runtime::uploads::{self, UploadKind};
 use deadbolt_runtime::{auth, convert, policy, stage, Shared};
-use deadbolt_store::{NewRun, RunStatus};
+use deadbolt_store::NewRun;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -160,26 +160,20 @@ impl Gateway {
     ) -> Result<(String, bool), Status> {
         let config = &self.shared.config;
         let team = team.to_string();
-        let in_flight = self
-            .shared
-            .store
-            .count_runs(&team, &[RunStatus::Queued, RunStatus::Running])
-            .await?;
-        if in_flight >= config.limits.max_runs_in_flight {
-            return Err(Status::resource_exhausted(format!(
-                "team {team} has {in_flight} runs queued or running, its quota is {}",
-                config.limits.max_runs_in_flight
-            )));
-        }
+        // the quota and the insert are one transaction: exact under
+        // concurrent submits; a retry of a known request id answers its run
         let (run, created) = self
             .shared
             .store
-            .create_run(NewRun {
-                team: team.clone(),
-                client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
-                name: name.to_string(),
-                spec_json,
-            })
+            .create_run_within(
+                NewRun {
+                    team: team.clone(),
+                    client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
+                    name: name.to_string(),
+                    spec_json,
+                },
+                config.limits.max_runs_in_flight,
+            )
             .await?;
         if created {
             tracing::info!(run_id = %run.id, name = %run.name, "run submitted");

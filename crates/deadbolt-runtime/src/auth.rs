@@ -14,9 +14,23 @@
 //!
 //! Keys are never logged: only their non-secret prefix, and the store keeps
 //! only their sha256.
+//!
+//! Lookups are cached ([`KeyCache`]): a key's answer (its principal, or "no
+//! such key") is kept for `key_cache_secs` (default 5 s), by the key's
+//! sha256, so a busy client costs one store lookup per TTL. **Revocation
+//! and expiry take effect within that TTL** on every gateway replica.
+//! Unknown tokens are rate-limited per client address ([`FailureLimiter`]:
+//! a burst of 20, then 2 per second): past the budget a caller's requests
+//! are answered RESOURCE_EXHAUSTED without a store lookup until it refills,
+//! so guessing keys costs the store nothing and other callers nothing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use deadbolt_store::{MetadataStore, Principal, Scope, LOCAL_TEAM};
 use http::{HeaderValue, Request, Response};
@@ -83,6 +97,142 @@ pub fn local_principal() -> Principal {
 pub struct AuthLayer {
     pub store: Arc<dyn MetadataStore>,
     pub mode: AuthMode,
+    pub cache: Arc<KeyCache>,
+    pub failures: Arc<FailureLimiter>,
+}
+
+impl AuthLayer {
+    /// Key auth (or none) over `store`, answers cached for `ttl`.
+    pub fn new(store: Arc<dyn MetadataStore>, mode: AuthMode, ttl: Duration) -> AuthLayer {
+        AuthLayer {
+            store,
+            mode,
+            cache: Arc::new(KeyCache::new(ttl)),
+            failures: Arc::new(FailureLimiter::new(20.0, 2.0)),
+        }
+    }
+
+    async fn authenticate(&self, key: &str) -> Result<Option<Principal>, Status> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if let Some(hit) = self.cache.get(&digest) {
+            return Ok(hit);
+        }
+        let found = self.store.authenticate(key).await.map_err(Status::from)?;
+        self.cache.put(digest, found.clone());
+        Ok(found)
+    }
+}
+
+/// The most answers a [`KeyCache`] or [`FailureLimiter`] keeps; past it,
+/// expired entries go, and if none had, all do (a flood of distinct
+/// tokens cannot grow memory).
+pub const MAX_AUTH_ENTRIES: usize = 10_000;
+
+/// Answers of the key store by the key's sha256, each for a TTL.
+#[derive(Debug)]
+pub struct KeyCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<[u8; 32], (Option<Principal>, Instant)>>,
+}
+
+impl KeyCache {
+    pub fn new(ttl: Duration) -> KeyCache {
+        KeyCache {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, digest: &[u8; 32]) -> Option<Option<Principal>> {
+        let e = self.entries.lock().ok()?;
+        let (p, at) = e.get(digest)?;
+        (at.elapsed() < self.ttl).then(|| p.clone())
+    }
+
+    fn put(&self, digest: [u8; 32], p: Option<Principal>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        if let Ok(mut e) = self.entries.lock() {
+            if e.len() >= MAX_AUTH_ENTRIES {
+                let ttl = self.ttl;
+                e.retain(|_, (_, at)| at.elapsed() < ttl);
+                if e.len() >= MAX_AUTH_ENTRIES {
+                    e.clear();
+                }
+            }
+            e.insert(digest, (p, Instant::now()));
+        }
+    }
+
+    /// Entries held (for tests).
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A token bucket of failed authentications per client address.
+#[derive(Debug)]
+pub struct FailureLimiter {
+    burst: f64,
+    per_sec: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl FailureLimiter {
+    pub fn new(burst: f64, per_sec: f64) -> FailureLimiter {
+        FailureLimiter {
+            burst,
+            per_sec,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tokens `ip` has now (refilled since its last failure).
+    fn level(&self, b: &(f64, Instant)) -> f64 {
+        (b.0 + b.1.elapsed().as_secs_f64() * self.per_sec).min(self.burst)
+    }
+
+    /// False while `ip` has spent its failures.
+    pub fn allowed(&self, ip: IpAddr) -> bool {
+        let Ok(b) = self.buckets.lock() else {
+            return true;
+        };
+        b.get(&ip).is_none_or(|e| self.level(e) >= 1.0)
+    }
+
+    /// Spends one of `ip`'s failures.
+    pub fn failed(&self, ip: IpAddr) {
+        let Ok(mut b) = self.buckets.lock() else {
+            return;
+        };
+        if b.len() >= MAX_AUTH_ENTRIES && !b.contains_key(&ip) {
+            let full = self.burst;
+            b.retain(|_, e| (e.0 + e.1.elapsed().as_secs_f64() * self.per_sec) < full);
+            if b.len() >= MAX_AUTH_ENTRIES {
+                b.clear();
+            }
+        }
+        let level = b.get(&ip).map_or(self.burst, |e| self.level(e));
+        b.insert(ip, ((level - 1.0).max(0.0), Instant::now()));
+    }
+}
+
+/// The client's address (plaintext or TLS connections).
+fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = req.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+        .map(|a| a.ip())
 }
 
 impl<S> tower::Layer<S> for AuthLayer {
@@ -131,20 +281,29 @@ where
             let principal = match layer.mode {
                 AuthMode::None => local_principal(),
                 AuthMode::Keys => {
+                    let ip = peer_ip(&req);
+                    if ip.is_some_and(|ip| !layer.failures.allowed(ip)) {
+                        return Ok(deny(Status::resource_exhausted(
+                            "too many failed authentications from this address; retry later",
+                        )));
+                    }
                     let Some(key) = bearer(req.headers()).map(str::to_string) else {
                         return Ok(deny(Status::unauthenticated(
                             "missing `authorization: Bearer <api key>`",
                         )));
                     };
-                    match layer.store.authenticate(&key).await {
+                    match layer.authenticate(&key).await {
                         Ok(Some(p)) => p,
                         Ok(None) => {
+                            if let Some(ip) = ip {
+                                layer.failures.failed(ip);
+                            }
                             tracing::info!(method = %path, "refused an unknown, revoked or expired key");
                             return Ok(deny(Status::unauthenticated(
                                 "unknown, revoked or expired api key",
                             )));
                         }
-                        Err(e) => return Ok(deny(Status::from(e))),
+                        Err(e) => return Ok(deny(e)),
                     }
                 }
             };
@@ -267,6 +426,55 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_answers_are_cached_for_their_ttl_and_bounded() {
+        let c = KeyCache::new(Duration::from_millis(200));
+        let d = [7u8; 32];
+        assert_eq!(c.get(&d), None);
+        c.put(d, Some(local_principal()));
+        assert_eq!(c.get(&d), Some(Some(local_principal())));
+        c.put([8u8; 32], None);
+        assert_eq!(c.get(&[8u8; 32]), Some(None), "unknown keys are cached too");
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(c.get(&d), None, "past the ttl the store is asked again");
+        // a flood of distinct tokens cannot grow the cache past its bound
+        let big = KeyCache::new(Duration::from_secs(60));
+        for i in 0..(3 * MAX_AUTH_ENTRIES as u32) {
+            let mut d = [0u8; 32];
+            d[..4].copy_from_slice(&i.to_le_bytes());
+            big.put(d, None);
+            assert!(big.len() <= MAX_AUTH_ENTRIES);
+        }
+        // ttl 0: nothing cached
+        let none = KeyCache::new(Duration::ZERO);
+        none.put(d, None);
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn failed_authentications_are_limited_per_address() {
+        let l = FailureLimiter::new(3.0, 1000.0 / 3600.0);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(l.allowed(a));
+            l.failed(a);
+        }
+        assert!(!l.allowed(a), "the burst is spent");
+        assert!(l.allowed(b), "another address keeps its own budget");
+        // refills
+        let fast = FailureLimiter::new(1.0, 50.0);
+        fast.failed(a);
+        assert!(!fast.allowed(a));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(fast.allowed(a));
+        // bounded under a flood of addresses
+        for i in 0..(2 * MAX_AUTH_ENTRIES as u32) {
+            l.failed(IpAddr::from(i.to_be_bytes()));
+        }
+        assert!(l.buckets.lock().unwrap().len() <= MAX_AUTH_ENTRIES);
+    }
 
     #[test]
     fn methods_need_their_scope() {

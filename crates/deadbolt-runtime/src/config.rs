@@ -159,6 +159,10 @@ pub struct Config {
     /// A job lease lasts this long unless renewed.
     #[serde(default = "default_lease_secs")]
     pub lease_secs: f64,
+    /// The gateway keeps an API key's lookup this long: a revoked or
+    /// expired key is refused within it (0: no cache).
+    #[serde(default = "default_key_cache_secs")]
+    pub key_cache_secs: f64,
     /// Workers renew their lease (and report progress) this often.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: f64,
@@ -236,6 +240,9 @@ fn default_artifact_url() -> String {
 }
 fn default_lease_secs() -> f64 {
     30.0
+}
+fn default_key_cache_secs() -> f64 {
+    5.0
 }
 fn default_heartbeat_secs() -> f64 {
     5.0
@@ -384,6 +391,9 @@ impl Config {
         if !(self.heartbeat_secs > 0.0 && self.heartbeat_secs < self.lease_secs) {
             bail!("heartbeat_secs must be > 0 and below lease_secs");
         }
+        if !(self.key_cache_secs >= 0.0 && self.key_cache_secs <= 300.0) {
+            bail!("key_cache_secs must be between 0 and 300");
+        }
         if self.drain_secs.is_nan() || self.drain_secs < 0.0 {
             bail!("drain_secs must be >= 0");
         }
@@ -394,6 +404,33 @@ impl Config {
             bail!("max_attempts must be >= 1");
         }
         self.tls.validate()?;
+        Ok(())
+    }
+
+    /// What `serve` requires beyond [`Self::validate`] before it starts
+    /// `kinds`: an internal credential that is at least
+    /// [`MIN_INTERNAL_TOKEN_LEN`] bytes and not an example placeholder
+    /// (stage services refuse every call without it, and the gateway
+    /// presents it), and `auth = "none"` only when every service started
+    /// listens on loopback (otherwise anyone who reaches the port is the
+    /// local team).
+    pub fn check_serving(&self, kinds: &[ServiceKind]) -> Result<()> {
+        if let Some(token) = self.internal_token.as_deref() {
+            check_internal_token(token)?;
+        }
+        if self.auth == crate::auth::AuthMode::None {
+            for &k in kinds.iter().filter(|k| **k == ServiceKind::Gateway) {
+                let addr = self.listen_addr(k);
+                if crate::tls::needs_opt_in(&addr) {
+                    bail!(
+                        "auth = \"none\" serves every caller as the local team, so it is \
+                         allowed on loopback only, but listen.{} is {addr}; use auth = \"keys\" \
+                         (DEADBOLT_AUTH=keys)",
+                        k.as_str()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -444,6 +481,12 @@ impl Config {
         Ok(None)
     }
 
+    /// How long the gateway keeps a key's lookup (revocation takes effect
+    /// within it).
+    pub fn key_cache(&self) -> Duration {
+        Duration::from_secs_f64(self.key_cache_secs)
+    }
+
     pub fn lease(&self) -> Duration {
         Duration::from_secs_f64(self.lease_secs)
     }
@@ -461,8 +504,70 @@ impl Config {
     }
 }
 
+/// The shortest internal credential `serve` accepts, in bytes (32 random
+/// bytes, base64: 44).
+pub const MIN_INTERNAL_TOKEN_LEN: usize = 32;
+
+/// Refuses an internal credential that is empty, shorter than
+/// [`MIN_INTERNAL_TOKEN_LEN`] or one of the examples' placeholders (never
+/// echoing it).
+pub fn check_internal_token(token: &str) -> Result<()> {
+    let t = token.trim();
+    if t.is_empty() {
+        bail!("internal_token (DEADBOLT_INTERNAL_TOKEN) is empty");
+    }
+    let lower = t.to_ascii_lowercase();
+    if lower.contains("change-me") || lower.contains("changeme") || lower.contains("placeholder") {
+        bail!(
+            "internal_token (DEADBOLT_INTERNAL_TOKEN) is the example placeholder; generate one: \
+             head -c 32 /dev/urandom | base64"
+        );
+    }
+    if t.len() < MIN_INTERNAL_TOKEN_LEN {
+        bail!(
+            "internal_token (DEADBOLT_INTERNAL_TOKEN) is {} bytes; at least {MIN_INTERNAL_TOKEN_LEN} \
+             are required (head -c 32 /dev/urandom | base64)",
+            t.len()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn internal_tokens_and_open_auth_are_checked_before_serving() {
+        use crate::auth::AuthMode;
+        for bad in [
+            "",
+            "   ",
+            "short-token",
+            "CHANGE-ME-to-32-random-bytes-xxxxxxxxxxxxxxxx",
+            "change-me-internal-token-padded-to-be-long-enough",
+        ] {
+            assert!(check_internal_token(bad).is_err(), "{bad:?}");
+        }
+        let good = "q3J0b2tlbi1mcm9tLTMyLXJhbmRvbS1ieXRlcy0xMjM0NTY=";
+        check_internal_token(good).unwrap();
+        let e = check_internal_token("short").unwrap_err().to_string();
+        assert!(!e.contains("short"), "the token is never echoed: {e}");
+
+        let mut c = Config {
+            auth: AuthMode::None,
+            internal_token: Some(good.into()),
+            ..Config::default()
+        };
+        c.listen.set(ServiceKind::Gateway, "127.0.0.1:0".into());
+        c.check_serving(&[ServiceKind::Gateway]).unwrap();
+        c.listen.set(ServiceKind::Gateway, "0.0.0.0:50051".into());
+        let e = c.check_serving(&[ServiceKind::Gateway]).unwrap_err();
+        assert!(e.to_string().contains("listen.gateway"), "{e}");
+        c.auth = AuthMode::Keys;
+        c.check_serving(&[ServiceKind::Gateway]).unwrap();
+        c.internal_token = Some("change-me-internal-token".into());
+        assert!(c.check_serving(&[ServiceKind::Gateway]).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -53,7 +53,9 @@ impl Shared {
     /// Connects the metadata store (running its migrations) and opens the
     /// artifact store named by the config.
     pub async fn connect(config: Config) -> anyhow::Result<Shared> {
-        let store = deadbolt_store::connect(&config.database_url).await?;
+        // no transaction of this process outlives the lease its workers hold
+        let limits = deadbolt_store::SessionLimits::for_lease(config.lease());
+        let store = deadbolt_store::connect_with(&config.database_url, limits).await?;
         let artifacts =
             ArtifactStore::from_url_with(&config.artifact_url, &config.s3.to_options())?;
         Ok(Shared {

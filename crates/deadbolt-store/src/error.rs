@@ -14,6 +14,9 @@ pub enum StoreError {
     /// with a different spec).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A team's quota is used up (e.g. its runs in flight).
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
     /// The row is not in a state that allows the change (e.g. a finished run
     /// cannot be cancelled or restarted).
     #[error("failed precondition: {0}")]
@@ -121,6 +124,7 @@ impl deadbolt_proto::ServiceError for StoreError {
         match self {
             StoreError::NotFound { .. } => Code::NotFound,
             StoreError::Conflict(_) => Code::AlreadyExists,
+            StoreError::QuotaExceeded(_) => Code::ResourceExhausted,
             StoreError::FailedPrecondition(_) => Code::FailedPrecondition,
             StoreError::LeaseLost { .. } | StoreError::DriveLost { .. } => Code::Aborted,
             StoreError::Checksum { .. } => Code::DataLoss,
@@ -159,6 +163,10 @@ mod tests {
         let cases = [
             (StoreError::not_found("run", id), Code::NotFound),
             (StoreError::Conflict("x".into()), Code::AlreadyExists),
+            (
+                StoreError::QuotaExceeded("x".into()),
+                Code::ResourceExhausted,
+            ),
             (
                 StoreError::FailedPrecondition("run x already succeeded".into()),
                 Code::FailedPrecondition,

@@ -50,6 +50,7 @@
 pub mod artifacts;
 pub mod changes;
 pub mod error;
+pub mod liveness;
 pub mod metadata;
 pub mod model;
 pub mod postgres;
@@ -62,7 +63,8 @@ pub use artifacts::{
 };
 pub use changes::{Change, ChangeKind};
 pub use error::{Result, StoreError};
-pub use metadata::{connect, MetadataStore};
+pub use liveness::{Failpoints, SessionLimits};
+pub use metadata::{connect, connect_with, MetadataStore};
 pub use model::*;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

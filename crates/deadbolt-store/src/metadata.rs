@@ -57,6 +57,12 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// Other teams may use the same `client_request_id`. NotFound for an
     /// unknown team.
     async fn create_run(&self, new: NewRun) -> Result<(Run, bool)>;
+    /// [`Self::create_run`] within the team's quota: QuotaExceeded
+    /// (RESOURCE_EXHAUSTED) when `max_in_flight` of the team's runs are
+    /// queued or running. Exact under concurrency (the team's submits are
+    /// serialized by a lock on its row); a retry with a known
+    /// `client_request_id` answers its run even at quota.
+    async fn create_run_within(&self, new: NewRun, max_in_flight: i64) -> Result<(Run, bool)>;
     /// Any team's run: callers serving a team check `run.team`.
     async fn get_run(&self, id: Uuid) -> Result<Run>;
     /// The runs of `team` (of every team with None, for operators), newest
@@ -319,8 +325,17 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 /// when missing, in WAL mode with foreign keys on; `sqlite::memory:` → a
 /// private in-memory database.
 pub async fn connect(url: &str) -> Result<Arc<dyn MetadataStore>> {
+    connect_with(url, crate::liveness::SessionLimits::default()).await
+}
+
+/// [`connect`], with the session limits of the lease its workers hold
+/// ([`crate::liveness::SessionLimits::for_lease`]).
+pub async fn connect_with(
+    url: &str,
+    limits: crate::liveness::SessionLimits,
+) -> Result<Arc<dyn MetadataStore>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(crate::PgStore::connect(url).await?))
+        Ok(Arc::new(crate::PgStore::connect_with(url, limits).await?))
     } else if url == "sqlite::memory:" {
         Ok(Arc::new(crate::SqliteStore::in_memory().await?))
     } else if let Some(path) = url.strip_prefix("sqlite:") {
@@ -333,7 +348,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn MetadataStore>> {
             });
         }
         Ok(Arc::new(
-            crate::SqliteStore::open(std::path::Path::new(path)).await?,
+            crate::SqliteStore::open_with(std::path::Path::new(path), limits).await?,
         ))
     } else {
         Err(StoreError::InvalidUrl {

@@ -7,19 +7,24 @@
 //! never wait on or take the same row. A fenced write locks its job's row
 //! `FOR SHARE` before it writes, so the job's lease cannot change hands until
 //! the write commits. Event appends take an advisory lock (before the job's
-//! row), so that commit order equals seq order.
+//! row), so that commit order equals seq order. No transaction outlives a
+//! lease: every pooled session has the timeouts of
+//! [`SessionLimits`](crate::liveness::SessionLimits) (see
+//! [`crate::liveness`]), so a worker paused inside a fenced write loses its
+//! session and the job is leased again within about one lease.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgValueRef};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgValueRef};
 use sqlx::types::Json;
-use sqlx::{Decode, Postgres};
+use sqlx::{Connection, Decode, Postgres};
 use uuid::Uuid;
 
 use crate::error::{map_db, map_db_missing, Result, StoreError};
+use crate::liveness::{Failpoints, SessionLimits};
 use crate::model::*;
 use crate::rows::*;
 use crate::sql::*;
@@ -33,6 +38,7 @@ const DIALECT: Dialect = Dialect {
     each_id: "SELECT jsonb_array_elements_text({})::uuid",
     skip_locked: "FOR NO KEY UPDATE SKIP LOCKED",
     share_lock: "FOR SHARE",
+    update_lock: "FOR UPDATE",
     begin: "BEGIN",
     // 0x6465_6164_6576_7473, "deadevts".
     event_lock: Some("SELECT pg_advisory_xact_lock(7234295460267455603)"),
@@ -44,11 +50,24 @@ const DIALECT: Dialect = Dialect {
 pub struct PgStore {
     pool: PgPool,
     changes: crate::changes::Changes,
+    failpoints: Failpoints,
 }
 
 impl PgStore {
-    /// Connects to `url` (postgres://...) and runs the migrations.
+    /// Connects to `url` (postgres://...) with the session limits of the
+    /// default lease and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, SessionLimits::default()).await
+    }
+
+    /// Connects to `url` with every pooled session bounded by `limits`
+    /// (see [`crate::liveness`]) and runs the migrations first, on a
+    /// connection of their own without those limits.
+    pub async fn connect_with(url: &str, limits: SessionLimits) -> Result<Self> {
+        let opts: PgConnectOptions = url.parse()?;
+        let mut conn = PgConnection::connect_with(&opts).await?;
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
         // a few connections kept open: a stage call, the worker's lease
         // and a heartbeat each need one at once, and opening one on demand
         // costs a backend start (tens of ms) on the path of every stage
@@ -56,19 +75,36 @@ impl PgStore {
             .max_connections(10)
             .min_connections(3)
             .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
+            .connect_with(opts.options(limits.pg_settings()))
             .await?;
-        Self::from_pool(pool).await
+        tracing::info!(
+            idle_in_transaction_ms = limits.idle_in_transaction.as_millis() as u64,
+            statement_ms = limits.statement.as_millis() as u64,
+            lock_ms = limits.lock.as_millis() as u64,
+            "postgres metadata store ready"
+        );
+        Ok(Self::wrap(pool))
     }
 
-    /// Wraps an existing pool and runs the migrations.
+    /// Wraps an existing pool (its sessions keep whatever limits the pool
+    /// sets) and runs the migrations.
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         MIGRATOR.run(&pool).await?;
         tracing::info!("postgres metadata store ready");
-        Ok(Self {
+        Ok(Self::wrap(pool))
+    }
+
+    fn wrap(pool: PgPool) -> Self {
+        Self {
             pool,
             changes: Default::default(),
-        })
+            failpoints: Failpoints::from_env(),
+        }
+    }
+
+    /// The store's test hooks (see [`crate::liveness`]).
+    pub fn failpoints(&self) -> &Failpoints {
+        &self.failpoints
     }
 
     pub fn pool(&self) -> &PgPool {

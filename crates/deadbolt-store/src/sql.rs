@@ -49,6 +49,10 @@ pub(crate) struct Dialect {
     pub skip_locked: &'static str,
     /// `{share_lock}`.
     pub share_lock: &'static str,
+    /// `{update_lock}`: lock the selected row for update, waiting for other
+    /// writers (nothing on SQLite, whose write transactions exclude each
+    /// other).
+    pub update_lock: &'static str,
     /// Starts a write transaction.
     pub begin: &'static str,
     /// Run first in the transaction that appends an event, so that commit
@@ -75,6 +79,7 @@ impl Dialect {
                 "each_id" => out.push_str(&self.each_id.replace("{}", arg)),
                 "skip_locked" => out.push_str(self.skip_locked),
                 "share_lock" => out.push_str(self.share_lock),
+                "update_lock" => out.push_str(self.update_lock),
                 _ => panic!("unknown SQL token {{{token}}}"),
             }
             rest = &rest[start + len + 1..];
@@ -184,6 +189,19 @@ macro_rules! sql_store {
             /// it upgrades from a read).
             async fn write_tx(&self) -> Result<sqlx::Transaction<'static, $db>> {
                 Ok(self.pool.begin_with($dialect.begin).await?)
+            }
+
+            /// Commits a fenced write's transaction, after the test hook of
+            /// [`crate::liveness::Failpoints`] (a no-op unless a test set it).
+            async fn commit_fenced(
+                &self,
+                write: &'static str,
+                fence: Option<&Fence>,
+                tx: sqlx::Transaction<'static, $db>,
+            ) -> Result<()> {
+                self.failpoints.before_fenced_commit(write, fence).await;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn fetch_run(&self, id: Uuid) -> Result<Option<Run>> {
@@ -430,6 +448,75 @@ macro_rules! sql_store {
                 let run = Run::from(row);
                 $crate::check_same_request(&run, &new)?;
                 Ok((run, false))
+            }
+
+            async fn create_run_within(
+                &self,
+                new: NewRun,
+                max_in_flight: i64,
+            ) -> Result<(Run, bool)> {
+                let mut tx = self.write_tx().await?;
+                // one submit of a team at a time: the team's row stays
+                // locked until this transaction ends, so the count below
+                // sees every run an earlier submit created
+                let team: Option<(String,)> = sqlx::query_as(
+                    $dialect.sql("SELECT name FROM teams WHERE name = $1 {update_lock}"),
+                )
+                .bind(&new.team)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if team.is_none() {
+                    return Err(StoreError::not_found("team", &new.team));
+                }
+                if let Some(crid) = &new.client_request_id {
+                    let existing: Option<RunRow> = sqlx::query_as(
+                        "SELECT * FROM runs WHERE team = $1 AND client_request_id = $2",
+                    )
+                    .bind(&new.team)
+                    .bind(crid)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some(row) = existing {
+                        // an idempotent retry answers its run, at quota too
+                        let run = Run::from(row);
+                        $crate::check_same_request(&run, &new)?;
+                        return Ok((run, false));
+                    }
+                }
+                let (in_flight,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM runs WHERE team = $1 \
+                     AND status IN ('queued', 'running')",
+                )
+                .bind(&new.team)
+                .fetch_one(&mut *tx)
+                .await?;
+                if in_flight >= max_in_flight {
+                    return Err(StoreError::QuotaExceeded(format!(
+                        "team {} has {in_flight} runs queued or running, its quota is \
+                         {max_in_flight}",
+                        new.team
+                    )));
+                }
+                let row: RunRow = Self::timed_as(
+                    "INSERT INTO runs (id, team, client_request_id, name, status, spec_json, \
+                     created_at, updated_at) \
+                     VALUES ($2, $3, $4, $5, 'queued', $6, {now}, {now}) RETURNING *",
+                )
+                .bind(Id(Uuid::new_v4()))
+                .bind(&new.team)
+                .bind(&new.client_request_id)
+                .bind(&new.name)
+                .bind(Json(&new.spec_json))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| map_db_missing(e, "team", &new.team))?;
+                tx.commit().await?;
+                let run = Run::from(row);
+                tracing::info!(
+                    run_id = %run.id, team = %run.team, name = %run.name, in_flight,
+                    "created run"
+                );
+                Ok((run, true))
             }
 
             async fn get_run(&self, id: Uuid) -> Result<Run> {
@@ -777,19 +864,29 @@ macro_rules! sql_store {
                         "failed jobs whose lease expired with no attempts left"
                     );
                 }
-                // One statement: the oldest runnable job, locked (skipping
-                // rows other leasers hold) and leased.
+                // One statement: a runnable job, locked (skipping rows other
+                // leasers hold) and leased. Fair across teams: the team with
+                // the fewest jobs running now goes first, and within it the
+                // oldest job (one team's hundred queued runs do not starve
+                // another team's one).
                 let row: Option<JobRow> = Self::timed_as(
                     "UPDATE stage_jobs SET status = 'leased', attempts = attempts + 1, \
                      lease_token = $2, leased_by = $3, lease_expires_at = {later $4}, \
                      updated_at = {now} \
                      WHERE id = ( \
-                       SELECT id FROM stage_jobs \
-                       WHERE stage IN ({each $5}) \
-                         AND ((status = 'queued' AND run_after <= {now}) \
-                           OR (status = 'leased' AND lease_expires_at < {now} \
-                               AND attempts < max_attempts)) \
-                       ORDER BY created_at, id LIMIT 1 {skip_locked}) \
+                       SELECT cand.id FROM stage_jobs AS cand \
+                       WHERE cand.stage IN ({each $5}) \
+                         AND ((cand.status = 'queued' AND cand.run_after <= {now}) \
+                           OR (cand.status = 'leased' AND cand.lease_expires_at < {now} \
+                               AND cand.attempts < cand.max_attempts)) \
+                       ORDER BY ( \
+                           SELECT count(*) FROM stage_jobs AS busy \
+                           JOIN runs AS busy_run ON busy_run.id = busy.run_id \
+                           WHERE busy.status = 'leased' AND busy.lease_expires_at >= {now} \
+                             AND busy_run.team = \
+                               (SELECT team FROM runs WHERE runs.id = cand.run_id)), \
+                         cand.created_at, cand.id \
+                       LIMIT 1 {skip_locked}) \
                      RETURNING *",
                 )
                 .bind(Id(Uuid::new_v4()))
@@ -973,7 +1070,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
-                tx.commit().await?;
+                self.commit_fenced("record_metric", fence, tx).await?;
                 Ok(())
             }
 
@@ -1029,7 +1126,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(|e| map_db(e, Some(run_id)))?;
                 }
-                tx.commit().await?;
+                self.commit_fenced("put_neuron_stats", fence, tx).await?;
                 Ok(())
             }
 
@@ -1078,7 +1175,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(|e| map_db(e, Some(run_id)))?;
                 }
-                tx.commit().await?;
+                self.commit_fenced("put_pruning_curve", fence, tx).await?;
                 Ok(())
             }
 
@@ -1106,7 +1203,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
-                tx.commit().await?;
+                self.commit_fenced("set_pruning_choice", fence, tx).await?;
                 Ok(())
             }
 
@@ -1160,7 +1257,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| map_db(e, Some(rec.run_id)))?;
-                tx.commit().await?;
+                self.commit_fenced("record_artifact", fence, tx).await?;
                 Ok(())
             }
 
@@ -1211,7 +1308,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
-                tx.commit().await?;
+                self.commit_fenced("put_scan_result", fence, tx).await?;
                 self.changed(run_id, crate::changes::ChangeKind::Event).await;
                 Ok(())
             }
@@ -1263,7 +1360,7 @@ macro_rules! sql_store {
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await?;
-                tx.commit().await?;
+                self.commit_fenced("delete_artifact", fence, tx).await?;
                 let rec = row.map(ArtifactRecord::from);
                 if let Some(r) = &rec {
                     tracing::info!(%run_id, name, uri = %r.uri, "deleted artifact record");
@@ -1299,7 +1396,7 @@ macro_rules! sql_store {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| map_db(e, Some(run_id)))?;
-                tx.commit().await?;
+                self.commit_fenced("append_event", fence, tx).await?;
                 self.changed(run_id, crate::changes::ChangeKind::Event).await;
                 Ok(seq)
             }
@@ -1485,6 +1582,7 @@ mod tests {
             each_id: "IDS({})",
             skip_locked: "SKIP",
             share_lock: "SHARE",
+            update_lock: "UPDATE",
             begin: "BEGIN",
             event_lock: None,
             notify: None,
@@ -1492,6 +1590,7 @@ mod tests {
         let sql = d.sql("a = {now}, b = {later $3} WHERE x IN ({each $4}) {skip_locked}");
         assert_eq!(sql.0, "a = NOW, b = LATER($3) WHERE x IN (EACH($4)) SKIP");
         assert_eq!(d.sql("SELECT 1 {share_lock}").0, "SELECT 1 SHARE");
+        assert_eq!(d.sql("SELECT 1 {update_lock}").0, "SELECT 1 UPDATE");
         assert_eq!(d.sql("id IN ({each_id $1})").0, "id IN (IDS($1))");
         assert_eq!(d.sql("SELECT 1").0, "SELECT 1");
     }

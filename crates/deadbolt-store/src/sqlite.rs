@@ -24,6 +24,7 @@ use sqlx::{Decode, Sqlite};
 use uuid::Uuid;
 
 use crate::error::{map_db, map_db_missing, Result, StoreError};
+use crate::liveness::{Failpoints, SessionLimits};
 use crate::model::*;
 use crate::rows::*;
 use crate::sql::*;
@@ -37,6 +38,7 @@ const DIALECT: Dialect = Dialect {
     each_id: "SELECT value FROM json_each({})",
     skip_locked: "",
     share_lock: "",
+    update_lock: "",
     begin: "BEGIN IMMEDIATE",
     event_lock: None,
     notify: None,
@@ -47,11 +49,19 @@ const DIALECT: Dialect = Dialect {
 pub struct SqliteStore {
     pool: SqlitePool,
     changes: crate::changes::Changes,
+    failpoints: Failpoints,
 }
 
 impl SqliteStore {
-    /// Opens (creating when missing) the SQLite file at `path` and migrates it.
+    /// Opens (creating when missing) the SQLite file at `path` and migrates
+    /// it, with the busy timeout of the default lease.
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, SessionLimits::default()).await
+    }
+
+    /// [`Self::open`], with a writer waiting on another at most
+    /// `limits.busy` (see [`crate::liveness`]).
+    pub async fn open_with(path: &Path, limits: SessionLimits) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Database(sqlx::Error::Io(std::io::Error::new(
@@ -66,7 +76,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(30));
+            .busy_timeout(limits.busy);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
@@ -76,6 +86,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             changes: Default::default(),
+            failpoints: Failpoints::from_env(),
         })
     }
 
@@ -96,12 +107,18 @@ impl SqliteStore {
         Ok(Self {
             pool,
             changes: Default::default(),
+            failpoints: Failpoints::default(),
         })
     }
 
     /// Changes reach only this process's subscribers (the embedded store
     /// runs every service in one process).
     fn start_listener(&self) {}
+
+    /// The store's test hooks (see [`crate::liveness`]).
+    pub fn failpoints(&self) -> &Failpoints {
+        &self.failpoints
+    }
 
     /// The underlying pool (for ad-hoc dashboard queries and tests).
     pub fn pool(&self) -> &SqlitePool {

@@ -882,6 +882,118 @@ async fn new_team(s: &Store, tag: &str) -> String {
     name
 }
 
+async fn quota_is_exact_under_concurrent_submits(s: Store) {
+    let t = new_team(&s, "quota").await;
+    let submits = (0..24).map(|i| {
+        let (s, t) = (s.clone(), t.clone());
+        tokio::spawn(async move {
+            s.create_run_within(
+                NewRun {
+                    team: t,
+                    client_request_id: Some(format!("req-{i}")),
+                    name: format!("r{i}"),
+                    spec_json: json!({"i": i}),
+                },
+                8,
+            )
+            .await
+        })
+    });
+    let mut created = Vec::new();
+    let mut refused = 0;
+    for h in futures::future::join_all(submits).await {
+        match h.unwrap() {
+            Ok((run, true)) => created.push(run),
+            Ok((_, false)) => panic!("no request id was reused"),
+            Err(StoreError::QuotaExceeded(m)) => {
+                assert!(m.contains("quota is 8"), "{m}");
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((created.len(), refused), (8, 16));
+    assert_eq!(
+        s.count_runs(&t, &[RunStatus::Queued, RunStatus::Running])
+            .await
+            .unwrap(),
+        8
+    );
+    // a retry of a created request answers its run, at quota too
+    let first = &created[0];
+    let (again, fresh) = s
+        .create_run_within(
+            NewRun {
+                team: t.clone(),
+                client_request_id: first.client_request_id.clone(),
+                name: first.name.clone(),
+                spec_json: first.spec_json.clone(),
+            },
+            8,
+        )
+        .await
+        .unwrap();
+    assert!(!fresh);
+    assert_eq!(again.id, first.id);
+    // another team's quota is its own
+    let other = new_team(&s, "quota-b").await;
+    let (_, fresh) = s
+        .create_run_within(
+            NewRun {
+                team: other,
+                client_request_id: None,
+                name: "b".into(),
+                spec_json: json!({}),
+            },
+            8,
+        )
+        .await
+        .unwrap();
+    assert!(fresh);
+    // an unknown team is NotFound
+    assert!(s
+        .create_run_within(
+            NewRun {
+                team: "no-such-team".into(),
+                client_request_id: None,
+                name: "x".into(),
+                spec_json: json!({}),
+            },
+            8,
+        )
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+async fn leasing_is_fair_across_teams(s: Store) {
+    let st = stage("fair");
+    let busy = new_team(&s, "busy").await;
+    let quiet = new_team(&s, "quiet").await;
+    let mut busy_jobs = Vec::new();
+    for i in 0..5 {
+        let run = new_run_in(&s, &busy, &format!("b{i}")).await;
+        busy_jobs.push(enqueue(&s, run.id, &st, 2).await.id);
+    }
+    let run = new_run_in(&s, &quiet, "q").await;
+    let quiet_job = enqueue(&s, run.id, &st, 2).await.id;
+    let lease = |w: &'static str| {
+        let (s, st) = (s.clone(), st.clone());
+        async move {
+            s.lease_job(w, std::slice::from_ref(&st), Duration::from_secs(30))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    // the oldest job first; then the quiet team's one, although the busy
+    // team's four others are older
+    assert_eq!(lease("w1").await.id, busy_jobs[0]);
+    assert_eq!(lease("w2").await.id, quiet_job);
+    // both teams run one now: the busy team's oldest queued job
+    assert_eq!(lease("w3").await.id, busy_jobs[1]);
+}
+
 async fn teams_are_validated_and_unique(s: Store) {
     let a = new_team(&s, "alpha").await;
     let b = new_team(&s, "0-beta").await;
@@ -2605,6 +2717,8 @@ metadata_test_suite!(
         runs_belong_to_a_team,
         client_request_ids_are_per_team,
         count_runs_by_team_and_status,
+        quota_is_exact_under_concurrent_submits,
+        leasing_is_fair_across_teams,
         run_pages_equal_per_run_reads,
         delete_artifact_is_fenced,
         cancel_cancels_jobs,
@@ -2988,5 +3102,126 @@ async fn postgres_migration_moves_old_rows_to_local_team() {
     }
     let s = connect(pg.url()).await.unwrap();
     check_migrated(&s).await;
+    pg.drop_db().await;
+}
+
+/// Issue 18 §1: a worker paused inside a fenced write (after its row lock,
+/// before COMMIT) must not hold its job. The failpoint stops the write at
+/// exactly that point; Postgres ends the idle transaction
+/// (`idle_in_transaction_session_timeout`, a third of the lease), so another
+/// worker leases the job within about one lease of the pause, and the
+/// paused write, resumed afterwards, lands nothing. Without the session
+/// limits the job is never leased again (SKIP LOCKED skips the locked row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_paused_fenced_write_does_not_hold_its_job() {
+    use std::time::Instant;
+    use tokio::sync::Notify;
+    let pg = Pg::fresh().await;
+    let lease = Duration::from_secs(2);
+    let limits = SessionLimits::for_lease(lease);
+    let paused = PgStore::connect_with(pg.url(), limits).await.unwrap();
+    let other = connect_with(pg.url(), limits).await.unwrap();
+    let s: Store = Arc::new(paused.clone());
+    let st = stage("train");
+    let run = new_run(&s, "paused").await;
+    enqueue(&s, run.id, &st, 3).await;
+    let first = s
+        .lease_job("worker-a", std::slice::from_ref(&st), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    let fence = Fence {
+        job_id: first.id,
+        lease_token: first.lease_token.unwrap(),
+    };
+
+    // the sessions carry the limits
+    let (idle,): (String,) = sqlx::query_as("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(paused.pool())
+        .await
+        .unwrap();
+    assert_eq!(idle, "666ms");
+
+    let inside = Arc::new(Notify::new());
+    let resume = Arc::new(Notify::new());
+    let (i, r) = (inside.clone(), resume.clone());
+    paused
+        .failpoints()
+        .on_fenced_commit(Arc::new(move |write, _| {
+            assert_eq!(write, "record_artifact");
+            let (i, r) = (i.clone(), r.clone());
+            Box::pin(async move {
+                i.notify_one();
+                r.notified().await;
+            })
+        }));
+    let writer = {
+        let (s, fence) = (s.clone(), fence.clone());
+        tokio::spawn(async move { s.record_artifact(Some(&fence), artifact(run.id, 1.0)).await })
+    };
+    // the write holds the job's row FOR SHARE and has inserted its record
+    inside.notified().await;
+    let paused_at = Instant::now();
+    let (locked,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND state = 'idle in transaction'",
+    )
+    .fetch_one(paused.pool())
+    .await
+    .unwrap();
+    assert_eq!(locked, 1, "the paused write is idle in its transaction");
+
+    let taken = loop {
+        if let Some(j) = other
+            .lease_job("worker-b", std::slice::from_ref(&st), lease)
+            .await
+            .unwrap()
+        {
+            break j;
+        }
+        assert!(
+            paused_at.elapsed() < 2 * lease,
+            "the job was not leased again within two leases of the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "re-leased {:.2} s after the pause (lease {:.1} s)",
+        paused_at.elapsed().as_secs_f64(),
+        lease.as_secs_f64()
+    );
+    assert_eq!(taken.id, first.id);
+    assert_eq!(taken.attempts, 2);
+    assert_eq!(taken.leased_by.as_deref(), Some("worker-b"));
+
+    // the paused write resumes: its transaction is gone, nothing landed
+    resume.notify_one();
+    let late = writer.await.unwrap();
+    assert!(
+        late.is_err(),
+        "a paused write committed after losing its job"
+    );
+    assert!(matches!(
+        other
+            .get_artifact(run.id, "epoch-1/model.safetensors")
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // and every later write under the old lease is refused
+    paused.failpoints().clear();
+    assert!(matches!(
+        s.record_artifact(Some(&fence), artifact(run.id, 2.0)).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // the winner writes
+    let winner = Fence {
+        job_id: taken.id,
+        lease_token: taken.lease_token.unwrap(),
+    };
+    other
+        .record_artifact(Some(&winner), artifact(run.id, 3.0))
+        .await
+        .unwrap();
+    drop((s, paused, other));
     pg.drop_db().await;
 }

@@ -33,6 +33,12 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+    /// The process state letter of /proc/<pid>/stat (`T`: stopped).
+    pub fn state(&self) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // "pid (comm) S ...": the state follows the last ')'
+        stat.rsplit_once(')')?.1.trim_start().chars().next()
+    }
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -81,6 +87,18 @@ impl Drop for Proc {
 /// and waits until every service printed its address (the metrics
 /// endpoint's, when configured, is `addrs["metrics"]`).
 pub fn serve(bin: &Path, dir: &Path, name: &str, services: &str, config: &str) -> Proc {
+    serve_env(bin, dir, name, services, config, &[])
+}
+
+/// [`serve`] with extra environment variables (e.g. a failpoint).
+pub fn serve_env(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    services: &str,
+    config: &str,
+    env: &[(&str, &str)],
+) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config).unwrap();
     let log = dir.join(format!("{name}.log"));
@@ -88,6 +106,7 @@ pub fn serve(bin: &Path, dir: &Path, name: &str, services: &str, config: &str) -
         .args(["serve", "--config"])
         .arg(&cfg)
         .args(["--services", services])
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))

@@ -22,6 +22,17 @@ pub fn serve(dir: &Path, name: &str, services: &str, config: &str) -> Proc {
     deadbolt_test_support::serve::serve(Path::new(bin()), dir, name, services, config)
 }
 
+/// [`serve`] with extra environment variables (e.g. a failpoint).
+pub fn serve_env(
+    dir: &Path,
+    name: &str,
+    services: &str,
+    config: &str,
+    env: &[(&str, &str)],
+) -> Proc {
+    deadbolt_test_support::serve::serve_env(Path::new(bin()), dir, name, services, config, env)
+}
+
 /// Every service in one `deadbolt serve` process (`all`), and the config
 /// file it reads (`<dir>/all.toml`, for the CLI's `--config`).
 pub fn serve_all(dir: &Path, config: &str) -> (Proc, std::path::PathBuf) {
