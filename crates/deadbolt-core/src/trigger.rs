@@ -39,7 +39,10 @@ impl Trigger {
             } => {
                 let s = *size;
                 let (r, col) = position.top_left(s, h, w);
-                if s < 1 || s > h || s > w || r < 0 || col < 0 || r + s > h || col + s > w {
+                // checked: a position near i64::MAX must not wrap into the image
+                let past =
+                    |at: i64, side: i64| at < 0 || at.checked_add(s).is_none_or(|e| e > side);
+                if s < 1 || s > h || s > w || past(r, h) || past(col, w) {
                     return Err(Error::invalid(
                         "attack.trigger.size",
                         format!("a {s}x{s} patch at row {r}, col {col} does not fit in the {h}x{w} image"),
@@ -174,6 +177,15 @@ mod tests {
         let outside = t.mask.eq(0.0).unsqueeze(0).expand([4, 1, 8, 8], true);
         assert!(y.masked_select(&outside).equal(&x.masked_select(&outside)));
         assert_eq!(t.region(), (5, 5, 3, 3));
+    }
+
+    #[test]
+    fn a_huge_position_is_refused_not_wrapped() {
+        for (row, col) in [(i64::MAX, 0), (0, i64::MAX - 1), (i64::MIN, 0)] {
+            let spec = patch(3, PatchPosition::At { row, col }, PatchPattern::Solid);
+            let e = Trigger::from_spec(&spec, (1, 28, 28)).unwrap_err();
+            assert!(e.to_string().contains("does not fit"), "{e}");
+        }
     }
 
     #[test]

@@ -3,14 +3,15 @@
 //! Every error type of the services (store, stage jobs, gateway, spec
 //! validation) implements [`ServiceError`]: it says its own code and, when a
 //! request field is at fault, the field. [`status`] is the only function
-//! that builds a `Status` from an error: INVALID_ARGUMENT with a field
-//! carries a `google.rpc.BadRequest` field violation, everything else the
-//! code and the message. Server-side failures (INTERNAL, UNAVAILABLE,
+//! that builds a `Status` from an error: INVALID_ARGUMENT or
+//! RESOURCE_EXHAUSTED with a field carries a `google.rpc.BadRequest` field
+//! violation, everything else the code and the message. Server-side
+//! failures (INTERNAL, UNAVAILABLE,
 //! DATA_LOSS, UNKNOWN) are logged here once.
 
 use tonic::{Code, Status};
 
-use crate::validate::invalid_argument;
+use crate::validate::{invalid_argument, resource_exhausted};
 
 /// An error that knows its gRPC code (quickwit-style).
 pub trait ServiceError: std::fmt::Display {
@@ -33,6 +34,7 @@ pub fn status<E: ServiceError + ?Sized>(e: &E) -> Status {
     }
     match (code, e.field()) {
         (Code::InvalidArgument, Some(field)) => invalid_argument(field, message),
+        (Code::ResourceExhausted, Some(field)) => resource_exhausted(field, message),
         _ => Status::new(code, message),
     }
 }
@@ -114,6 +116,12 @@ mod tests {
         let s = status(&E(Code::InvalidArgument, Some("spec.training.epochs")));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(field_violations(&s)[0].0, "spec.training.epochs");
+        let s = status(&E(
+            Code::ResourceExhausted,
+            Some("spec.training.batch_size"),
+        ));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(field_violations(&s)[0].0, "spec.training.batch_size");
         let s = status(&E(Code::NotFound, None));
         assert_eq!((s.code(), s.message()), (Code::NotFound, "bad thing"));
         assert!(field_violations(&s).is_empty());

@@ -39,10 +39,43 @@ pub const SERVICE_NAMES: [&str; 5] = [
     "deadbolt.v1.ExperimentService",
 ];
 
+/// The path of every method of the five services
+/// (`/deadbolt.v1.ExperimentService/SubmitExperiment`, ...), as a request's
+/// `:path` names it, read from [`FILE_DESCRIPTOR_SET`].
+pub fn method_paths() -> Vec<String> {
+    use prost::Message;
+    let fds = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET)
+        .expect("the built descriptor set decodes");
+    fds.file
+        .iter()
+        .flat_map(|f| {
+            let pkg = f.package().to_string();
+            f.service.iter().flat_map(move |s| {
+                let service = format!("{pkg}.{}", s.name());
+                s.method
+                    .iter()
+                    .map(move |m| format!("/{service}/{}", m.name()))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn method_paths_name_every_method() {
+        let paths = method_paths();
+        assert!(paths.contains(&"/deadbolt.v1.ExperimentService/SubmitExperiment".to_string()));
+        for s in SERVICE_NAMES {
+            assert!(
+                paths.iter().any(|p| p.starts_with(&format!("/{s}/"))),
+                "{s}"
+            );
+        }
+    }
 
     #[test]
     fn descriptor_set_has_all_five_services() {

@@ -18,6 +18,15 @@ pub fn invalid_argument(field: impl Into<String>, description: impl Into<String>
     v.into_status()
 }
 
+/// RESOURCE_EXHAUSTED naming the field whose value costs too much (a
+/// `google.rpc.BadRequest` field violation, read by [`field_violations`]
+/// like an INVALID_ARGUMENT's).
+pub fn resource_exhausted(field: impl Into<String>, description: impl Into<String>) -> Status {
+    let mut v = Violations::default();
+    v.add(field, description);
+    v.into_status_with(Code::ResourceExhausted, "resource exhausted")
+}
+
 /// The (field, description) pairs carried by a status, if any.
 pub fn field_violations(status: &Status) -> Vec<(String, String)> {
     status
@@ -87,6 +96,10 @@ impl Violations {
     }
 
     fn into_status(self) -> Status {
+        self.into_status_with(Code::InvalidArgument, "invalid argument")
+    }
+
+    fn into_status_with(self, code: Code, what: &str) -> Status {
         let message = self
             .items
             .iter()
@@ -94,11 +107,7 @@ impl Violations {
             .collect::<Vec<_>>()
             .join("; ");
         let details = ErrorDetails::with_bad_request(self.items);
-        Status::with_error_details(
-            Code::InvalidArgument,
-            format!("invalid argument: {message}"),
-            details,
-        )
+        Status::with_error_details(code, format!("{what}: {message}"), details)
     }
 }
 
@@ -129,6 +138,18 @@ mod tests {
         let v = field_violations(&wire);
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].0, "attack.rate");
+    }
+
+    #[test]
+    fn resource_exhausted_names_its_field() {
+        let s = resource_exhausted("spec.training.batch_size", "needs 40 GiB");
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message().contains("spec.training.batch_size"),
+            "{}",
+            s.message()
+        );
+        assert_eq!(field_violations(&s)[0].0, "spec.training.batch_size");
     }
 
     #[test]

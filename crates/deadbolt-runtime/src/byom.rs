@@ -166,16 +166,37 @@ impl ByomSpec {
             .map_err(|e| within("repair", e))
     }
 
-    /// The options that cost time, within the service's limits.
+    /// The options that cost time or memory, within the service's
+    /// limits: the reverse engineering's images per label and step
+    /// (`cleanse.minibatch`) and per forward pass (`cleanse.max_batch`) are
+    /// batches, bounded like `training.batch_size`; a `stats_images` of 0
+    /// (all the uploaded images, a count not known at submit) counts as
+    /// unbounded; the layer name is bounded like a run name.
     pub fn check_limits(&self, l: &Limits) -> Result<(), (String, String)> {
+        if let Some(layer) = &self.layer {
+            if layer.len() > l.max_name_len {
+                return Err((
+                    "options_toml.layer".into(),
+                    format!(
+                        "{} bytes is above this service's limit of {}",
+                        layer.len(),
+                        l.max_name_len
+                    ),
+                ));
+            }
+        }
         let (scan, repair) = (&self.scan, &self.repair_options);
-        let checks: [(&Value, &str, &str, usize); 9] = [
+        let checks: [(&Value, &str, &str, usize); 13] = [
             (scan, "scan", "cleanse.steps", l.max_synthetic_steps),
             (scan, "scan", "cleanse.images", l.max_synthetic_images),
+            (scan, "scan", "cleanse.minibatch", l.max_batch_size),
+            (scan, "scan", "cleanse.max_batch", l.max_batch_size),
             (scan, "scan", "stats_images", l.max_stats_images),
             (scan, "scan", "gradcam_images", l.max_stats_images),
             (repair, "repair", "cleanse.steps", l.max_synthetic_steps),
             (repair, "repair", "cleanse.images", l.max_synthetic_images),
+            (repair, "repair", "cleanse.minibatch", l.max_batch_size),
+            (repair, "repair", "cleanse.max_batch", l.max_batch_size),
             (repair, "repair", "stats_images", l.max_stats_images),
             (repair, "repair", "fine_tune_epochs", l.max_fine_tune_epochs),
             (repair, "repair", "fine_tune_batch", l.max_batch_size),
@@ -188,7 +209,16 @@ impl ByomSpec {
             let Some(v) = v else { continue };
             let f = format!("options_toml.{section}.{path}");
             match v.as_u64() {
-                Some(n) if n as usize <= max => {}
+                Some(0) if path == "stats_images" && max < usize::MAX => {
+                    return Err((
+                        f,
+                        format!(
+                            "0 (all the images) is above this service's limit of {max} \
+                             (set stats_images)"
+                        ),
+                    ));
+                }
+                Some(n) if usize::try_from(n).is_ok_and(|n| n <= max) => {}
                 Some(n) => {
                     return Err((f, format!("{n} is above this service's limit of {max}")));
                 }
@@ -375,6 +405,44 @@ mod tests {
             e("m", "[repair]\nfine_tune_batch = -1"),
             "options_toml.repair.fine_tune_batch"
         );
+        // the reverse engineering's batches, 0 = all statistics images,
+        // the layer name
+        let big = l.max_batch_size + 1;
+        for (opts, field) in [
+            (
+                format!("[scan.cleanse]\nminibatch = {big}"),
+                "options_toml.scan.cleanse.minibatch",
+            ),
+            (
+                format!("[repair.cleanse]\nmax_batch = {}", i64::MAX),
+                "options_toml.repair.cleanse.max_batch",
+            ),
+            (
+                "[scan]\nstats_images = 0".to_string(),
+                "options_toml.scan.stats_images",
+            ),
+            (
+                "[repair]\nstats_images = 0".to_string(),
+                "options_toml.repair.stats_images",
+            ),
+            (
+                format!("layer = \"{}\"", "x".repeat(l.max_name_len + 1)),
+                "options_toml.layer",
+            ),
+        ] {
+            assert_eq!(e("m", &opts), field, "{opts}");
+        }
+        // unbounded (the user's own machine): 0 is all the images
+        ByomSpec::from_request(
+            "t",
+            "",
+            "m",
+            "d",
+            true,
+            "[scan]\nstats_images = 0\n[scan.cleanse]\nminibatch = 100000",
+            &Limits::unbounded(),
+        )
+        .unwrap();
         // checked as the stages read them: unknown keys, types, ranges
         for (opts, field) in [
             ("[scan]\nstats_imagez = 3", "options_toml.scan.stats_imagez"),

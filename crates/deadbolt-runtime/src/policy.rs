@@ -3,8 +3,14 @@
 //! - **Limits**: operator-configured upper bounds on every cost field
 //!   (epochs, batch size, fine-tune epochs, synthetic-trigger steps and
 //!   images, statistics images, threads, training-set size) and on the
-//!   lengths of names; a spec over a bound is refused with
-//!   INVALID_ARGUMENT naming the field and the bound.
+//!   lengths of names and lists; a spec over a bound is refused with
+//!   INVALID_ARGUMENT naming the field and the bound. A count of 0 that
+//!   means "all" (`dataset.train_limit`, `defense.stats_images`) counts as
+//!   the all it asks for, never as unbounded.
+//! - **Memory**: a run's memory is estimated from its spec
+//!   ([`deadbolt_spec::memory`]) and refused over `max_job_memory_bytes`
+//!   with RESOURCE_EXHAUSTED naming the field that drives it, before the
+//!   run is queued.
 //! - **No server paths**: a remote spec never names a file of the server.
 //!   `dataset.path` must be the *name* of a dataset the operator configured
 //!   (`[datasets.<name>] root = ...`, under `data_root` when that is set);
@@ -42,6 +48,13 @@ pub struct Limits {
     pub max_runs_in_flight: i64,
     /// Largest file a client may upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Most memory one run's job may need, by the estimate of
+    /// `deadbolt_spec::memory` (parameters, activations at the batch size,
+    /// the dataset's tensors). Default 8 GiB: the default MNIST run needs
+    /// ~0.4 GiB, PreActResNet18 on CIFAR-10 at batch 128 ~3.4 GiB, at
+    /// batch 4096 ~60 GiB. Over it, a submit is RESOURCE_EXHAUSTED naming
+    /// the dominant field.
+    pub max_job_memory_bytes: u64,
 }
 
 impl Limits {
@@ -59,6 +72,7 @@ impl Limits {
             max_name_len: usize::MAX,
             max_runs_in_flight: i64::MAX,
             max_upload_bytes: u64::MAX,
+            max_job_memory_bytes: u64::MAX,
         }
     }
 }
@@ -77,6 +91,7 @@ impl Default for Limits {
             max_name_len: 128,
             max_runs_in_flight: 32,
             max_upload_bytes: 256 << 20,
+            max_job_memory_bytes: 8 << 30,
         }
     }
 }
@@ -93,10 +108,71 @@ pub struct DatasetEntry {
     pub sha256: BTreeMap<String, String>,
 }
 
-/// Checks `spec` against `limits` (INVALID_ARGUMENT naming each field over
-/// its bound, e.g. `spec.training.epochs`).
+/// Most entries of `dataset.sha256` (files pinned by checksum; MNIST has
+/// 4 files, CIFAR-10 6).
+pub const MAX_PINNED_FILES: usize = 16;
+
+/// A cost over the service's bound: RESOURCE_EXHAUSTED naming the field,
+/// through the one error-to-status mapping.
+struct OverBudget {
+    field: String,
+    message: String,
+}
+
+impl std::fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl deadbolt_proto::ServiceError for OverBudget {
+    fn code(&self) -> tonic::Code {
+        tonic::Code::ResourceExhausted
+    }
+    fn field(&self) -> Option<String> {
+        Some(self.field.clone())
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Checks `spec` against `limits`: INVALID_ARGUMENT naming each field over
+/// its bound (e.g. `spec.training.epochs`), then RESOURCE_EXHAUSTED naming
+/// the dominant field when the run's estimated memory is over
+/// `max_job_memory_bytes`. The images are taken as the dataset kind's
+/// (MNIST 1x28x28, CIFAR-10 3x32x32, 10 classes), so a patch trigger that
+/// does not fit them is refused here too.
 pub fn check_limits(spec: &ExperimentSpec, limits: &Limits) -> Result<(), Status> {
     let mut v = Violations::new();
+    let kind = spec.dataset.kind;
+    if let Some(a) = &spec.attack {
+        let (_, h, w) = kind.input_shape();
+        if let Err(e) = a.validate_for(h, w, kind.classes()) {
+            let at = e.field().unwrap_or("attack").to_string();
+            v.add(format!("spec.{at}"), e.to_string());
+        }
+    }
+    let pinned = &spec.dataset.sha256;
+    if pinned.len() > MAX_PINNED_FILES {
+        v.add(
+            "spec.dataset.sha256",
+            format!("{} files pinned; at most {MAX_PINNED_FILES}", pinned.len()),
+        );
+    } else if let Some((file, _)) = pinned
+        .iter()
+        .find(|(f, h)| f.len() > limits.max_name_len || h.len() > limits.max_name_len)
+    {
+        let file: String = file.chars().take(32).collect();
+        v.add(
+            "spec.dataset.sha256",
+            format!(
+                "{file:?}: names and checksums are at most {} bytes",
+                limits.max_name_len
+            ),
+        );
+    }
     let mut at_most = |field: &str, value: usize, bound: usize| {
         if value > bound {
             v.add(
@@ -133,14 +209,36 @@ pub fn check_limits(spec: &ExperimentSpec, limits: &Limits) -> Result<(), Status
         limits.max_synthetic_images,
     );
     at_most(
-        "defense.stats_images",
-        spec.defense.stats_images,
-        limits.max_stats_images,
+        "defense.layer",
+        spec.defense.layer.as_ref().map_or(0, String::len),
+        limits.max_name_len,
     );
     let train = match spec.dataset.train_limit {
         0 => usize::MAX,
         n => n,
     };
+    // 0 statistics images is the whole validation split: the share
+    // `validation_fraction` of the training images (of all of them, when
+    // train_limit is 0 too, which counts as unbounded)
+    let stats = match spec.defense.stats_images {
+        0 if train == usize::MAX => usize::MAX,
+        0 => (train as f64 * spec.dataset.validation_fraction).ceil() as usize,
+        n => n,
+    };
+    if stats > limits.max_stats_images {
+        v.add(
+            "spec.defense.stats_images",
+            format!(
+                "{} is above this service's limit of {} (set stats_images)",
+                match (spec.defense.stats_images, stats) {
+                    (0, usize::MAX) => "0 (the whole validation split of all images)".to_string(),
+                    (0, n) => format!("0 (the whole validation split, {n} images)"),
+                    (n, _) => n.to_string(),
+                },
+                limits.max_stats_images
+            ),
+        );
+    }
     if train > limits.max_train_images {
         v.add(
             "spec.dataset.train_limit",
@@ -155,7 +253,25 @@ pub fn check_limits(spec: &ExperimentSpec, limits: &Limits) -> Result<(), Status
             ),
         );
     }
-    v.check()
+    v.check()?;
+    let estimate = spec.memory_estimate();
+    if estimate.total() > limits.max_job_memory_bytes {
+        let (field, part) = estimate.dominant();
+        return Err(deadbolt_proto::status(&OverBudget {
+            field: format!("spec.{field}"),
+            message: format!(
+                "the run needs about {} ({} of it for `{field}`: parameters {}, activations {}, \
+                 dataset {}), above this service's limit of {} per job",
+                gib(estimate.total()),
+                gib(part),
+                gib(estimate.parameters),
+                gib(estimate.activations),
+                gib(estimate.dataset),
+                gib(limits.max_job_memory_bytes)
+            ),
+        }));
+    }
+    Ok(())
 }
 
 /// Replaces a remote spec's dataset name by the configured root (with its
@@ -257,6 +373,114 @@ mod tests {
 
     fn spec(text: &str) -> ExperimentSpec {
         toml::from_str(text).unwrap()
+    }
+
+    /// The fields of a refusal, and its code.
+    fn refused(r: Result<(), Status>) -> (tonic::Code, Vec<String>) {
+        let e = r.unwrap_err();
+        let fields = deadbolt_proto::validate::field_violations(&e)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect();
+        (e.code(), fields)
+    }
+
+    const MNIST: &str = "[dataset]\nkind = \"mnist\"\ntrain_limit = 60000\n";
+
+    #[test]
+    fn lists_are_bounded_at_submit() {
+        use deadbolt_proto::v1::submit_experiment_request::Spec;
+        // 10,000 criteria, and a duplicate: refused as the request arrives
+        for criteria in [vec!["\"l1\""; 10_000].join(", "), "\"l1\", \"l1\"".into()] {
+            let text = format!("{MNIST}[defense]\ncriteria = [{criteria}]\n");
+            let e = crate::convert::spec_from_submit(Some(&Spec::SpecToml(text))).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            let fields = deadbolt_proto::validate::field_violations(&e);
+            assert_eq!(fields[0].0, "spec.defense.criteria", "{e:?}");
+        }
+        // pinned files and the layer name
+        let mut s = spec(MNIST);
+        s.dataset.sha256 = (0..=MAX_PINNED_FILES)
+            .map(|i| (format!("f{i}"), "ab".repeat(32)))
+            .collect();
+        s.defense.layer = Some("l".repeat(1000));
+        let (code, fields) = refused(check_limits(&s, &Limits::default()));
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert_eq!(fields, ["spec.dataset.sha256", "spec.defense.layer"]);
+        // the pinned files' bound is no operator's choice
+        let (_, fields) = refused(check_limits(&s, &Limits::unbounded()));
+        assert_eq!(fields, ["spec.dataset.sha256"]);
+    }
+
+    #[test]
+    fn zero_stats_images_counts_as_the_whole_validation_split() {
+        let l = Limits::default();
+        // 0 with 60,000 training images: 6,000 validation images, allowed
+        let mut s = spec(MNIST);
+        s.defense.stats_images = 0;
+        check_limits(&s, &l).unwrap();
+        // ... not with 500,000 (50,000 > 20,000), nor with all of them
+        s.dataset.train_limit = 500_000;
+        let (_, fields) = refused(check_limits(&s, &l));
+        assert_eq!(fields, ["spec.defense.stats_images"]);
+        s.dataset.train_limit = 0;
+        let (_, fields) = refused(check_limits(&s, &l));
+        assert_eq!(
+            fields,
+            ["spec.defense.stats_images", "spec.dataset.train_limit"]
+        );
+        check_limits(&s, &Limits::unbounded()).unwrap();
+    }
+
+    #[test]
+    fn a_trigger_outside_the_image_is_refused_at_submit() {
+        let attack = |position: &str| {
+            spec(&format!(
+                "{MNIST}[attack]\nrate = 0.1\ntarget = 0\n[attack.trigger]\nkind = \"patch\"\nsize = 3\nposition = {position}\n"
+            ))
+        };
+        check_limits(&attack("{ row = 25, col = 25 }"), &Limits::default()).unwrap();
+        for position in [
+            "{ row = 26, col = 0 }",
+            "{ row = 0, col = 1000000 }",
+            "{ row = 9223372036854775807, col = 9223372036854775807 }",
+        ] {
+            let (code, fields) = refused(check_limits(&attack(position), &Limits::default()));
+            assert_eq!(code, tonic::Code::InvalidArgument);
+            assert_eq!(fields, ["spec.attack.trigger.position"], "{position}");
+        }
+    }
+
+    #[test]
+    fn a_run_that_cannot_fit_is_resource_exhausted_naming_its_field() {
+        let l = Limits::default();
+        // the default MNIST run fits, with room to spare
+        let s = spec(MNIST);
+        assert!(s.memory_estimate().total() < l.max_job_memory_bytes / 8);
+        check_limits(&s, &l).unwrap();
+        // PreActResNet18 on CIFAR-10 at batch 128 fits too
+        let mut s = spec("[dataset]\nkind = \"cifar10\"\ntrain_limit = 50000\n[model]\narch = \"preact-resnet18\"\n[training]\nbatch_size = 128\n");
+        check_limits(&s, &l).unwrap();
+        // at the largest batch the limits allow it does not
+        s.training.batch_size = l.max_batch_size;
+        let (code, fields) = refused(check_limits(&s, &l));
+        assert_eq!(code, tonic::Code::ResourceExhausted);
+        assert_eq!(fields, ["spec.training.batch_size"]);
+        // nor with as many training images as max_train_images allows
+        s.training.batch_size = 128;
+        s.dataset.train_limit = l.max_train_images;
+        let (code, fields) = refused(check_limits(&s, &l));
+        assert_eq!(code, tonic::Code::ResourceExhausted);
+        assert_eq!(fields, ["spec.dataset.train_limit"]);
+        // an operator's lower limit refuses the default MNIST run
+        let small = Limits {
+            max_job_memory_bytes: 64 << 20,
+            ..Limits::default()
+        };
+        let (code, fields) = refused(check_limits(&spec(MNIST), &small));
+        assert_eq!(code, tonic::Code::ResourceExhausted);
+        assert_eq!(fields, ["spec.dataset.train_limit"]);
+        check_limits(&s, &Limits::unbounded()).unwrap();
     }
 
     #[test]

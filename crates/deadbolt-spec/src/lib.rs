@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub mod byom;
 pub mod error;
+pub mod memory;
 
 pub use error::{Error, Result};
 
@@ -199,14 +200,17 @@ impl Default for PatchPosition {
 }
 
 impl PatchPosition {
-    /// Top-left pixel of a `size` patch in an `h` x `w` image.
+    /// Top-left pixel of a `size` patch in an `h` x `w` image (saturating:
+    /// a nonsensical size gives a position the fit check refuses).
     pub fn top_left(&self, size: i64, h: i64, w: i64) -> (i64, i64) {
         match self {
             PatchPosition::At { row, col } => (*row, *col),
             PatchPosition::Corner(Corner::TopLeft) => (0, 0),
-            PatchPosition::Corner(Corner::TopRight) => (0, w - size),
-            PatchPosition::Corner(Corner::BottomLeft) => (h - size, 0),
-            PatchPosition::Corner(Corner::BottomRight) => (h - size, w - size),
+            PatchPosition::Corner(Corner::TopRight) => (0, w.saturating_sub(size)),
+            PatchPosition::Corner(Corner::BottomLeft) => (h.saturating_sub(size), 0),
+            PatchPosition::Corner(Corner::BottomRight) => {
+                (h.saturating_sub(size), w.saturating_sub(size))
+            }
         }
     }
 }
@@ -600,6 +604,25 @@ impl ExperimentSpec {
         if df.criteria.is_empty() {
             return Err(Error::invalid("defense.criteria", "must name at least one"));
         }
+        // each criterion at most once: the list is never longer than the
+        // known criteria, whatever a client sends
+        if df.criteria.len() > Criterion::ALL.len() {
+            return Err(Error::invalid(
+                "defense.criteria",
+                format!(
+                    "{} criteria given; there are {} (each may be listed once)",
+                    df.criteria.len(),
+                    Criterion::ALL.len()
+                ),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(c) = df.criteria.iter().find(|c| !seen.insert(**c)) {
+            return Err(Error::invalid(
+                "defense.criteria",
+                format!("{} is listed twice", c.as_str()),
+            ));
+        }
         let s = &df.synthetic;
         if s.steps == 0 || s.images == 0 {
             return Err(Error::invalid(
@@ -659,9 +682,25 @@ impl AttackSpec {
             ));
         }
         match &self.trigger {
-            TriggerSpec::Patch { size, value, .. } => {
+            TriggerSpec::Patch {
+                size,
+                value,
+                position,
+                ..
+            } => {
                 if *size < 1 {
                     return Err(Error::invalid("attack.trigger.size", "must be >= 1"));
+                }
+                if let PatchPosition::At { row, col } = position {
+                    // the patch's far edge must be a number: no position
+                    // (i64::MAX) overflows the fit check
+                    let fits = |v: i64| v >= 0 && v.checked_add(*size).is_some();
+                    if !fits(*row) || !fits(*col) {
+                        return Err(Error::invalid(
+                            "attack.trigger.position",
+                            format!("row {row}, col {col}: must be >= 0 and inside an image"),
+                        ));
+                    }
                 }
                 if !(0.0..=1.0).contains(value) {
                     return Err(Error::invalid("attack.trigger.value", "must be in [0, 1]"));
@@ -699,7 +738,9 @@ impl AttackSpec {
                 ));
             }
             let (r, c) = position.top_left(*size, h, w);
-            if r < 0 || c < 0 || r + size > h || c + size > w {
+            let past =
+                |at: i64, side: i64| at < 0 || at.checked_add(*size).is_none_or(|e| e > side);
+            if past(r, h) || past(c, w) {
                 return Err(Error::invalid(
                     "attack.trigger.position",
                     format!("a {size}x{size} patch at row {r}, col {c} does not fit in the {h}x{w} image"),
@@ -792,6 +833,60 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("attack.target"));
+    }
+
+    #[test]
+    fn criteria_are_each_listed_at_most_once() {
+        let field = |t: &str| match ExperimentSpec::from_toml_str(t) {
+            Err(Error::Invalid { field, message }) => (field, message),
+            other => panic!("{other:?}"),
+        };
+        let many = vec!["\"l1\""; 10_000].join(", ");
+        let (f, m) = field(&format!("{MIN}\n[defense]\ncriteria = [{many}]\n"));
+        assert_eq!(f, "defense.criteria");
+        assert!(m.contains("10000"), "{m}");
+        let (f, m) = field(&format!(
+            "{MIN}\n[defense]\ncriteria = [\"l1\", \"linf\", \"l1\"]\n"
+        ));
+        assert_eq!(f, "defense.criteria");
+        assert!(m.contains("l1 is listed twice"), "{m}");
+        let all = Criterion::ALL
+            .map(|c| format!("{:?}", c.as_str()))
+            .join(", ");
+        ExperimentSpec::from_toml_str(&format!("{MIN}\n[defense]\ncriteria = [{all}]\n")).unwrap();
+    }
+
+    #[test]
+    fn huge_or_negative_positions_are_refused_without_overflow() {
+        for (row, col) in [
+            (i64::MAX, 0),
+            (0, i64::MAX - 1),
+            (-1, 0),
+            (i64::MIN, i64::MIN),
+        ] {
+            let t = MIN.replace(
+                "position = \"bottom-right\"",
+                &format!("position = {{ row = {row}, col = {col} }}"),
+            );
+            match ExperimentSpec::from_toml_str(&t) {
+                Err(Error::Invalid { field, .. }) => assert_eq!(field, "attack.trigger.position"),
+                other => panic!("{row},{col}: {other:?}"),
+            }
+        }
+        // a position that passes alone but not against the image: refused,
+        // no overflow
+        let t = MIN.replace(
+            "position = \"bottom-right\"",
+            "position = { row = 9223372036854775000, col = 0 }",
+        );
+        let a = ExperimentSpec::from_toml_str(&t).unwrap().attack.unwrap();
+        assert_eq!(
+            a.validate_for(28, 28, 10).unwrap_err().field(),
+            Some("attack.trigger.position")
+        );
+        // corners saturate
+        let p = PatchPosition::Corner(Corner::BottomRight);
+        assert_eq!(p.top_left(i64::MIN, 28, 28), (i64::MAX, i64::MAX));
     }
 
     #[test]
