@@ -1,5 +1,5 @@
 //! A trainer dies mid-training (SIGKILL after epoch 1's checkpoint is
-//! recorded); a second trainer, already running, leases the job once the
+//! complete: its sidecar, recorded last, is stored); a second trainer, already running, leases the job once the
 //! 3 s lease expires, resumes from the last epoch checkpoint (weights and
 //! optimizer state), and the run completes with no lost or duplicated rows
 //! and exactly the figures of an uninterrupted run.
@@ -51,7 +51,9 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     let id: uuid::Uuid = run_id.parse().unwrap();
     let store = deadbolt_store::connect(pg.url()).await.unwrap();
 
-    // wait for epoch 1's checkpoint of the clean model, then kill its trainer
+    // wait for epoch 1's complete checkpoint of the clean model (its
+    // sidecar is recorded last: a checkpoint without one is not resumed
+    // from), then kill its trainer
     let deadline = Instant::now() + Duration::from_secs(120);
     let victim = loop {
         assert!(
@@ -59,7 +61,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
             "epoch 1 checkpoint never recorded"
         );
         let recorded = store
-            .get_artifact(id, "clean/epoch-1/model.safetensors")
+            .get_artifact(id, "clean/epoch-1/model.json")
             .await
             .is_ok();
         let job = store
