@@ -9,8 +9,9 @@
 //! - **activations** (`training.batch_size`): every layer output a
 //!   training step keeps for its backward pass, and their gradients, for
 //!   one batch;
-//! - **dataset** (`dataset.train_limit`): the training and test images as
-//!   float tensors, clean and poisoned.
+//! - **dataset** (`dataset.train_limit`, or `dataset.test_limit` when the
+//!   test split is the larger): the training and test images as float
+//!   tensors, clean and poisoned.
 //!
 //! Images are the dataset kind's ([`DatasetKind::input_shape`]: MNIST
 //! 1x28x28, CIFAR-10 3x32x32) with 10 classes; a `train_limit` or
@@ -187,8 +188,11 @@ pub struct MemoryEstimate {
     /// One training batch's activations and their gradients
     /// (`training.batch_size`).
     pub activations: u64,
-    /// Training and test images, clean and poisoned (`dataset.train_limit`).
+    /// Training and test images, clean and poisoned.
     pub dataset: u64,
+    /// The field of the larger of the two splits (`dataset.train_limit`
+    /// or `dataset.test_limit`).
+    pub dataset_field: &'static str,
 }
 
 impl MemoryEstimate {
@@ -203,7 +207,7 @@ impl MemoryEstimate {
         [
             ("model.arch", self.parameters),
             ("training.batch_size", self.activations),
-            ("dataset.train_limit", self.dataset),
+            (self.dataset_field, self.dataset),
         ]
         .into_iter()
         .max_by_key(|(_, v)| *v)
@@ -235,8 +239,9 @@ impl ExperimentSpec {
             .saturating_mul(self.training.batch_size as u64)
             .saturating_mul(2 * FLOAT_BYTES);
         let count = |limit: usize, all: u64| if limit == 0 { all } else { limit as u64 };
-        let images = count(self.dataset.train_limit, kind.train_images())
-            .saturating_add(count(self.dataset.test_limit, kind.test_images()));
+        let train = count(self.dataset.train_limit, kind.train_images());
+        let test = count(self.dataset.test_limit, kind.test_images());
+        let images = train.saturating_add(test);
         let (c, h, w) = dims(shape);
         // clean and poisoned copies
         let dataset = images
@@ -246,6 +251,11 @@ impl ExperimentSpec {
             parameters,
             activations,
             dataset,
+            dataset_field: if test > train {
+                "dataset.test_limit"
+            } else {
+                "dataset.train_limit"
+            },
         }
     }
 }
@@ -298,5 +308,9 @@ mod tests {
         assert_eq!(e.dominant().0, "training.batch_size");
         big.training.batch_size = usize::MAX;
         assert_eq!(big.memory_estimate().total(), u64::MAX);
+        // a huge test split is named as such
+        let mut big = spec.clone();
+        big.dataset.test_limit = usize::MAX;
+        assert_eq!(big.memory_estimate().dominant().0, "dataset.test_limit");
     }
 }
