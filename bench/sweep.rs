@@ -45,6 +45,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if spec.dataset.path.is_none() && std::env::var_os("DEADBOLT_DATA_DIR").is_none() {
         spec.dataset.path = Some(root.join("data/mnist"));
     }
+    // a named folder is read as given: fill it first when it is missing
+    if let Some(dir) = spec.dataset.path.as_deref() {
+        if !deadbolt_core::data::mnist::idx_files_present(dir) {
+            deadbolt_core::data::mnist::fetch_mnist(dir, None)?;
+        }
+    }
     let data = experiment::stage_data(&spec)?;
     let attack = data.attack.as_ref().ok_or("the spec has no attack")?;
     let ckpt = dir.join("backdoored");

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+use crate::data::DataLimits;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelInfo};
 use crate::spec::Arch;
@@ -62,23 +63,55 @@ pub struct ModelCard {
     pub name: Option<String>,
 }
 
+/// The largest card file read (a card is a few lines; 1000 class names
+/// take some 20 KB).
+pub const MAX_CARD_BYTES: u64 = 1 << 20;
+
 impl ModelCard {
-    /// Reads and validates a card; errors name the file and the field.
+    /// Reads and validates a card within the local CLI's
+    /// [`DataLimits::default`]; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<ModelCard> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_file_with(path, &DataLimits::default())
+    }
+
+    /// Reads and validates a card, its `classes` and `input_shape` within
+    /// `limits` (a card over [`MAX_CARD_BYTES`] is refused unread); errors
+    /// name the file and the field.
+    pub fn from_file_with(path: &Path, limits: &DataLimits) -> Result<ModelCard> {
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len > MAX_CARD_BYTES {
+            return Err(Error::too_large(
+                path.display().to_string(),
+                "MAX_CARD_BYTES",
+                format!("a model card of {len} bytes exceeds the limit of {MAX_CARD_BYTES}"),
+            ));
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CARD_BYTES), &mut text)
+            .map_err(|e| Error::io(path, e))?;
         let json = path
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| e.eq_ignore_ascii_case("json"));
         let card = if json {
-            Self::from_json_str(&text)
+            Self::from_json_str_with(&text, limits)
         } else {
-            Self::from_toml_str(&text)
+            Self::from_toml_str_with(&text, limits)
         }
         .map_err(|e| match e {
             Error::Spec(m) => Error::Spec(format!("model card {}: {m}", path.display())),
             Error::Invalid { field, message } => Error::Invalid {
                 field,
+                message: format!("{} (model card {})", message, path.display()),
+            },
+            Error::TooLarge {
+                what,
+                limit,
+                message,
+            } => Error::TooLarge {
+                what,
+                limit,
                 message: format!("{} (model card {})", message, path.display()),
             },
             other => other,
@@ -87,6 +120,10 @@ impl ModelCard {
     }
 
     pub fn from_toml_str(text: &str) -> Result<ModelCard> {
+        Self::from_toml_str_with(text, &DataLimits::default())
+    }
+
+    pub fn from_toml_str_with(text: &str, limits: &DataLimits) -> Result<ModelCard> {
         let card: ModelCard = toml::from_str(text).map_err(|e| {
             let at = e
                 .span()
@@ -98,24 +135,40 @@ impl ModelCard {
                 None => e.message().trim().to_string(),
             })
         })?;
-        card.validate()?;
+        card.validate_with(limits)?;
         Ok(card)
     }
 
     pub fn from_json_str(text: &str) -> Result<ModelCard> {
+        Self::from_json_str_with(text, &DataLimits::default())
+    }
+
+    pub fn from_json_str_with(text: &str, limits: &DataLimits) -> Result<ModelCard> {
         let card: ModelCard = serde_json::from_str(text).map_err(|e| Error::Spec(e.to_string()))?;
-        card.validate()?;
+        card.validate_with(limits)?;
         Ok(card)
     }
 
-    /// Checks the values; the error's field is the card's key.
+    /// Checks the values within the local CLI's [`DataLimits::default`];
+    /// the error's field is the card's key.
     pub fn validate(&self) -> Result<()> {
+        self.validate_with(&DataLimits::default())
+    }
+
+    /// Checks the values, `classes` and `input_shape` within `limits`
+    /// (before any model is built from them); the error's field is the
+    /// card's key.
+    pub fn validate_with(&self, limits: &DataLimits) -> Result<()> {
         let [c, h, w] = self.input_shape;
         if c < 1 || h < 1 || w < 1 {
             return Err(Error::invalid(
                 "input_shape",
                 format!("[C, H, W] must be positive, got {:?}", self.input_shape),
             ));
+        }
+        limits.check_image("input_shape", c as u64, h as u64, w as u64)?;
+        if self.classes > 0 {
+            limits.check_classes("classes", self.classes as u64)?;
         }
         if self.classes < 2 {
             return Err(Error::invalid(
@@ -312,9 +365,21 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Loads a state_dict into a fresh model of the card's architecture,
-/// strictly (see the module docs).
+/// strictly (see the module docs), the card within the local CLI's
+/// [`DataLimits::default`].
 pub fn load_model(weights: &Path, card: &ModelCard, device: Device) -> Result<LoadedModel> {
-    card.validate()?;
+    load_model_with(weights, card, device, &DataLimits::default())
+}
+
+/// [`load_model`] with the card's `classes` and `input_shape` checked
+/// against `limits` before the model is built.
+pub fn load_model_with(
+    weights: &Path,
+    card: &ModelCard,
+    device: Device,
+    limits: &DataLimits,
+) -> Result<LoadedModel> {
+    card.validate_with(limits)?;
     let named = read_state_dict(weights)?;
     let mut model = Model::new(card.model_info(), device)?;
     let vars = model.vs.variables();
@@ -530,6 +595,41 @@ std = [0.3081]
             .unwrap_err()
             .to_string();
         assert!(e.contains("std[1]"), "{e}");
+    }
+
+    #[test]
+    fn card_sizes_are_bounded_before_a_model_is_built() {
+        let too_large = |e: Error, field: &str, limit: &str| match &e {
+            Error::TooLarge { what, limit: l, .. } if what == field && *l == limit => {}
+            _ => panic!("expected {field} over {limit}: {e}"),
+        };
+        let e = ModelCard::from_toml_str(&CARD.replace("classes = 10", "classes = 4000000"))
+            .unwrap_err();
+        too_large(e, "classes", "max_classes");
+        let e =
+            ModelCard::from_toml_str(&CARD.replace("[1, 28, 28]", "[1, 4096, 4096]")).unwrap_err();
+        too_large(e, "input_shape", "max_image_pixels");
+        let e = ModelCard::from_toml_str(&CARD.replace("[1, 28, 28]", "[64, 28, 28]")).unwrap_err();
+        too_large(e, "input_shape", "max_channels");
+        // a service's tighter limits, from the file and at load
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("card.toml");
+        std::fs::write(&p, CARD.replace("[1, 28, 28]", "[1, 128, 128]")).unwrap();
+        let card = ModelCard::from_file(&p).unwrap();
+        let service = DataLimits {
+            max_image_pixels: 64 * 64,
+            ..DataLimits::default()
+        };
+        let e = ModelCard::from_file_with(&p, &service).unwrap_err();
+        assert!(e.to_string().contains("card.toml"), "{e}");
+        too_large(e, "input_shape", "max_image_pixels");
+        let e =
+            load_model_with(&dir.path().join("none"), &card, Device::Cpu, &service).unwrap_err();
+        too_large(e, "input_shape", "max_image_pixels");
+        // a card file of megabytes is not read
+        std::fs::write(&p, format!("{CARD}\n#{}", "x".repeat(2 << 20))).unwrap();
+        let e = ModelCard::from_file(&p).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
     }
 
     #[test]

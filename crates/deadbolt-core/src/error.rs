@@ -22,6 +22,16 @@ pub enum Error {
     Invalid { field: String, message: String },
     #[error("unknown layer {layer:?} (prunable layers: {available})")]
     UnknownLayer { layer: String, available: String },
+    /// Input over one of the bounds of [`crate::data::DataLimits`] (image
+    /// dimensions, counts, inflated or decoded bytes, classes), refused
+    /// before it was allocated; `what` is the file or field, `limit` the
+    /// bound's name.
+    #[error("{what}: {message} (limit `{limit}`)")]
+    TooLarge {
+        what: String,
+        limit: &'static str,
+        message: String,
+    },
     #[error("empty dataset: {0}")]
     EmptyDataset(String),
     #[error("checkpoint {path}: {message}")]
@@ -68,6 +78,17 @@ impl Error {
     pub fn checkpoint(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
         Error::Checkpoint {
             path: path.as_ref().to_path_buf(),
+            message: message.into(),
+        }
+    }
+    pub fn too_large(
+        what: impl Into<String>,
+        limit: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::TooLarge {
+            what: what.into(),
+            limit,
             message: message.into(),
         }
     }

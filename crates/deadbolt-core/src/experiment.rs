@@ -63,7 +63,16 @@ fn figure(figures: &mut Vec<PathBuf>, path: PathBuf, draw: impl FnOnce(&Path) ->
 /// Poisoner: loads the data, holds out the (clean) validation split and
 /// poisons the training split.
 pub fn stage_data(spec: &ExperimentSpec) -> Result<Prepared> {
-    let p = Prepared::from_spec(spec)?;
+    stage_data_with(spec, &crate::data::DataLimits::default())
+}
+
+/// [`stage_data`] with the data read within `limits` (the services pass
+/// their operator's).
+pub fn stage_data_with(
+    spec: &ExperimentSpec,
+    limits: &crate::data::DataLimits,
+) -> Result<Prepared> {
+    let p = Prepared::from_spec_with(spec, limits)?;
     if p.val.is_empty() {
         return Err(Error::invalid(
             "dataset.validation_fraction",

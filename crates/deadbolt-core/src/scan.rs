@@ -40,7 +40,7 @@ use crate::card::{self, LoadedModel, ModelCard, Normalizer};
 use crate::cleanse;
 use crate::clp::{self, ClpScores};
 use crate::data::folder::{self, Source, Split};
-use crate::data::Dataset;
+use crate::data::{DataLimits, Dataset};
 use crate::error::{Error, Result};
 use crate::plot::{self, Rgb};
 use crate::progress::Progress;
@@ -81,7 +81,8 @@ pub struct DataInfo {
 
 /// Opens a model and its clean data: reads the card (`card`, else the one
 /// beside the model), loads the weights strictly, loads and normalises the
-/// data. `layer` overrides the card's layer.
+/// data. `layer` overrides the card's layer. Within the local CLI's
+/// [`DataLimits::default`] (see [`open_with`]).
 pub fn open(
     model: &Path,
     card_path: Option<&Path>,
@@ -89,6 +90,28 @@ pub fn open(
     split: Split,
     layer: Option<&str>,
     device: Device,
+) -> Result<Subject> {
+    open_with(
+        model,
+        card_path,
+        data_dir,
+        split,
+        layer,
+        device,
+        &DataLimits::default(),
+    )
+}
+
+/// [`open`] within `limits`: the card's `classes` and `input_shape` are
+/// checked before the model is built, the data while it is read.
+pub fn open_with(
+    model: &Path,
+    card_path: Option<&Path>,
+    data_dir: &Path,
+    split: Split,
+    layer: Option<&str>,
+    device: Device,
+    limits: &DataLimits,
 ) -> Result<Subject> {
     let card_path = match card_path {
         Some(p) => p.to_path_buf(),
@@ -102,10 +125,17 @@ pub fn open(
             )
         })?,
     };
-    let card = ModelCard::from_file(&card_path)?;
-    let loaded = card::load_model(model, &card, device)?;
+    let card = ModelCard::from_file_with(&card_path, limits)?;
+    let loaded = card::load_model_with(model, &card, device, limits)?;
     let [c, h, w] = card.input_shape;
-    let clean = folder::load_clean(data_dir, split, &card.class_names, (c, h, w), card.classes)?;
+    let clean = folder::load_clean_with(
+        data_dir,
+        split,
+        &card.class_names,
+        (c, h, w),
+        card.classes,
+        limits,
+    )?;
     let norm = card.normalizer();
     let per_class = (0..card.classes)
         .map(|k| clean.data.labels.eq(k).sum(Kind::Int64).int64_value(&[]))

@@ -29,9 +29,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Loads and splits the data of a spec and applies its attack.
+    /// Loads and splits the data of a spec and applies its attack, within
+    /// the local CLI's [`data::DataLimits::default`].
     pub fn from_spec(spec: &ExperimentSpec) -> Result<Prepared> {
-        let splits = data::load(&spec.dataset)?;
+        Self::from_spec_with(spec, &data::DataLimits::default())
+    }
+
+    /// [`Prepared::from_spec`] with the data read within `limits`.
+    pub fn from_spec_with(spec: &ExperimentSpec, limits: &data::DataLimits) -> Result<Prepared> {
+        let splits = data::load_with(&spec.dataset, limits)?;
         let (train, val) = splits
             .train
             .stratified_split(spec.dataset.validation_fraction, spec.seed);

@@ -1,8 +1,9 @@
 //! The seed's defense on real MNIST digits with the default spec
 //! (`examples/mnist-badnets.toml`, with `fine_tune_epochs = 2`): trains a clean and a backdoored BadNet
 //! CNN, analyses, reverse-engineers the trigger and prunes with every
-//! criterion. The IDX files are fetched by `data::load` into
-//! `$DEADBOLT_DATA_DIR/mnist` (default `<workspace>/data/mnist`). Set
+//! criterion. The IDX files are fetched by `fetch_mnist` into
+//! `$DEADBOLT_DATA_DIR/mnist` (default `<workspace>/data/mnist`) when
+//! missing (`data::load` reads a named folder as given). Set
 //! `DEADBOLT_TEST_OUT` to keep the run folder (and reuse its checkpoints).
 
 use std::path::PathBuf;
@@ -23,6 +24,10 @@ fn linf_pruning_removes_the_badnets_backdoor_on_real_mnist() {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("data"));
     spec.dataset.path = Some(data.join("mnist"));
+    let dir = data.join("mnist");
+    if !deadbolt_core::data::mnist::idx_files_present(&dir) {
+        deadbolt_core::data::mnist::fetch_mnist(&dir, None).unwrap();
+    }
     // the defense as delivered: k chosen with the fine-tuning in the loop.
     // Choosing k from the pruning-only validation curve met the test target
     // on 8 of 12 training seeds (scripts/experiment-seeds.sh), and on one

@@ -48,6 +48,28 @@ pub struct Limits {
     pub max_runs_in_flight: i64,
     /// Largest file a client may upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Bounds on the data a stage reads (a dataset, a scan's clean data
+    /// and model card), checked before anything is allocated from a
+    /// header, a card or a file (refused with RESOURCE_EXHAUSTED naming
+    /// the file or field). Pixels (H x W) of one image: default 64 x 64 =
+    /// 4096, so MNIST (28x28), CIFAR-10 (32x32) and small byom images
+    /// pass while 512x512 uploads (badnet-cnn's `fc1` grows with the
+    /// image: GiBs of weights) are refused.
+    pub max_image_pixels: u64,
+    /// Channels of one image (default 3: grey or RGB).
+    pub max_image_channels: u64,
+    /// Classes of a dataset or model card (default 100; a scan's trigger
+    /// search runs once per class).
+    pub max_classes: u64,
+    /// Images of one dataset, all its files together (default 200,000;
+    /// MNIST has 70,000). Also bounds an image folder's listing.
+    pub max_dataset_images: u64,
+    /// Decoded pixel bytes of one dataset (one per channel value; default
+    /// 1 GiB, the float tensors are 4x this; MNIST is 55 MB).
+    pub max_dataset_bytes: u64,
+    /// Bytes of one data file as stored or once inflated from gzip;
+    /// inflating stops here (default 256 MiB).
+    pub max_inflated_bytes: u64,
     /// Most memory one run's job may need, by the estimate of
     /// `deadbolt_spec::memory` (parameters, activations at the batch size,
     /// the dataset's tensors). Default 8 GiB: the default MNIST run needs
@@ -72,6 +94,16 @@ impl Limits {
             max_name_len: usize::MAX,
             max_runs_in_flight: i64::MAX,
             max_upload_bytes: u64::MAX,
+            // the user's own files are still read within the local CLI's
+            // data bounds (= deadbolt_core::data::DataLimits::default(),
+            // which a deadbolt-stages test keeps equal): a gzip bomb or a
+            // lying header is refused here too
+            max_image_pixels: 256 * 256,
+            max_image_channels: 4,
+            max_classes: 1000,
+            max_dataset_images: 2_000_000,
+            max_dataset_bytes: 4 << 30,
+            max_inflated_bytes: 4 << 30,
             max_job_memory_bytes: u64::MAX,
         }
     }
@@ -91,6 +123,12 @@ impl Default for Limits {
             max_name_len: 128,
             max_runs_in_flight: 32,
             max_upload_bytes: 256 << 20,
+            max_image_pixels: 64 * 64,
+            max_image_channels: 3,
+            max_classes: 100,
+            max_dataset_images: 200_000,
+            max_dataset_bytes: 1 << 30,
+            max_inflated_bytes: 256 << 20,
             max_job_memory_bytes: 8 << 30,
         }
     }

@@ -45,9 +45,11 @@ fn default_name() -> String {
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
     pub kind: DatasetKind,
-    /// Folder of the data. For `mnist` it holds the IDX files written by
-    /// `deadbolt data fetch-mnist` (fetched there when missing); for `cifar10`
-    /// the binary batches. Relative paths are relative to the working dir.
+    /// Folder of the data, read as given (nothing is written into it). For
+    /// `mnist` it holds the four IDX files, plain or gzipped (`deadbolt data
+    /// fetch-mnist` writes them); without a path, `<data dir>/mnist`, which
+    /// is fetched when missing. For `cifar10` the binary batches. Relative
+    /// paths are relative to the working dir.
     #[serde(default)]
     pub path: Option<PathBuf>,
     /// Share of the training split held out as validation data (used by the

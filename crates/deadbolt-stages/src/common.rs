@@ -96,11 +96,29 @@ pub fn byom_options<T: serde::de::DeserializeOwned + serde::Serialize>(
     deadbolt_runtime::byom::parse_section(table, section).map_err(|(f, m)| JobError::invalid(f, m))
 }
 
+/// The data limits of the stages, from the operator's `[limits]`: what a
+/// header, a card or an image folder may ask to be allocated.
+pub fn data_limits(l: &deadbolt_runtime::policy::Limits) -> deadbolt_core::data::DataLimits {
+    deadbolt_core::data::DataLimits {
+        max_image_pixels: l.max_image_pixels,
+        max_channels: l.max_image_channels,
+        max_images: l.max_dataset_images,
+        max_decoded_bytes: l.max_dataset_bytes,
+        max_inflated_bytes: l.max_inflated_bytes,
+        max_classes: l.max_classes,
+        // the images and room for class folders and stray files
+        max_folder_files: l
+            .max_dataset_images
+            .saturating_add(l.max_dataset_images / 20),
+    }
+}
+
 /// Opens the model and clean data of a scan run (fetched by
-/// [`JobContext::byom`]) on this process's device.
+/// [`JobContext::byom`]) on this process's device, within `limits`.
 pub fn byom_subject(
     spec: &deadbolt_runtime::byom::ByomSpec,
     files: &deadbolt_runtime::byom::ByomFiles,
+    limits: &deadbolt_core::data::DataLimits,
 ) -> Result<deadbolt_core::scan::Subject, JobError> {
     let split: deadbolt_core::data::folder::Split = spec
         .split
@@ -109,12 +127,35 @@ pub fn byom_subject(
     let device = crate::error::core(deadbolt_core::device::resolve(
         deadbolt_core::spec::DeviceSpec::Auto,
     ))?;
-    crate::error::core(deadbolt_core::scan::open(
+    crate::error::core(deadbolt_core::scan::open_with(
         &files.model,
         Some(&files.card),
         &files.data,
         split,
         spec.layer.as_deref(),
         device,
+        limits,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deadbolt_core::data::DataLimits;
+    use deadbolt_runtime::policy::Limits;
+
+    /// The embedded `deadbolt experiment` (unbounded costs) reads data
+    /// within the local CLI's bounds; the service defaults let MNIST,
+    /// CIFAR-10 and small images through and refuse a 512x512 upload.
+    #[test]
+    fn data_limits_of_the_services() {
+        assert_eq!(data_limits(&Limits::unbounded()), DataLimits::default());
+        let l = data_limits(&Limits::default());
+        for (c, h, w) in [(1, 28, 28), (3, 32, 32), (3, 64, 64)] {
+            l.check_image("x", c, h, w).unwrap();
+        }
+        let e = l.check_image("images", 1, 512, 512).unwrap_err();
+        assert!(matches!(e, deadbolt_core::Error::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("max_image_pixels"), "{e}");
+    }
 }

@@ -18,15 +18,18 @@ use crate::bundle::Bundle;
 use crate::contract::{Data, DataOutput, RunOnly};
 use crate::error::{core, io};
 
-/// The work of the `data` stage.
-pub struct DataWork;
+/// The work of the `data` stage: the dataset (an operator's or a team's
+/// upload) read within the operator's data limits.
+pub struct DataWork {
+    pub limits: deadbolt_core::data::DataLimits,
+}
 
 impl Work<Data> for DataWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<DataOutput, JobError> {
         let t = Instant::now();
         let spec: ExperimentSpec = ctx.experiment_spec()?;
         ctx.set_progress(0.0, "loading and poisoning data");
-        let prepared = core(experiment::stage_data(&spec))?;
+        let prepared = core(experiment::stage_data_with(&spec, &self.limits))?;
         let summary = experiment::data_summary(&prepared);
         let bundle = Bundle::from_prepared(&prepared);
         let prepared_seconds = t.elapsed().as_secs_f64();

@@ -36,6 +36,10 @@ impl From<StageError> for JobError {
                     C::Spec(_) => JobError::invalid("spec", message),
                     C::UnknownLayer { .. } => JobError::invalid("defense.layer", message),
                     C::EmptyDataset(_) => JobError::permanent(Code::InvalidArgument, message),
+                    C::TooLarge { what, .. } => {
+                        JobError::permanent(Code::ResourceExhausted, message)
+                            .with_field(what.clone())
+                    }
                     C::Checkpoint { .. } | C::BadFile { .. } => {
                         JobError::permanent(Code::DataLoss, message)
                     }
@@ -77,6 +81,14 @@ mod tests {
         )))
         .unwrap_err();
         assert_eq!((corrupt.code, corrupt.retryable), (Code::DataLoss, false));
+        let big = core::<()>(Err(deadbolt_core::Error::too_large(
+            "classes",
+            "max_classes",
+            "4000000 classes exceed the limit of 100",
+        )))
+        .unwrap_err();
+        assert_eq!((big.code, big.retryable), (Code::ResourceExhausted, false));
+        assert_eq!(big.field.as_deref(), Some("classes"));
         let flaky = io("dataset.safetensors", "disk full");
         assert!(flaky.retryable);
     }

@@ -42,11 +42,12 @@ pub fn service(
     shared: Shared,
 ) -> Option<(tonic::service::Routes, &'static str, Handlers)> {
     use contract::*;
+    let limits = common::data_limits(&shared.config.limits);
     Some(match kind {
         ServiceKind::Poisoner => (
             data::routes(shared),
             "deadbolt.v1.PoisonerService",
-            Handlers::new().with::<Data, _>(data::DataWork),
+            Handlers::new().with::<Data, _>(data::DataWork { limits }),
         ),
         ServiceKind::Trainer => (
             train::routes(shared),
@@ -60,14 +61,14 @@ pub fn service(
             "deadbolt.v1.AnalyzerService",
             Handlers::new()
                 .with::<Analyze, _>(analyze::AnalyzeWork)
-                .with::<Scan, _>(scan::ScanWork),
+                .with::<Scan, _>(scan::ScanWork { limits }),
         ),
         ServiceKind::Pruner => (
             prune::routes(shared),
             "deadbolt.v1.PrunerService",
             Handlers::new()
                 .with::<Prune, _>(prune::PruneWork)
-                .with::<Repair, _>(repair::RepairWork),
+                .with::<Repair, _>(repair::RepairWork { limits }),
         ),
         ServiceKind::Gateway => return None,
     })

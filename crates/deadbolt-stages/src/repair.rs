@@ -22,8 +22,11 @@ use crate::contract::{Repair, RepairOutput, RunOnly, Scan};
 use crate::error::core;
 use crate::progress::JobProgress;
 
-/// The work of the `repair` stage.
-pub struct RepairWork;
+/// The work of the `repair` stage: the uploaded card and data read within
+/// the operator's data limits.
+pub struct RepairWork {
+    pub limits: deadbolt_core::data::DataLimits,
+}
 
 impl Work<Repair> for RepairWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<RepairOutput, JobError> {
@@ -31,7 +34,7 @@ impl Work<Repair> for RepairWork {
         let scan = ctx.output::<Scan>()?;
         let (spec, files) = ctx.byom()?;
         let opts: RepairOptions = byom_options(&spec.repair_options, "repair")?;
-        let subject = byom_subject(&spec, &files)?;
+        let subject = byom_subject(&spec, &files, &self.limits)?;
         let out = ctx.work_dir.join("repair");
         let report = core(repair::repair(
             &subject,

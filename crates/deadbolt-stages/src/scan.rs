@@ -16,15 +16,18 @@ use crate::contract::{RunOnly, Scan, ScanOutput};
 use crate::error::core;
 use crate::progress::JobProgress;
 
-/// The work of the `scan` stage.
-pub struct ScanWork;
+/// The work of the `scan` stage: the uploaded card and data read within
+/// the operator's data limits.
+pub struct ScanWork {
+    pub limits: deadbolt_core::data::DataLimits,
+}
 
 impl Work<Scan> for ScanWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<ScanOutput, JobError> {
         let t = Instant::now();
         let (spec, files) = ctx.byom()?;
         let opts: ScanOptions = byom_options(&spec.scan, "scan")?;
-        let subject = byom_subject(&spec, &files)?;
+        let subject = byom_subject(&spec, &files, &self.limits)?;
         let out = ctx.work_dir.join("scan");
         let report = core(scan::scan(&subject, &opts, &out, &JobProgress::new(ctx)))?;
         let files = upload_dir(ctx, &out, "scan")?;

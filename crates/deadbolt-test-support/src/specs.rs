@@ -26,9 +26,48 @@ pub fn tiny_spec_local(dir: &Path, epochs: usize, train_limit: usize) -> PathBuf
     write_tiny(dir, epochs, train_limit, &data, "local")
 }
 
-/// The real MNIST digits fetched by scripts/setup.sh (data/mnist).
+/// The real MNIST digits (data/mnist). A folder a spec or a service's
+/// config names is read as given, never filled by the run, so the first
+/// call writes them there with the `deadbolt` binary (`data fetch-mnist`,
+/// idempotent) when they are missing: the binary beside the test's (the
+/// integration tests of deadbolt-cli run from `target/<profile>/deps`), or
+/// `$DEADBOLT_BIN`. Without one the folder is left as it is.
 pub fn mnist_dir() -> PathBuf {
-    repo().join("data/mnist")
+    static FETCH: std::sync::Once = std::sync::Once::new();
+    let dir = repo().join("data/mnist");
+    FETCH.call_once(|| {
+        let files = [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ];
+        if files.iter().all(|f| dir.join(f).is_file()) {
+            return;
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.parent()?.join("deadbolt")));
+        let bin = std::env::var_os("DEADBOLT_BIN")
+            .map(PathBuf::from)
+            .or(beside)
+            .filter(|b| b.is_file());
+        if let Some(bin) = bin {
+            let ok = std::process::Command::new(&bin)
+                .args(["data", "fetch-mnist", "--out"])
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok,
+                "{} data fetch-mnist --out {} failed",
+                bin.display(),
+                dir.display()
+            );
+        }
+    });
+    dir
 }
 
 fn write_tiny(dir: &Path, epochs: usize, train_limit: usize, path: &str, tag: &str) -> PathBuf {

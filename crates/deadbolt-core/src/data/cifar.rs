@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-use super::{read_file, Dataset, Splits};
+use super::{Budget, DataLimits, Dataset, Input, Splits};
 use crate::error::{Error, Result};
 
 pub const CLASSES: i64 = 10;
@@ -13,9 +13,26 @@ const H: usize = 32;
 const W: usize = 32;
 const RECORD: usize = 1 + C * H * W;
 
-/// Reads one batch file into a dataset.
+/// Reads one batch file into a dataset, within the local CLI's
+/// [`DataLimits::default`].
 pub fn read_batch(path: &Path) -> Result<Dataset> {
-    let b = read_file(path)?;
+    read_batch_with(path, &mut Budget::new(&DataLimits::default()))
+}
+
+/// Reads one batch file into a dataset within `budget`: a plain file's
+/// record count is checked from its length before it is read, a gzipped
+/// one is inflated at most to `max_inflated_bytes`.
+pub fn read_batch_with(path: &Path, budget: &mut Budget) -> Result<Dataset> {
+    let limits = budget.limits();
+    limits.check_image(&path.display().to_string(), C as u64, H as u64, W as u64)?;
+    let mut input = Input::open(path, limits)?;
+    if let Some(len) = input.plain_len {
+        budget.take(path, len / RECORD as u64, (RECORD - 1) as u64)?;
+    }
+    let b = input.read_rest()?;
+    if input.plain_len.is_none() {
+        budget.take(path, (b.len() / RECORD) as u64, (RECORD - 1) as u64)?;
+    }
     if b.is_empty() {
         return Err(Error::bad_file(path, "empty CIFAR-10 batch"));
     }
@@ -71,15 +88,22 @@ pub fn train_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads `data_batch_*.bin` (train) and `test_batch.bin` (test) from a folder.
+/// Reads `data_batch_*.bin` (train) and `test_batch.bin` (test) from a
+/// folder, within the local CLI's [`DataLimits::default`].
 pub fn load_dir(dir: &Path) -> Result<Splits> {
+    load_dir_with(dir, &mut Budget::new(&DataLimits::default()))
+}
+
+/// Reads `data_batch_*.bin` (train) and `test_batch.bin` (test) from a
+/// folder within `budget` (all the batches together).
+pub fn load_dir_with(dir: &Path, budget: &mut Budget) -> Result<Splits> {
     let train_files = train_files(dir)?;
     if train_files.is_empty() {
         return Err(Error::bad_file(dir, "no data_batch_*.bin files"));
     }
     let parts = train_files
         .iter()
-        .map(|p| read_batch(p))
+        .map(|p| read_batch_with(p, budget))
         .collect::<Result<Vec<_>>>()?;
     let train = Dataset::new(
         Tensor::cat(&parts.iter().map(|d| &d.images).collect::<Vec<_>>(), 0),
@@ -87,7 +111,7 @@ pub fn load_dir(dir: &Path) -> Result<Splits> {
         CLASSES,
         &dir.display().to_string(),
     )?;
-    let test = read_batch(&dir.join("test_batch.bin"))?;
+    let test = read_batch_with(&dir.join("test_batch.bin"), budget)?;
     Ok(Splits { train, test })
 }
 

