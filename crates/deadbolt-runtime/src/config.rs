@@ -16,7 +16,8 @@
 //! trainer = ["http://trainer-0:50062", "http://trainer-1:50062"]
 //! ```
 //!
-//! Environment: `DEADBOLT_DATABASE_URL`, `DEADBOLT_ARTIFACT_URL`,
+//! Environment: `DEADBOLT_DATABASE_URL`, `DEADBOLT_MIGRATE` (`true` or
+//! `false`), `DEADBOLT_ARTIFACT_URL`,
 //! `DEADBOLT_WORK_DIR`, `DEADBOLT_LEASE_SECS`, `DEADBOLT_HEARTBEAT_SECS`,
 //! `DEADBOLT_MAX_ATTEMPTS`, `DEADBOLT_POLL_MS`, `DEADBOLT_DRAIN_SECS`,
 //! `DEADBOLT_METRICS_LISTEN`, `DEADBOLT_LOG_FORMAT` (`json` or `text`),
@@ -148,6 +149,13 @@ pub struct Config {
     /// `postgres://...` or `sqlite://path`.
     #[serde(default = "default_database_url")]
     pub database_url: String,
+    /// Run the Postgres migrations when connecting (the default). With
+    /// `false` the process only checks that every migration it knows was
+    /// applied and refuses to start otherwise: for roles without DDL
+    /// rights (the stage and gateway pods; the migrate Job migrates, see
+    /// docs/deploy-roles.md). SQLite stores always migrate.
+    #[serde(default = "default_migrate")]
+    pub migrate: bool,
     /// A path, `file:///abs/path` or `s3://bucket/prefix`.
     #[serde(default = "default_artifact_url")]
     pub artifact_url: String,
@@ -235,6 +243,9 @@ pub struct Config {
 fn default_database_url() -> String {
     "sqlite://deadbolt.db".into()
 }
+fn default_migrate() -> bool {
+    true
+}
 fn default_artifact_url() -> String {
     "artifacts".into()
 }
@@ -314,6 +325,9 @@ impl Config {
     pub fn apply_env(&mut self) -> Result<()> {
         if let Some(v) = env("DEADBOLT_DATABASE_URL") {
             self.database_url = v;
+        }
+        if let Some(v) = parse_env("DEADBOLT_MIGRATE")? {
+            self.migrate = v;
         }
         if let Some(v) = env("DEADBOLT_ARTIFACT_URL") {
             self.artifact_url = v;

@@ -50,12 +50,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Connects the metadata store (running its migrations) and opens the
-    /// artifact store named by the config.
+    /// Connects the metadata store (running its migrations unless
+    /// `config.migrate` is false: then it only checks they were applied)
+    /// and opens the artifact store named by the config.
     pub async fn connect(config: Config) -> anyhow::Result<Shared> {
         // no transaction of this process outlives the lease its workers hold
         let limits = deadbolt_store::SessionLimits::for_lease(config.lease());
-        let store = deadbolt_store::connect_with(&config.database_url, limits).await?;
+        let store =
+            deadbolt_store::connect_with_options(&config.database_url, limits, config.migrate)
+                .await?;
         let artifacts =
             ArtifactStore::from_url_with(&config.artifact_url, &config.s3.to_options())?;
         Ok(Shared {

@@ -64,7 +64,7 @@ pub use artifacts::{
 pub use changes::{Change, ChangeKind};
 pub use error::{Result, StoreError};
 pub use liveness::{Failpoints, SessionLimits};
-pub use metadata::{connect, connect_with, MetadataStore};
+pub use metadata::{connect, connect_with, connect_with_options, MetadataStore};
 pub use model::*;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -181,7 +181,7 @@ impl Failpoints {
         };
         let hook = self.fenced_commit.lock().ok().and_then(|h| h.clone());
         if let Some(hook) = hook {
-            hook(write, fence.clone()).await;
+            hook(write, *fence).await;
         }
     }
 }

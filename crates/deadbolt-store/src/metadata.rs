@@ -334,8 +334,22 @@ pub async fn connect_with(
     url: &str,
     limits: crate::liveness::SessionLimits,
 ) -> Result<Arc<dyn MetadataStore>> {
+    connect_with_options(url, limits, true).await
+}
+
+/// [`connect_with`], running the Postgres migrations only when `migrate` is
+/// set; otherwise the schema must already be migrated (see
+/// [`crate::PgStore::connect_with_options`]): for database roles without
+/// DDL rights. A SQLite store always migrates (a file has no roles).
+pub async fn connect_with_options(
+    url: &str,
+    limits: crate::liveness::SessionLimits,
+    migrate: bool,
+) -> Result<Arc<dyn MetadataStore>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(crate::PgStore::connect_with(url, limits).await?))
+        Ok(Arc::new(
+            crate::PgStore::connect_with_options(url, limits, migrate).await?,
+        ))
     } else if url == "sqlite::memory:" {
         Ok(Arc::new(crate::SqliteStore::in_memory().await?))
     } else if let Some(path) = url.strip_prefix("sqlite:") {

@@ -64,9 +64,27 @@ impl PgStore {
     /// (see [`crate::liveness`]) and runs the migrations first, on a
     /// connection of their own without those limits.
     pub async fn connect_with(url: &str, limits: SessionLimits) -> Result<Self> {
+        Self::connect_with_options(url, limits, true).await
+    }
+
+    /// [`Self::connect_with`], migrating only when `migrate` is set. With
+    /// `migrate = false` (a role without DDL rights: the stage and gateway
+    /// pods, see deploy/postgres/20-roles.sql) it runs no DDL and instead
+    /// checks that every migration this build knows was applied, unchanged
+    /// ([`Self::check_migrated`]); it fails with an error naming the first
+    /// missing one otherwise.
+    pub async fn connect_with_options(
+        url: &str,
+        limits: SessionLimits,
+        migrate: bool,
+    ) -> Result<Self> {
         let opts: PgConnectOptions = url.parse()?;
         let mut conn = PgConnection::connect_with(&opts).await?;
-        MIGRATOR.run(&mut conn).await?;
+        if migrate {
+            MIGRATOR.run(&mut conn).await?;
+        } else {
+            Self::check_migrated(&mut conn).await?;
+        }
         conn.close().await?;
         // a few connections kept open: a stage call, the worker's lease
         // and a heartbeat each need one at once, and opening one on demand
@@ -78,12 +96,80 @@ impl PgStore {
             .connect_with(opts.options(limits.pg_settings()))
             .await?;
         tracing::info!(
+            migrate,
             idle_in_transaction_ms = limits.idle_in_transaction.as_millis() as u64,
             statement_ms = limits.statement.as_millis() as u64,
             lock_ms = limits.lock.as_millis() as u64,
             "postgres metadata store ready"
         );
         Ok(Self::wrap(pool))
+    }
+
+    /// Checks, without DDL, that the schema is migrated: every migration of
+    /// this build is recorded in sqlx's table as applied successfully and
+    /// with the checksum of this build's file. A migration recorded that
+    /// this build does not know (a newer build migrated; its migrations are
+    /// additive) is only logged, so a rolling upgrade's old pods keep
+    /// starting.
+    pub async fn check_migrated(conn: &mut PgConnection) -> Result<()> {
+        let table = MIGRATOR.table_name.as_ref();
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = $1 AND n.nspname = ANY (current_schemas(false)))",
+        )
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await?;
+        let first = MIGRATOR
+            .iter()
+            .find(|m| !m.migration_type.is_down_migration());
+        if !exists {
+            let first = first.map(|m| m.version).unwrap_or_default();
+            return Err(StoreError::FailedPrecondition(format!(
+                "the database is not migrated (no {table} table; first migration {first}) \
+                 and this process does not migrate (migrate = false / DEADBOLT_MIGRATE=false): \
+                 run the migrations first (the deadbolt-migrate Job, or a process with \
+                 migrate = true as the schema owner)"
+            )));
+        }
+        let applied: Vec<(i64, bool, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT version, success, checksum FROM {table} ORDER BY version"
+        )))
+        .fetch_all(&mut *conn)
+        .await?;
+        let applied: std::collections::BTreeMap<i64, (bool, Vec<u8>)> = applied
+            .into_iter()
+            .map(|(v, ok, sum)| (v, (ok, sum)))
+            .collect();
+        for m in MIGRATOR.iter() {
+            if m.migration_type.is_down_migration() {
+                continue;
+            }
+            match applied.get(&m.version) {
+                None => {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "migration {} ({}) is not applied and this process does not migrate \
+                         (migrate = false / DEADBOLT_MIGRATE=false): run the migrations first \
+                         (the deadbolt-migrate Job)",
+                        m.version, m.description
+                    )))
+                }
+                Some((false, _)) => {
+                    return Err(sqlx::migrate::MigrateError::Dirty(m.version).into())
+                }
+                Some((true, sum)) if sum[..] != m.checksum[..] => {
+                    return Err(sqlx::migrate::MigrateError::VersionMismatch(m.version).into())
+                }
+                Some(_) => {}
+            }
+        }
+        for v in applied.keys().filter(|v| !MIGRATOR.version_exists(**v)) {
+            tracing::warn!(
+                version = v,
+                "the database has a migration this build does not know (a newer build migrated)"
+            );
+        }
+        Ok(())
     }
 
     /// Wraps an existing pool (its sessions keep whatever limits the pool

@@ -3156,7 +3156,7 @@ async fn postgres_a_paused_fenced_write_does_not_hold_its_job() {
             })
         }));
     let writer = {
-        let (s, fence) = (s.clone(), fence.clone());
+        let (s, fence) = (s.clone(), fence);
         tokio::spawn(async move { s.record_artifact(Some(&fence), artifact(run.id, 1.0)).await })
     };
     // the write holds the job's row FOR SHARE and has inserted its record
