@@ -13,7 +13,13 @@ kubernetes  both overlays rendered with `kubectl kustomize`; every built-in
             container, credentials only from Secrets, NetworkPolicies (only the
             gateway reaches the stage services' gRPC ports, Postgres and the
             object store only from deadbolt), drain grace periods, headless
-            peers, metrics ports, KEDA targets, GPU scheduling, PDBs.
+            peers, metrics ports, KEDA targets, GPU scheduling, PDBs; and the
+            identities: every stage mounts its own TLS Secret (never the
+            gateway's, never another stage's), the gateway its public and
+            its client certificate, each pod its database role
+            (deploy/postgres/20-roles.sql) with DEADBOLT_MIGRATE=false, the
+            migrate Job the schema owner's (the checks shown to reject
+            broken copies of the rendered overlay).
 sql         the KEDA queries and the dashboard's SQL planned (EXPLAIN) against
             a scratch database migrated with migrations/postgres, when a
             Postgres server is reachable (DEADBOLT_TEST_PG_URL); the end-to-end
@@ -222,8 +228,12 @@ def check_workloads(area: str, docs: list[dict], secrets: dict) -> None:
             if work:
                 check(area, any(work == m or work.startswith(m.rstrip("/") + "/") for m in mounts),
                       f"{cname}: DEADBOLT_WORK_DIR {work} is not on a mounted volume")
+            secret_dirs = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts") or []
+                           if "secret" in vols.get(m["name"], {})]
             for e in c.get("env") or []:
-                if CREDENTIAL.search(e["name"]):
+                # a path to a file of a mounted Secret (DEADBOLT_TLS_CLIENT_KEY) is not a credential
+                in_secret = any(str(e.get("value", "")).startswith(s) for s in secret_dirs)
+                if CREDENTIAL.search(e["name"]) and not in_secret:
                     check(area, "secretKeyRef" in (e.get("valueFrom") or {}),
                           f"{cname}: credential {e['name']} not from a Secret")
             for ef in c.get("envFrom") or []:
@@ -272,8 +282,186 @@ def check_workloads(area: str, docs: list[dict], secrets: dict) -> None:
                     check(area, urls.startswith("https://"), f"{wname}: {peer} peers {urls!r} not https")
                 vols = {v["name"]: v for v in ps.get("volumes") or []}
                 tls = (vols.get("tls") or {}).get("secret") or {}
-                check(area, tls.get("secretName") == "deadbolt-tls" and not tls.get("optional"),
-                      f"{wname}: the deadbolt-tls Secret is not mounted as required")
+                check(area, tls.get("secretName") == f"deadbolt-tls-{svc}" and not tls.get("optional"),
+                      f"{wname}: its own TLS Secret deadbolt-tls-{svc} is not mounted as required")
+
+
+# The Secrets that only the gateway may read: its public certificate and the
+# client certificate it calls the stages with.
+GATEWAY_TLS_SECRETS = {"deadbolt-tls-gateway", "deadbolt-tls-gateway-client"}
+# The database Secret and role of each kind of workload (deploy/postgres/20-roles.sql).
+DB_SECRETS = {"gateway": ("deadbolt-db-gateway", "deadbolt_gateway"),
+              "stage": ("deadbolt-db-stage", "deadbolt_stage"),
+              "migrate": ("deadbolt-db-migrate", "deadbolt_migrate")}
+
+
+def secret_mounts(d: dict) -> dict[str, str]:
+    """A workload's Secret volumes as its containers mount them: mount path -> Secret name."""
+    ps = pod_spec(d)
+    vols = {v["name"]: (v.get("secret") or {}).get("secretName") for v in ps.get("volumes") or []}
+    out = {}
+    for c in (ps.get("initContainers") or []) + ps["containers"]:
+        for m in c.get("volumeMounts") or []:
+            if vols.get(m["name"]):
+                out[m["mountPath"].rstrip("/")] = vols[m["name"]]
+    return out
+
+
+def secrets_read(d: dict) -> set[str]:
+    """Every Secret a workload reads: volumes (projected too), envFrom, env valueFrom."""
+    ps = pod_spec(d)
+    names = set()
+    for v in ps.get("volumes") or []:
+        names.add((v.get("secret") or {}).get("secretName"))
+        for src in (v.get("projected") or {}).get("sources") or []:
+            names.add((src.get("secret") or {}).get("name"))
+    for c in (ps.get("initContainers") or []) + ps["containers"]:
+        for ef in c.get("envFrom") or []:
+            names.add((ef.get("secretRef") or {}).get("name"))
+        for e in c.get("env") or []:
+            names.add(((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name"))
+    return {n for n in names if n}
+
+
+def check_identities(area: str, docs: list[dict], secrets: dict) -> None:
+    """Every stage Deployment mounts its own TLS Secret (never the gateway's,
+    never another stage's); the gateway its public certificate plus a
+    separate client certificate for calling the stages; each kind of pod
+    connects as its database role (the stages' cannot read api_keys) without
+    DDL (DEADBOLT_MIGRATE=false); only the migrate Job as the schema owner."""
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
+    deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    own_tls: dict[str, str] = {}
+    for s in SERVICES:
+        d = deps.get(s)
+        if d is None:
+            continue
+        wname = f"Deployment/{s}"
+        mounts = secret_mounts(d)
+        used = secrets_read(d)
+        env = env_of(pod_spec(d)["containers"][0], configmaps)
+        mine = mounts.get("/etc/deadbolt/tls")
+        own_tls[s] = mine or ""
+        check(area, mine == f"deadbolt-tls-{s}",
+              f"{wname}: mounts {mine!r} at /etc/deadbolt/tls, not its own deadbolt-tls-{s}")
+        check(area, "DEADBOLT_TLS_DOMAIN" not in env,
+              f"{wname}: DEADBOLT_TLS_DOMAIN overrides the per-service server names")
+        for k, v in env.items():
+            if k.startswith("DEADBOLT_TLS_") and k != "DEADBOLT_TLS_DOMAIN":
+                check(area, any(str(v).startswith(m + "/") for m in mounts),
+                      f"{wname}: {k}={v} is not a file of a mounted Secret")
+        check(area, env.get("DEADBOLT_MIGRATE") == "false",
+              f"{wname}: DEADBOLT_MIGRATE is not \"false\" (only the migrate Job runs DDL)")
+        if s in STAGE_SERVICES:
+            check(area, not (used & GATEWAY_TLS_SECRETS),
+                  f"{wname}: a stage reads the gateway's certificate Secret {sorted(used & GATEWAY_TLS_SECRETS)}")
+            others = {f"deadbolt-tls-{o}" for o in SERVICES if o != s}
+            check(area, not (used & others), f"{wname}: reads another service's TLS Secret {sorted(used & others)}")
+            check(area, env.get("DEADBOLT_TLS_CLIENT_CA", "").startswith("/etc/deadbolt/tls/"),
+                  f"{wname}: no DEADBOLT_TLS_CLIENT_CA (a stage requires the gateway's client certificate)")
+            check(area, "DEADBOLT_TLS_CLIENT_CERT" not in env and "DEADBOLT_TLS_CLIENT_KEY" not in env,
+                  f"{wname}: a stage has a client certificate (only the gateway calls the stages)")
+            db = DB_SECRETS["stage"][0]
+            check(area, db in used and not ({DB_SECRETS["gateway"][0], DB_SECRETS["migrate"][0]} & used),
+                  f"{wname}: connects with a database Secret other than {db}")
+        else:
+            client = mounts.get("/etc/deadbolt/tls-client")
+            check(area, client == "deadbolt-tls-gateway-client",
+                  f"{wname}: deadbolt-tls-gateway-client is not mounted at /etc/deadbolt/tls-client "
+                  f"(found {client!r})")
+            cert, ccert = env.get("DEADBOLT_TLS_CERT", ""), env.get("DEADBOLT_TLS_CLIENT_CERT", "")
+            check(area, all(env.get(k, "").startswith("/etc/deadbolt/tls-client/") for k in
+                            ("DEADBOLT_TLS_CLIENT_CERT", "DEADBOLT_TLS_CLIENT_KEY", "DEADBOLT_TLS_CA")),
+                  f"{wname}: DEADBOLT_TLS_CLIENT_CERT/KEY and DEADBOLT_TLS_CA are not from its client Secret")
+            check(area, cert != ccert, f"{wname}: presents its public certificate as its client certificate")
+            db = DB_SECRETS["gateway"][0]
+            check(area, db in used and DB_SECRETS["migrate"][0] not in used,
+                  f"{wname}: connects with a database Secret other than {db}")
+    stage_tls = [own_tls.get(s) for s in STAGE_SERVICES if own_tls.get(s)]
+    check(area, len(stage_tls) == len(set(stage_tls)) == len(STAGE_SERVICES),
+          f"the stages do not each mount a distinct TLS Secret: {stage_tls}")
+    # only the gateway reads its certificates; only the migrate Job the owner's URL
+    for d in docs:
+        if d["kind"] not in WORKLOADS:
+            continue
+        wname = f"{d['kind']}/{d['metadata']['name']}"
+        used = secrets_read(d)
+        if not (d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway"):
+            check(area, not (used & GATEWAY_TLS_SECRETS), f"{wname}: reads the gateway's certificate Secret")
+        if d["kind"] == "Job":
+            env = env_of(pod_spec(d)["containers"][0], configmaps)
+            check(area, DB_SECRETS["migrate"][0] in used and env.get("DEADBOLT_MIGRATE", "true") == "true",
+                  f"{wname}: does not migrate as the schema owner ({DB_SECRETS['migrate'][0]})")
+        else:
+            check(area, DB_SECRETS["migrate"][0] not in used, f"{wname}: reads the schema owner's URL")
+    # the example Secrets: each TLS Secret with its files, each database URL with its role
+    for s in SERVICES:
+        keys = set(secrets.get(f"deadbolt-tls-{s}", {}))
+        want = {"tls.crt", "tls.key"} | ({"ca.crt"} if s in STAGE_SERVICES else set())
+        check(area, want <= keys, f"secrets.example.yaml: deadbolt-tls-{s} lacks {sorted(want - keys)}")
+    keys = set(secrets.get("deadbolt-tls-gateway-client", {}))
+    check(area, {"tls.crt", "tls.key", "ca.crt"} <= keys,
+          "secrets.example.yaml: deadbolt-tls-gateway-client lacks tls.crt, tls.key or ca.crt")
+    for name, role in DB_SECRETS.values():
+        url = urllib.parse.urlparse(secrets.get(name, {}).get("DEADBOLT_DATABASE_URL", ""))
+        check(area, url.username == role,
+              f"secrets.example.yaml: {name}'s DEADBOLT_DATABASE_URL logs in as {url.username!r}, not {role}")
+    # KEDA's queue query: never the gateway's role (it reads api_keys) nor the owner's
+    for ta in (d for d in docs if d["kind"] == "TriggerAuthentication"):
+        for r in ta["spec"].get("secretTargetRef") or []:
+            check(area, r["name"] not in (DB_SECRETS["gateway"][0], DB_SECRETS["migrate"][0]),
+                  f"TriggerAuthentication {ta['metadata']['name']}: reads {r['name']}")
+
+
+def identities_bite(docs: list[dict], secrets: dict) -> None:
+    """check_identities rejects what it exists to reject (else a green check means nothing)."""
+    area = "identities"
+
+    def rejected(mutate) -> bool:
+        b = copy.deepcopy(docs)
+        mutate({d["metadata"]["name"]: d for d in b if d["kind"] == "Deployment"})
+        before = len(failures)
+        check_identities(area, b, secrets)
+        bad = len(failures) > before
+        del failures[before:]
+        return bad
+
+    def volume(dep: dict, name: str) -> dict:
+        return next(v for v in pod_spec(dep)["volumes"] if v["name"] == name)
+
+    def set_env(dep: dict, k: str, v: str) -> None:
+        c = pod_spec(dep)["containers"][0]
+        c["env"] = [e for e in c.get("env") or [] if e["name"] != k] + [{"name": k, "value": v}]
+
+    def gateway_cert(deps):
+        volume(deps["trainer"], "tls")["secret"]["secretName"] = "deadbolt-tls-gateway"
+
+    def shared_cert(deps):
+        volume(deps["analyzer"], "tls")["secret"]["secretName"] = "deadbolt-tls-pruner"
+
+    def extra_gateway_volume(deps):
+        pod_spec(deps["pruner"])["volumes"].append(
+            {"name": "gw", "secret": {"secretName": "deadbolt-tls-gateway-client"}})
+
+    def gateway_db(deps):
+        for ef in pod_spec(deps["poisoner"])["containers"][0]["envFrom"]:
+            if (ef.get("secretRef") or {}).get("name") == DB_SECRETS["stage"][0]:
+                ef["secretRef"]["name"] = DB_SECRETS["gateway"][0]
+
+    def migrating(deps):
+        set_env(deps["trainer"], "DEADBOLT_MIGRATE", "true")
+
+    def public_as_client(deps):
+        set_env(deps["gateway"], "DEADBOLT_TLS_CLIENT_CERT", "/etc/deadbolt/tls/tls.crt")
+
+    check(area, not rejected(lambda deps: None), "the rendered overlay fails the identity checks")
+    for what, m in (("a stage mounting the gateway's certificate", gateway_cert),
+                    ("two stages sharing a certificate", shared_cert),
+                    ("a stage with a volume of the gateway's client certificate", extra_gateway_volume),
+                    ("a stage connecting as the gateway's role", gateway_db),
+                    ("a stage that migrates", migrating),
+                    ("the gateway calling with its public certificate", public_as_client)):
+        check(area, rejected(m), f"{what} passes the identity checks")
 
 
 def check_network_policies(area: str, docs: list[dict]) -> None:
@@ -343,6 +531,7 @@ def check_overlay(name: str, docs: list[dict], crds: dict, secrets: dict) -> Non
     for d in docs:
         validate_object(area, d, crds)
     check_workloads(area, docs, secrets)
+    check_identities(area, docs, secrets)
     check_network_policies(area, docs)
     by = {}
     for d in docs:
@@ -435,6 +624,7 @@ def kubernetes() -> tuple[dict, list[str]]:
                         queries.append(t["metadata"]["query"])
     if "gpu" in rendered:
         schemas_bite(crds, rendered["gpu"])
+        identities_bite(rendered["gpu"], secrets)
     n = {o: len(d) for o, d in rendered.items()}
     return n, sorted(set(queries))
 
