@@ -174,7 +174,10 @@ enum Command {
     /// folder `DIR/<class>/*.png|jpg`, stored as `<class>/<file>`),
     /// `trigger NAME IMAGE.png` (a trigger pattern image) or `model NAME
     /// model.safetensors card.toml` (a model to scan). Prints the
-    /// reference, sha256 and size of each file.
+    /// reference, sha256 and size of each file. A dataset or model uploaded
+    /// again under its name is replaced: once the new files are stored, the
+    /// files of the old one that the new one lacks are deleted. Counts
+    /// against your team's upload quota (`deadbolt uploads list`).
     Upload {
         /// `dataset`, `trigger` or `model`.
         kind: String,
@@ -191,15 +194,24 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// Download a run's report (report.json, report.md, figures) into OUT.
+    /// Your team's uploads: `list` (each upload's kind, name, files and
+    /// bytes, then the team's quota) or `delete KIND NAME [--file FILE]`.
+    Uploads {
+        #[command(subcommand)]
+        command: UploadsCommand,
+    },
+    /// Download a run's report (report.json, report.md, figures) into OUT,
+    /// through the gateway (no storage credentials: the gateway serves
+    /// your team's runs only), each file checked against its sha256.
     Report {
         run: String,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
         gateway: String,
-        /// Config naming the artifact store (DEADBOLT_* variables override it).
-        #[arg(long)]
+        /// Ignored (downloads no longer read object storage); accepted so
+        /// that older scripts keep working.
+        #[arg(long, hide = true)]
         config: Option<PathBuf>,
         /// Also download the final, pruned models and the synthetic trigger.
         #[arg(long)]
@@ -208,6 +220,44 @@ enum Command {
 }
 
 const DEFAULT_GATEWAY: &str = "http://127.0.0.1:50060";
+
+#[derive(Subcommand)]
+enum UploadsCommand {
+    /// One line per upload: KIND NAME FILES BYTES; then the team's usage
+    /// against its quota.
+    List {
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+    },
+    /// Delete an upload (`dataset`, `trigger` or `model` NAME), or one file
+    /// of it (--file).
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        file: Option<String>,
+        #[arg(long, env = "DEADBOLT_GATEWAY", default_value = DEFAULT_GATEWAY)]
+        gateway: String,
+    },
+}
+
+fn upload_kind(kind: &str) -> Result<deadbolt_proto::v1::UploadKind> {
+    Ok(match kind {
+        "dataset" => deadbolt_proto::v1::UploadKind::Dataset,
+        "trigger" => deadbolt_proto::v1::UploadKind::TriggerImage,
+        "model" => deadbolt_proto::v1::UploadKind::Model,
+        other => anyhow::bail!("unknown upload kind {other:?} (dataset, trigger or model)"),
+    })
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match deadbolt_proto::v1::UploadKind::try_from(kind) {
+        Ok(deadbolt_proto::v1::UploadKind::Dataset) => "dataset",
+        Ok(deadbolt_proto::v1::UploadKind::TriggerImage) => "trigger",
+        Ok(deadbolt_proto::v1::UploadKind::Model) => "model",
+        _ => "unknown",
+    }
+}
 
 #[derive(Subcommand)]
 enum DataCommand {
@@ -495,14 +545,7 @@ fn run(cli: Cli) -> Result<()> {
             files,
             gateway,
         } => {
-            let kind = match kind.as_str() {
-                "dataset" => deadbolt_proto::v1::UploadKind::Dataset,
-                "trigger" => deadbolt_proto::v1::UploadKind::TriggerImage,
-                "model" => deadbolt_proto::v1::UploadKind::Model,
-                other => {
-                    anyhow::bail!("upload: unknown kind {other:?} (dataset, trigger or model)")
-                }
-            };
+            let kind = upload_kind(&kind).context("upload")?;
             if kind == deadbolt_proto::v1::UploadKind::TriggerImage && files.len() != 1 {
                 anyhow::bail!("upload trigger: give exactly one image file");
             }
@@ -521,6 +564,10 @@ fn run(cli: Cli) -> Result<()> {
                 for (file_name, f) in &files {
                     let r = services::upload(&mut c, kind, &name, file_name, f).await?;
                     println!("{} {} {} {}", f.display(), r.reference, r.sha256, r.size);
+                }
+                if kind != deadbolt_proto::v1::UploadKind::TriggerImage {
+                    let keep: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+                    services::prune_upload(&mut c, kind, &name, &keep).await?;
                 }
                 anyhow::Ok(())
             })?;
@@ -541,19 +588,60 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", services::run_line(r));
             }
         }
+        Command::Uploads { command } => match command {
+            UploadsCommand::List { gateway } => {
+                let r = tokio_rt()?.block_on(async {
+                    let mut c = services::client(&gateway).await?;
+                    let r = c
+                        .list_uploads(deadbolt_proto::v1::ListUploadsRequest {})
+                        .await
+                        .map_err(services::status_error)?;
+                    anyhow::Ok(r.into_inner())
+                })?;
+                for u in &r.uploads {
+                    println!(
+                        "{} {} {} {}",
+                        kind_name(u.kind),
+                        u.name,
+                        u.files.len(),
+                        u.size
+                    );
+                }
+                println!(
+                    "quota: {} of {} bytes, {} of {} files",
+                    r.used_bytes, r.max_bytes, r.used_files, r.max_files
+                );
+            }
+            UploadsCommand::Delete {
+                kind,
+                name,
+                file,
+                gateway,
+            } => {
+                let kind = upload_kind(&kind).context("uploads delete")?;
+                let r = tokio_rt()?.block_on(async {
+                    let mut c = services::client(&gateway).await?;
+                    let r = c
+                        .delete_upload(deadbolt_proto::v1::DeleteUploadRequest {
+                            kind: kind as i32,
+                            name: name.clone(),
+                            file: file.clone().unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(services::status_error)?;
+                    anyhow::Ok(r.into_inner())
+                })?;
+                println!("deleted {} files, {} bytes", r.files, r.bytes);
+            }
+        },
         Command::Report {
             run,
             out,
             gateway,
-            config,
+            config: _,
             models,
         } => {
-            let config = Config::load(config.as_deref())?;
             let report = tokio_rt()?.block_on(async {
-                let artifacts = deadbolt_store::ArtifactStore::from_url_with(
-                    &config.artifact_url,
-                    &config.s3.to_options(),
-                )?;
                 let mut c = services::client(&gateway).await?;
                 let r = c
                     .get_experiment(deadbolt_proto::v1::GetExperimentRequest {
@@ -563,10 +651,10 @@ fn run(cli: Cli) -> Result<()> {
                     .map_err(services::status_error)?
                     .into_inner();
                 if services::is_scan_run(&r) {
-                    services::download_scan(&artifacts, &r, &out).await?;
+                    services::download_scan(&mut c, &r, &out).await?;
                     return anyhow::Ok(None);
                 }
-                services::download_report(&artifacts, &r, &out, models)
+                services::download_report(&mut c, &r, &out, models)
                     .await
                     .map(Some)
             })?;

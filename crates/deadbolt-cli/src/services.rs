@@ -16,7 +16,6 @@ use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;
 use deadbolt_runtime::auth::WithBearer;
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::{server, Config, Shared};
-use deadbolt_store::{ArtifactRecord, ArtifactStore};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
@@ -360,6 +359,41 @@ pub async fn upload(
     Ok(r.into_inner())
 }
 
+/// Makes the upload `name` hold exactly the files `keep` (just uploaded):
+/// deletes the files an earlier upload of that name stored that this one
+/// lacks, so a re-upload replaces the old one and leaves nothing behind.
+pub async fn prune_upload(
+    c: &mut Client,
+    kind: pb::UploadKind,
+    name: &str,
+    keep: &[&str],
+) -> Result<()> {
+    let listed = c
+        .list_uploads(pb::ListUploadsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let Some(u) = listed
+        .uploads
+        .iter()
+        .find(|u| u.kind == kind as i32 && u.name == name)
+    else {
+        return Ok(());
+    };
+    for f in u.files.iter().filter(|f| !keep.contains(&f.file.as_str())) {
+        c.delete_upload(pb::DeleteUploadRequest {
+            kind: kind as i32,
+            name: name.to_string(),
+            file: f.file.clone(),
+        })
+        .await
+        .map_err(status_error)
+        .with_context(|| format!("deleting {} of the earlier upload {name}", f.file))?;
+        eprintln!("deleted {} (of the earlier upload {name})", f.file);
+    }
+    Ok(())
+}
+
 /// Submits a TOML spec file.
 pub async fn submit(
     c: &mut Client,
@@ -476,53 +510,144 @@ pub fn safe_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Downloads (sha256-verified) the run's artifacts that `keep` places
-/// under `out`; returns how many. A few at a time, each in a task of its
-/// own, so that reading, hashing and writing them use every core.
+/// One artifact arriving from a download: written to `<path>.part`,
+/// hashed as it comes, moved to `path` only once its size and sha256 are
+/// the ones the gateway announced; dropped before that, the part file is
+/// removed.
+struct Incoming {
+    name: String,
+    size: u64,
+    sha256: String,
+    written: u64,
+    hasher: sha2::Sha256,
+    /// None: an artifact not kept (its bytes are checked, not written).
+    file: Option<(std::fs::File, PathBuf, PathBuf)>,
+}
+
+impl Incoming {
+    fn start(c: &pb::DownloadChunk, dest: Option<PathBuf>) -> Result<Incoming> {
+        use sha2::Digest;
+        let file = match dest {
+            Some(path) => {
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d)
+                        .with_context(|| format!("creating {}", d.display()))?;
+                }
+                let mut part = path.clone().into_os_string();
+                part.push(".part");
+                let part = PathBuf::from(part);
+                let f = std::fs::File::create(&part)
+                    .with_context(|| format!("creating {}", part.display()))?;
+                Some((f, part, path))
+            }
+            None => None,
+        };
+        Ok(Incoming {
+            name: c.name.clone(),
+            size: c.size,
+            sha256: c.sha256.to_ascii_lowercase(),
+            written: 0,
+            hasher: sha2::Sha256::new(),
+            file,
+        })
+    }
+
+    fn write(&mut self, c: &pb::DownloadChunk) -> Result<()> {
+        use sha2::Digest;
+        use std::io::Write;
+        if c.offset != self.written
+            || self.written + c.data.len() as u64 > self.size
+            || c.size != self.size
+            || !c.sha256.eq_ignore_ascii_case(&self.sha256)
+        {
+            bail!(
+                "the gateway sent {} out of order (offset {} after {} of {} bytes)",
+                self.name,
+                c.offset,
+                self.written,
+                self.size
+            );
+        }
+        self.hasher.update(&c.data);
+        self.written += c.data.len() as u64;
+        if let Some((f, part, _)) = &mut self.file {
+            f.write_all(&c.data)
+                .with_context(|| format!("writing {}", part.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the whole artifact and moves it into place.
+    fn finish(mut self) -> Result<()> {
+        use sha2::Digest;
+        let actual = hex::encode(self.hasher.clone().finalize());
+        if self.written != self.size || actual != self.sha256 {
+            bail!(
+                "{}: {} bytes hashing to {actual} arrived, not the announced {} bytes hashing to {} (refused)",
+                self.name,
+                self.written,
+                self.size,
+                self.sha256
+            );
+        }
+        if let Some((f, part, path)) = self.file.take() {
+            f.sync_all()
+                .with_context(|| format!("writing {}", part.display()))?;
+            drop(f);
+            std::fs::rename(&part, &path)
+                .with_context(|| format!("moving {} to {}", part.display(), path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some((_, part, _)) = self.file.take() {
+            let _ = std::fs::remove_file(part);
+        }
+    }
+}
+
+/// Downloads the run's artifacts of `target` through the gateway (the
+/// client holds no storage credentials; the gateway reads only its team's
+/// runs) and writes those that `keep` places under `out`, each checked
+/// against the sha256 the gateway announces; returns how many it wrote.
 async fn download_artifacts(
-    artifacts: &ArtifactStore,
+    c: &mut Client,
     run: &pb::Run,
     out: &Path,
+    target: pb::download_request::Target,
     keep: impl Fn(&str) -> Option<PathBuf>,
 ) -> Result<usize> {
-    use futures::StreamExt;
-    let run_id: uuid::Uuid = run.id.parse()?;
-    // by path: of two names placed at one path the later one is written,
-    // as one at a time would leave it
-    let mut todo = BTreeMap::new();
-    for a in &run.artifacts {
-        // the names come from the server: one that could leave `out` (an
-        // absolute path, `..`, odd characters) is refused, never written
-        safe_name(&a.name)?;
-        let Some(rel) = keep(&a.name) else {
-            continue;
-        };
-        let r = a.r#ref.clone().unwrap_or_default();
-        let rec = ArtifactRecord {
-            run_id,
-            name: a.name.clone(),
-            uri: r.uri,
-            sha256: r.sha256,
-            size: r.size,
-            content_type: None,
-        };
-        todo.insert(out.join(&rel), artifacts.ref_from_record(&rec)?);
-    }
-    let n = todo.len();
-    let mut done = futures::stream::iter(todo)
-        .map(|(path, r)| {
-            let artifacts = artifacts.clone();
-            tokio::spawn(async move {
-                let bytes = artifacts.get(&r).await?;
-                if let Some(d) = path.parent() {
-                    std::fs::create_dir_all(d)?;
-                }
-                std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))
-            })
+    let mut stream = c
+        .download(pb::DownloadRequest {
+            run_id: run.id.clone(),
+            target: Some(target),
         })
-        .buffer_unordered(4);
-    while let Some(r) = done.next().await {
-        r.context("a download task")??;
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut n = 0;
+    let mut cur: Option<Incoming> = None;
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        if cur.as_ref().is_none_or(|i| i.name != chunk.name) {
+            if let Some(done) = cur.take() {
+                n += usize::from(done.file.is_some());
+                done.finish()?;
+            }
+            // the names come from the server: one that could leave `out`
+            // (an absolute path, `..`, odd characters) is refused, never
+            // written
+            safe_name(&chunk.name)?;
+            let dest = keep(&chunk.name).map(|rel| out.join(rel));
+            cur = Some(Incoming::start(&chunk, dest)?);
+        }
+        cur.as_mut().expect("started").write(&chunk)?;
+    }
+    if let Some(done) = cur.take() {
+        n += usize::from(done.file.is_some());
+        done.finish()?;
     }
     Ok(n)
 }
@@ -536,10 +661,16 @@ pub fn is_scan_run(run: &pb::Run) -> bool {
 /// Downloads a scan run's files into `out`: `scan/` (report.json,
 /// report.md, figures, the synthetic trigger) and `repair/` (the repaired
 /// model.safetensors and card.toml, report, figures).
-pub async fn download_scan(artifacts: &ArtifactStore, run: &pb::Run, out: &Path) -> Result<usize> {
-    let n = download_artifacts(artifacts, run, out, |name| {
-        (name.starts_with("scan/") || name.starts_with("repair/")).then(|| PathBuf::from(name))
-    })
+pub async fn download_scan(c: &mut Client, run: &pb::Run, out: &Path) -> Result<usize> {
+    let n = download_artifacts(
+        c,
+        run,
+        out,
+        pb::download_request::Target::Report(pb::ReportFiles { models: false }),
+        |name| {
+            (name.starts_with("scan/") || name.starts_with("repair/")).then(|| PathBuf::from(name))
+        },
+    )
     .await?;
     if n == 0 {
         bail!("scan run {} has no files yet", run.id);
@@ -549,14 +680,24 @@ pub async fn download_scan(artifacts: &ArtifactStore, run: &pb::Run, out: &Path)
 }
 
 /// Downloads a run's report (and with `with_models` its models) into `out`
-/// (sha256-verified), then rebases the report's paths onto `out`.
+/// through the gateway (sha256-verified), then rebases the report's paths
+/// onto `out`.
 pub async fn download_report(
-    artifacts: &ArtifactStore,
+    c: &mut Client,
     run: &pb::Run,
     out: &Path,
     with_models: bool,
 ) -> Result<Report> {
-    let n = download_artifacts(artifacts, run, out, |name| local_path(name, with_models)).await?;
+    let n = download_artifacts(
+        c,
+        run,
+        out,
+        pb::download_request::Target::Report(pb::ReportFiles {
+            models: with_models,
+        }),
+        |name| local_path(name, with_models),
+    )
+    .await?;
     let path = out.join("report.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("run {} has no report (read {})", run.id, path.display()))?;
@@ -646,7 +787,7 @@ pub async fn experiment(spec: &Path, out: &Path, quiet: bool) -> Result<Report> 
             run.error
         );
     }
-    let report = download_report(&shared.artifacts, &run, out, true).await?;
+    let report = download_report(&mut c, &run, out, true).await?;
     drop(running);
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), run_id = %run.id, "experiment done");
     Ok(report)

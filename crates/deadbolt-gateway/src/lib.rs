@@ -10,6 +10,7 @@
 pub mod driver;
 pub mod error;
 pub mod service;
+pub mod transfer;
 pub mod watch;
 
 pub use driver::Clients;

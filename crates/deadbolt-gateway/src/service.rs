@@ -33,6 +33,8 @@ pub struct Gateway {
     driving: Arc<Mutex<HashSet<Uuid>>>,
     /// Run feeds shared by this process's watchers.
     feeds: crate::watch::Feeds,
+    /// The teams' uploads in flight here, against their quotas.
+    quotas: crate::transfer::Quotas,
 }
 
 pub fn routes(g: Gateway) -> tonic::service::Routes {
@@ -57,6 +59,7 @@ impl Gateway {
                 shared.store.clone(),
                 deadbolt_runtime::stage::fallback(shared.config.poll()),
             ),
+            quotas: Default::default(),
             shared,
         })
     }
@@ -279,14 +282,28 @@ impl ExperimentService for Gateway {
         req: Request<tonic::Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
         let team = auth::principal(&req)?.team.clone();
-        let max = self.shared.config.limits.max_upload_bytes;
+        let config = &self.shared.config;
+        let max = config.limits.max_upload_bytes;
+        // exempt from the fixed request timeout (server::OWN_DEADLINE):
+        // the header within it, the bytes within a deadline that grows
+        // with their declared size
+        let t0 = tokio::time::Instant::now();
+        let base = config.request_timeout();
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| {
-            invalid_argument(
-                "header",
-                "an upload starts with a message carrying its header",
-            )
-        })?;
+        let first = tokio::time::timeout(base, stream.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no upload header within {:.0} s",
+                    base.as_secs_f64()
+                ))
+            })??
+            .ok_or_else(|| {
+                invalid_argument(
+                    "header",
+                    "an upload starts with a message carrying its header",
+                )
+            })?;
         let h = first.header.clone().ok_or_else(|| {
             invalid_argument(
                 "header",
@@ -294,39 +311,46 @@ impl ExperimentService for Gateway {
             )
         })?;
         let (key, sha) = Self::upload_target(&team, &h, max)?;
+        let kind = crate::transfer::kind_of("header.kind", h.kind)?;
+        // dropped (a failure, a client gone) it charges nothing
+        let reservation = self
+            .quotas
+            .reserve(
+                &self.shared.artifacts,
+                &config.limits,
+                &team,
+                kind,
+                &h.name,
+                &h.file,
+                h.size,
+            )
+            .await?;
+        let limit = crate::transfer::upload_deadline(base, h.size);
         let mut w = self.shared.artifacts.start_upload(&key).await?;
-        let mut data = first.data;
-        loop {
-            if !data.is_empty() {
-                if w.size() + data.len() as u64 > h.size {
-                    w.abort().await;
-                    return Err(invalid_argument(
-                        "header.size",
-                        format!("more than the declared {} bytes arrived", h.size),
-                    ));
-                }
-                if let Err(e) = w.write(bytes::Bytes::from(data)).await {
-                    w.abort().await;
-                    return Err(e.into());
-                }
+        let got = tokio::time::timeout_at(
+            t0 + limit,
+            crate::transfer::receive(&mut w, first.data, &mut stream, h.size),
+        )
+        .await;
+        match got {
+            Ok(Ok(())) => {}
+            Ok(Err(s)) => {
+                w.abort().await;
+                return Err(s);
             }
-            match stream.message().await {
-                Ok(Some(c)) if c.header.is_some() => {
-                    w.abort().await;
-                    return Err(invalid_argument(
-                        "header",
-                        "only the first message of an upload carries a header",
-                    ));
-                }
-                Ok(Some(c)) => data = c.data,
-                Ok(None) => break,
-                Err(s) => {
-                    w.abort().await;
-                    return Err(s);
-                }
+            Err(_) => {
+                let got = w.size();
+                w.abort().await;
+                tracing::info!(team = %team, name = %h.name, size = h.size, received = got, "upload past its deadline");
+                return Err(Status::deadline_exceeded(format!(
+                    "{got} of the declared {} bytes arrived within the upload's deadline of {:.0} s (the request timeout plus 1 s per MiB)",
+                    h.size,
+                    limit.as_secs_f64()
+                )));
             }
         }
         let r = w.finish(h.size, &sha).await.map_err(upload_error)?;
+        reservation.settle().await;
         tracing::info!(team = %team, name = %h.name, file = %h.file, size = r.size, "upload received");
         Ok(Response::new(pb::UploadResponse {
             reference: format!("{}{}", uploads::UPLOAD_SCHEME, h.name),
@@ -560,5 +584,50 @@ impl ExperimentService for Gateway {
             .append_event(None, id, "run", "cancelled", "cancelled by request", None)
             .await;
         Ok(Response::new(self.run_proto(&team, id).await?))
+    }
+
+    type DownloadStream = crate::transfer::DownloadStream;
+
+    async fn download(
+        &self,
+        req: Request<pb::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let team = auth::principal(&req)?.team.clone();
+        let req = req.into_inner();
+        let id = stage::parse_run_id("run_id", &req.run_id)?;
+        // another team's run: NOT_FOUND, as a missing one
+        self.team_run(&team, id).await?;
+        let records = self.shared.store.list_artifacts(id).await?;
+        let records = crate::transfer::select(records, req.target.as_ref())?;
+        tracing::info!(team = %team, run_id = %id, artifacts = records.len(), "download");
+        Ok(Response::new(crate::transfer::download(
+            self.shared.artifacts.clone(),
+            records,
+        )))
+    }
+
+    async fn list_uploads(
+        &self,
+        req: Request<pb::ListUploadsRequest>,
+    ) -> Result<Response<pb::ListUploadsResponse>, Status> {
+        let team = auth::principal(&req)?.team.clone();
+        Ok(Response::new(
+            crate::transfer::list_uploads(
+                &self.shared.artifacts,
+                &self.shared.config.limits,
+                &team,
+            )
+            .await?,
+        ))
+    }
+
+    async fn delete_upload(
+        &self,
+        req: Request<pb::DeleteUploadRequest>,
+    ) -> Result<Response<pb::DeleteUploadResponse>, Status> {
+        let team = auth::principal(&req)?.team.clone();
+        Ok(Response::new(
+            crate::transfer::delete_upload(&self.shared.artifacts, &team, req.get_ref()).await?,
+        ))
     }
 }

@@ -108,6 +108,29 @@ impl ExperimentService for Stub {
             ..Default::default()
         }))
     }
+
+    type DownloadStream = Pin<Box<dyn Stream<Item = Result<DownloadChunk, Status>> + Send>>;
+
+    async fn download(
+        &self,
+        _: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        Err(Status::unimplemented("not in this stub"))
+    }
+
+    async fn list_uploads(
+        &self,
+        _: Request<ListUploadsRequest>,
+    ) -> Result<Response<ListUploadsResponse>, Status> {
+        Err(Status::unimplemented("not in this stub"))
+    }
+
+    async fn delete_upload(
+        &self,
+        _: Request<DeleteUploadRequest>,
+    ) -> Result<Response<DeleteUploadResponse>, Status> {
+        Err(Status::unimplemented("not in this stub"))
+    }
 }
 
 #[tokio::test]

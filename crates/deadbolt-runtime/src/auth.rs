@@ -51,8 +51,12 @@ pub enum AuthMode {
 /// The scope a public method needs.
 pub fn scope_of(path: &str) -> Scope {
     match path.rsplit('/').next().unwrap_or("") {
-        "SubmitExperiment" | "SubmitScan" | "CancelExperiment" | "Upload" => Scope::Submit,
-        "GetExperiment" | "ListExperiments" | "WatchExperiment" => Scope::Read,
+        "SubmitExperiment" | "SubmitScan" | "CancelExperiment" | "Upload" | "DeleteUpload" => {
+            Scope::Submit
+        }
+        "GetExperiment" | "ListExperiments" | "WatchExperiment" | "Download" | "ListUploads" => {
+            Scope::Read
+        }
         _ => Scope::Admin,
     }
 }
@@ -490,6 +494,17 @@ mod tests {
             scope_of("/deadbolt.v1.ExperimentService/WatchExperiment"),
             Scope::Read
         );
+        for (m, scope) in [
+            ("Download", Scope::Read),
+            ("ListUploads", Scope::Read),
+            ("DeleteUpload", Scope::Submit),
+        ] {
+            assert_eq!(
+                scope_of(&format!("/deadbolt.v1.ExperimentService/{m}")),
+                scope,
+                "{m}"
+            );
+        }
         assert_eq!(scope_of("/deadbolt.v1.Admin/Whatever"), Scope::Admin);
         assert!(open_path("/grpc.health.v1.Health/Check"));
         assert!(!open_path("/deadbolt.v1.TrainerService/Train"));

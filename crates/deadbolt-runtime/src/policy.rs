@@ -48,6 +48,12 @@ pub struct Limits {
     pub max_runs_in_flight: i64,
     /// Largest file a client may upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Bytes a team's uploads may hold in all (default 16 GiB); an upload
+    /// over it is RESOURCE_EXHAUSTED naming this quota.
+    pub max_upload_bytes_per_team: u64,
+    /// Files a team's uploads may hold in all (default 100,000: an image
+    /// folder is a file per image).
+    pub max_uploads_per_team: u64,
     /// Bounds on the data a stage reads (a dataset, a scan's clean data
     /// and model card), checked before anything is allocated from a
     /// header, a card or a file (refused with RESOURCE_EXHAUSTED naming
@@ -94,6 +100,8 @@ impl Limits {
             max_name_len: usize::MAX,
             max_runs_in_flight: i64::MAX,
             max_upload_bytes: u64::MAX,
+            max_upload_bytes_per_team: u64::MAX,
+            max_uploads_per_team: u64::MAX,
             // the user's own files are still read within the local CLI's
             // data bounds (= deadbolt_core::data::DataLimits::default(),
             // which a deadbolt-stages test keeps equal): a gzip bomb or a
@@ -123,6 +131,8 @@ impl Default for Limits {
             max_name_len: 128,
             max_runs_in_flight: 32,
             max_upload_bytes: 256 << 20,
+            max_upload_bytes_per_team: 16 << 30,
+            max_uploads_per_team: 100_000,
             max_image_pixels: 64 * 64,
             max_image_channels: 3,
             max_classes: 100,

@@ -16,6 +16,74 @@ pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// Concurrent HTTP/2 streams per connection (a watcher holds one).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Methods that bound their own duration, exempt from the fixed request
+/// timeout of [`spawn_with`]: an upload's deadline grows with its declared
+/// size (the gateway's upload handler), where a fixed 30 s would cut a
+/// 256 MiB upload short.
+pub const OWN_DEADLINE: &[&str] = &["/deadbolt.v1.ExperimentService/Upload"];
+
+/// The request timeout of [`spawn_with`], as tonic's `Server::timeout`
+/// applies it (CANCELLED "Timeout expired" once the response headers did
+/// not come in time), but for the methods of [`OWN_DEADLINE`]. A client's
+/// `grpc-timeout` still applies to every method (tonic's own layer).
+#[derive(Clone)]
+struct DeadlineLayer(std::time::Duration);
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline {
+            inner,
+            timeout: self.0,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Deadline<S> {
+    inner: S,
+    timeout: std::time::Duration,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Deadline<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let own = OWN_DEADLINE.contains(&req.uri().path());
+        let fut = self.inner.call(req);
+        if own {
+            return Box::pin(fut);
+        }
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let (parts, _) = tonic::Status::cancelled("Timeout expired")
+                        .into_http::<()>()
+                        .into_parts();
+                    Ok(http::Response::from_parts(parts, R::default()))
+                }
+            }
+        })
+    }
+}
 
 /// Binds `addr` (port 0 = an ephemeral port).
 pub async fn bind(addr: &str) -> Result<TcpListener> {
@@ -47,8 +115,9 @@ pub enum Guard {
 }
 
 /// [`spawn`], with a per-request deadline (the time to the response
-/// headers: a streaming call is bounded until it returns its stream).
-/// Stage services take none: their calls wait on jobs that run for hours.
+/// headers: a streaming call is bounded until it returns its stream;
+/// the methods of [`OWN_DEADLINE`] bound themselves). Stage services take
+/// none: their calls wait on jobs that run for hours.
 pub async fn spawn_with(
     service_name: &'static str,
     routes: Routes,
@@ -93,14 +162,16 @@ pub async fn spawn_with(
             .tls_config(t)
             .with_context(|| format!("{service_name}: the TLS configuration"))?;
     }
-    if let Some(t) = request_timeout {
-        builder = builder.timeout(t);
-    }
+    // the request timeout is applied by [`DeadlineLayer`] (tonic's own
+    // would cut an upload at a fixed time whatever its size)
+    let deadline = request_timeout.map(DeadlineLayer);
     tracing::info!(service = service_name, addr = %addr, tls = secure, "grpc server listening");
     let task = tokio::spawn(async move {
         // keep the reporter alive as long as the server
         let _reporter = reporter;
         builder
+            // outermost, as tonic's own timeout was
+            .layer(tower::util::option_layer(deadline))
             .layer(crate::metrics::GrpcMetricsLayer {
                 service: service_name,
             })

@@ -109,6 +109,181 @@ pub async fn exists(
     }
 }
 
+/// Where a team's uploads live: `teams/<team>`.
+pub fn team_prefix(team: &str) -> String {
+    format!("teams/{team}")
+}
+
+/// One stored upload of a team.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredUpload {
+    pub kind: UploadKind,
+    pub name: String,
+    /// Its files (empty name for a trigger image) and their sizes, sorted.
+    pub files: Vec<(String, u64)>,
+}
+
+impl StoredUpload {
+    pub fn size(&self) -> u64 {
+        self.files.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// What a team's uploads hold: every stored file but the checksums
+/// (an object whose checksum was not written yet still takes space).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub files: u64,
+}
+
+/// The uploads of `team`, by kind then name, from one listing of its
+/// prefix; with what they hold.
+pub async fn list(
+    artifacts: &ArtifactStore,
+    team: &str,
+) -> Result<(Vec<StoredUpload>, Usage), deadbolt_store::StoreError> {
+    let mut objects = Vec::new();
+    for sub in ["datasets", "models", "triggers"] {
+        let dir = format!("{}/{sub}", team_prefix(team));
+        for (rel, n) in artifacts.list_prefix(&dir).await? {
+            objects.push((format!("{sub}/{rel}"), n));
+        }
+    }
+    Ok(group(&objects))
+}
+
+/// Groups the objects under a team's prefix (keys relative to it) into
+/// uploads. Checksums count neither as files nor as bytes; unknown keys
+/// (none are written) count in the usage only.
+fn group(objects: &[(String, u64)]) -> (Vec<StoredUpload>, Usage) {
+    let mut usage = Usage::default();
+    let mut out: Vec<StoredUpload> = Vec::new();
+    for (rel, size) in objects {
+        if rel.ends_with(SHA_SUFFIX) {
+            continue;
+        }
+        usage.bytes += size;
+        usage.files += 1;
+        let (kind, rest) = match rel.split_once('/') {
+            Some(("datasets", r)) => (UploadKind::Dataset, r),
+            Some(("models", r)) => (UploadKind::Model, r),
+            Some(("triggers", r)) => (UploadKind::TriggerImage, r),
+            _ => continue,
+        };
+        let (name, file) = match kind {
+            UploadKind::TriggerImage => (rest, ""),
+            _ => match rest.split_once('/') {
+                Some(p) => p,
+                None => continue,
+            },
+        };
+        match out.iter_mut().find(|u| u.kind == kind && u.name == name) {
+            Some(u) => u.files.push((file.to_string(), *size)),
+            None => out.push(StoredUpload {
+                kind,
+                name: name.to_string(),
+                files: vec![(file.to_string(), *size)],
+            }),
+        }
+    }
+    let order = |k: UploadKind| match k {
+        UploadKind::Dataset => 0,
+        UploadKind::Model => 1,
+        UploadKind::TriggerImage => 2,
+    };
+    out.sort_by(|a, b| (order(a.kind), &a.name).cmp(&(order(b.kind), &b.name)));
+    for u in &mut out {
+        u.files.sort();
+    }
+    (out, usage)
+}
+
+/// Checks that storing `size` bytes as one file, replacing a stored file of
+/// `replaced` bytes (None: a new file), keeps a team that holds `used`
+/// (plus `pending`: its uploads in flight) within `max_bytes` and
+/// `max_files`. The error names the quota.
+pub fn check_quota(
+    used: Usage,
+    pending: Usage,
+    replaced: Option<u64>,
+    size: u64,
+    max_bytes: u64,
+    max_files: u64,
+) -> Result<(), String> {
+    let bytes = (used.bytes + pending.bytes)
+        .saturating_sub(replaced.unwrap_or(0))
+        .saturating_add(size);
+    let files = used.files + pending.files + u64::from(replaced.is_none());
+    if bytes > max_bytes {
+        return Err(format!(
+            "max_upload_bytes_per_team: this upload would bring the team's uploads to {bytes} bytes, above its quota of {max_bytes} (it holds {}{}; delete uploads with `deadbolt uploads delete`)",
+            used.bytes,
+            if pending.bytes > 0 { format!(", {} more arriving", pending.bytes) } else { String::new() }
+        ));
+    }
+    if files > max_files {
+        return Err(format!(
+            "max_uploads_per_team: this upload would bring the team's uploads to {files} files, above its quota of {max_files} (delete uploads with `deadbolt uploads delete`)"
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes an upload of `team` (all its files, or the one named `file`),
+/// checksums first (the commit markers: a half-deleted upload reads as
+/// missing, never as complete). Returns the files and bytes deleted;
+/// (0, 0) when there was nothing.
+pub async fn delete(
+    artifacts: &ArtifactStore,
+    team: &str,
+    kind: UploadKind,
+    name: &str,
+    file: Option<&str>,
+) -> Result<Usage, deadbolt_store::StoreError> {
+    let base = key(team, kind, name);
+    let objects: Vec<(String, u64)> = match (kind, file) {
+        (UploadKind::TriggerImage, _) => {
+            // the image and its checksum, not another name sharing a prefix
+            let dir = team_prefix(team) + "/triggers";
+            artifacts
+                .list_prefix(&dir)
+                .await?
+                .into_iter()
+                .filter(|(f, _)| f == name || *f == format!("{name}{SHA_SUFFIX}"))
+                .map(|(f, n)| (format!("{dir}/{f}"), n))
+                .collect()
+        }
+        (_, Some(file)) => artifacts
+            .list_prefix(&base)
+            .await?
+            .into_iter()
+            .filter(|(f, _)| f == file || *f == format!("{file}{SHA_SUFFIX}"))
+            .map(|(f, n)| (format!("{base}/{f}"), n))
+            .collect(),
+        (_, None) => artifacts
+            .list_prefix(&base)
+            .await?
+            .into_iter()
+            .map(|(f, n)| (format!("{base}/{f}"), n))
+            .collect(),
+    };
+    let (sums, data): (Vec<_>, Vec<_>) = objects.iter().partition(|(k, _)| k.ends_with(SHA_SUFFIX));
+    for (k, _) in &sums {
+        artifacts.delete_key(k).await?;
+    }
+    let mut gone = Usage::default();
+    for (k, n) in &data {
+        artifacts.delete_key(k).await?;
+        gone.files += 1;
+        gone.bytes += n;
+    }
+    if gone.files > 0 {
+        tracing::info!(team = %team, upload = %base, file = file.unwrap_or(""), files = gone.files, bytes = gone.bytes, "upload deleted");
+    }
+    Ok(gone)
+}
+
 fn data_loss(message: String) -> JobError {
     JobError::permanent(tonic::Code::DataLoss, message)
 }
@@ -254,6 +429,131 @@ mod tests {
         ] {
             assert!(check_file(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn quotas_count_bytes_and_files_and_a_replaced_file_is_freed() {
+        let used = Usage {
+            bytes: 900,
+            files: 3,
+        };
+        let none = Usage::default();
+        check_quota(used, none, None, 100, 1000, 4).unwrap();
+        let e = check_quota(used, none, None, 101, 1000, 4).unwrap_err();
+        assert!(e.starts_with("max_upload_bytes_per_team"), "{e}");
+        // replacing a 300-byte file by a 400-byte one
+        check_quota(used, none, Some(300), 400, 1000, 3).unwrap();
+        let e = check_quota(used, none, None, 1, 1000, 3).unwrap_err();
+        assert!(e.starts_with("max_uploads_per_team"), "{e}");
+        // uploads in flight count
+        let pending = Usage {
+            bytes: 50,
+            files: 1,
+        };
+        assert!(check_quota(used, pending, None, 100, 1000, 9).is_err());
+        // unbounded (the embedded services)
+        check_quota(used, pending, None, u64::MAX, u64::MAX, u64::MAX).unwrap();
+    }
+
+    #[test]
+    fn a_teams_objects_group_into_uploads() {
+        let objects: Vec<(String, u64)> = [
+            ("datasets/digits/a", 10),
+            ("datasets/digits/a.sha256", 64),
+            ("datasets/digits/b", 5),
+            ("datasets/faces/0/x.png", 7),
+            ("datasets/faces/0/x.png.sha256", 64),
+            ("models/net/model.safetensors", 100),
+            ("models/net/model.safetensors.sha256", 64),
+            ("triggers/mark", 3),
+            ("triggers/mark.sha256", 64),
+        ]
+        .iter()
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect();
+        let (ups, usage) = group(&objects);
+        assert_eq!(
+            usage,
+            Usage {
+                bytes: 125,
+                files: 5
+            }
+        );
+        let names: Vec<(UploadKind, &str, u64)> = ups
+            .iter()
+            .map(|u| (u.kind, u.name.as_str(), u.size()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (UploadKind::Dataset, "digits", 15),
+                (UploadKind::Dataset, "faces", 7),
+                (UploadKind::Model, "net", 100),
+                (UploadKind::TriggerImage, "mark", 3),
+            ]
+        );
+        assert_eq!(ups[1].files, vec![("0/x.png".to_string(), 7)]);
+        assert_eq!(ups[3].files, vec![(String::new(), 3)]);
+    }
+
+    #[tokio::test]
+    async fn deleting_an_upload_takes_its_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let art = ArtifactStore::local(&dir.path().join("store")).unwrap();
+        let put = |key: String, body: &'static [u8]| {
+            let art = art.clone();
+            async move {
+                let body = bytes::Bytes::from_static(body);
+                let mut w = art.start_upload(&key).await.unwrap();
+                w.write(body.clone()).await.unwrap();
+                w.finish(body.len() as u64, &sha256_hex(&body))
+                    .await
+                    .unwrap();
+            }
+        };
+        let d = key("t", UploadKind::Dataset, "d");
+        put(format!("{d}/a"), b"aaaa").await;
+        put(format!("{d}/b"), b"bb").await;
+        put(key("t", UploadKind::TriggerImage, "m"), b"m").await;
+        put(key("t", UploadKind::TriggerImage, "m2"), b"mm").await;
+        put(key("u", UploadKind::Dataset, "d") + "/a", b"other team").await;
+        // a re-upload replaces: still one file of its new size
+        put(format!("{d}/b"), b"bbb").await;
+        let (ups, usage) = list(&art, "t").await.unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                bytes: 10,
+                files: 4
+            }
+        );
+        assert_eq!(ups.len(), 3);
+
+        let gone = delete(&art, "t", UploadKind::Dataset, "d", Some("a"))
+            .await
+            .unwrap();
+        assert_eq!(gone, Usage { bytes: 4, files: 1 });
+        assert!(exists(&art, "t", UploadKind::Dataset, "d").await.unwrap());
+        let gone = delete(&art, "t", UploadKind::TriggerImage, "m", None)
+            .await
+            .unwrap();
+        assert_eq!(gone, Usage { bytes: 1, files: 1 });
+        assert!(exists(&art, "t", UploadKind::TriggerImage, "m2")
+            .await
+            .unwrap());
+        let gone = delete(&art, "t", UploadKind::Dataset, "d", None)
+            .await
+            .unwrap();
+        assert_eq!(gone, Usage { bytes: 3, files: 1 });
+        assert!(!exists(&art, "t", UploadKind::Dataset, "d").await.unwrap());
+        // nothing left to delete; the other team's upload is untouched
+        let gone = delete(&art, "t", UploadKind::Dataset, "d", None)
+            .await
+            .unwrap();
+        assert_eq!(gone, Usage::default());
+        assert!(exists(&art, "u", UploadKind::Dataset, "d").await.unwrap());
+        let (_, usage) = list(&art, "t").await.unwrap();
+        assert_eq!(usage, Usage { bytes: 2, files: 1 });
     }
 
     #[tokio::test]

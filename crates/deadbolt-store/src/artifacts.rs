@@ -15,8 +15,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures::TryStreamExt;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -343,6 +344,30 @@ impl ArtifactStore {
         Ok(bytes)
     }
 
+    /// Opens the object of `r` for a streaming read ([`ArtifactReader`]):
+    /// memory stays at about one chunk whatever the object's size, and its
+    /// size and sha256 are checked against the reference as it is read
+    /// (StoreError::Checksum naming the object when they differ).
+    pub async fn open(&self, r: &ArtifactRef) -> Result<ArtifactReader> {
+        validate_key(&r.key)?;
+        let stream = match self.store.get(&self.object_path(&r.key)).await {
+            Ok(g) => g.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::not_found("artifact", self.uri(&r.key)))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(ArtifactReader {
+            stream,
+            buf: BytesMut::new(),
+            hasher: Sha256::new(),
+            read: 0,
+            r: r.clone(),
+            ended: false,
+            checked: false,
+        })
+    }
+
     /// Reads the object at `key` without checking its content.
     pub async fn get_unverified(&self, key: &str) -> Result<Bytes> {
         validate_key(key)?;
@@ -360,10 +385,15 @@ impl ArtifactStore {
     /// `MetadataStore::delete_artifact`). A missing object is Ok, so a
     /// repeated or interrupted delete can be run again.
     pub async fn delete(&self, r: &ArtifactRef) -> Result<()> {
-        validate_key(&r.key)?;
-        match self.store.delete(&self.object_path(&r.key)).await {
+        self.delete_key(&r.key).await
+    }
+
+    /// Deletes the object at `key` (a missing one is Ok).
+    pub async fn delete_key(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        match self.store.delete(&self.object_path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                tracing::debug!(key = %r.key, "deleted artifact");
+                tracing::debug!(key = %key, "deleted artifact");
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -380,7 +410,7 @@ impl ArtifactStore {
         let upload = self.store.put_multipart(&staging).await?;
         Ok(UploadWriter {
             store: self.store.clone(),
-            writer: WriteMultipart::new(upload),
+            writer: Some(WriteMultipart::new(upload)),
             hasher: Sha256::new(),
             size: 0,
             staging,
@@ -443,10 +473,100 @@ impl ArtifactStore {
     }
 }
 
-/// An upload in progress (see [`ArtifactStore::start_upload`]).
+/// A streaming read of an artifact (see [`ArtifactStore::open`]).
+pub struct ArtifactReader {
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    buf: BytesMut,
+    hasher: Sha256,
+    /// Bytes read from the object so far.
+    read: u64,
+    r: ArtifactRef,
+    /// The object's stream ended.
+    ended: bool,
+    /// Its size and sha256 were checked.
+    checked: bool,
+}
+
+impl ArtifactReader {
+    /// The reference being read.
+    pub fn artifact(&self) -> &ArtifactRef {
+        &self.r
+    }
+
+    /// The next at most `max` (> 0) bytes; None once the whole object was
+    /// returned and its size and sha256 matched the reference. An object
+    /// longer than its reference stops being read at the first byte past
+    /// it. A mismatch is StoreError::Checksum (the bytes already returned
+    /// are not to be trusted).
+    pub async fn next_chunk(&mut self, max: usize) -> Result<Option<Bytes>> {
+        let max = max.max(1);
+        loop {
+            if self.buf.len() >= max || (self.ended && !self.buf.is_empty()) {
+                let n = max.min(self.buf.len());
+                return Ok(Some(self.buf.split_to(n).freeze()));
+            }
+            if self.ended {
+                if !self.checked {
+                    self.checked = true;
+                    self.check(true)?;
+                }
+                return Ok(None);
+            }
+            match self.stream.next().await {
+                Some(Ok(b)) => {
+                    self.hasher.update(&b);
+                    self.read += b.len() as u64;
+                    metrics::counter!("deadbolt_artifact_bytes_total", "direction" => "in")
+                        .increment(b.len() as u64);
+                    self.check(false)?;
+                    self.buf.extend_from_slice(&b);
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    /// Checks the size (while reading: not above the reference's) and, at
+    /// the end, the sha256.
+    fn check(&mut self, at_end: bool) -> Result<()> {
+        let size_bad = if at_end {
+            self.read != self.r.size
+        } else {
+            self.read > self.r.size
+        };
+        if !size_bad && !at_end {
+            return Ok(());
+        }
+        let actual = if size_bad {
+            format!("{} bytes (recorded: {})", self.read, self.r.size)
+        } else {
+            hex::encode(self.hasher.clone().finalize())
+        };
+        if size_bad || !actual.eq_ignore_ascii_case(&self.r.sha256) {
+            self.ended = true;
+            self.checked = true;
+            self.buf.clear();
+            metrics::counter!("deadbolt_artifact_checksum_failures_total").increment(1);
+            tracing::error!(uri = %self.r.uri, expected = %self.r.sha256, actual = %actual, "artifact checksum mismatch");
+            return Err(StoreError::Checksum {
+                key: self.r.uri.clone(),
+                expected: self.r.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An upload in progress (see [`ArtifactStore::start_upload`]). Dropped
+/// before [`UploadWriter::finish`] (the client went away, the handler was
+/// cancelled), it aborts its multipart upload and deletes its staging
+/// object in the background: nothing partial is left behind.
 pub struct UploadWriter {
     store: Arc<dyn ObjectStore>,
-    writer: WriteMultipart,
+    /// None once finished or aborted.
+    writer: Option<WriteMultipart>,
     hasher: Sha256,
     size: u64,
     staging: ObjectPath,
@@ -461,28 +581,40 @@ impl UploadWriter {
         self.size
     }
 
+    fn writer(&mut self) -> Result<&mut WriteMultipart> {
+        self.writer.as_mut().ok_or(StoreError::Invalid {
+            field: "upload",
+            message: "the upload already ended".into(),
+        })
+    }
+
     /// Appends a chunk (waits while too many parts are in flight).
     pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        self.writer.wait_for_capacity(4).await?;
+        self.writer()?.wait_for_capacity(4).await?;
         self.hasher.update(&chunk);
         self.size += chunk.len() as u64;
-        self.writer.put(chunk);
+        self.writer()?.put(chunk);
         Ok(())
     }
 
     /// Drops what was written; nothing is stored.
-    pub async fn abort(self) {
-        if let Err(e) = self.writer.abort().await {
-            tracing::warn!(key = %self.key, error = %e, "aborting an upload");
+    pub async fn abort(mut self) {
+        if let Some(w) = self.writer.take() {
+            abort_staged(
+                self.store.clone(),
+                w,
+                self.staging.clone(),
+                self.key.clone(),
+            )
+            .await;
         }
-        let _ = self.store.delete(&self.staging).await;
     }
 
     /// Completes the upload when it is `size` bytes hashing to `sha256`
     /// (lowercase hex): moves it to its key and stores the checksum beside
-    /// it (`<key>.sha256`). Otherwise deletes it and answers Invalid naming
-    /// `size` or `sha256`.
-    pub async fn finish(self, size: u64, sha256: &str) -> Result<ArtifactRef> {
+    /// it (`<key>.sha256`), replacing an object already there. Otherwise
+    /// deletes it and answers Invalid naming `size` or `sha256`.
+    pub async fn finish(mut self, size: u64, sha256: &str) -> Result<ArtifactRef> {
         let actual = hex::encode(self.hasher.clone().finalize());
         if self.size != size {
             let got = self.size;
@@ -499,13 +631,31 @@ impl UploadWriter {
                 message: format!("the header declared {sha256}, the bytes hash to {actual}"),
             });
         }
-        self.writer.finish().await?;
-        self.store.rename(&self.staging, &self.final_path).await?;
+        let writer = self.writer.take().ok_or(StoreError::Invalid {
+            field: "upload",
+            message: "the upload already ended".into(),
+        })?;
+        // a failed completion aborts the multipart upload itself
+        writer.finish().await?;
+        let sidecar = ObjectPath::from(format!("{}.sha256", self.final_path));
+        // an upload that replaces another reads as absent from here until
+        // its own checksum is stored: never the new bytes with the old
+        // checksum
+        match self.store.delete(&sidecar).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                let _ = self.store.delete(&self.staging).await;
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = self.store.rename(&self.staging, &self.final_path).await {
+            let _ = self.store.delete(&self.staging).await;
+            return Err(e.into());
+        }
         // the checksum last: it is the commit marker (an upload counts as
         // present only with it), so a crash between the two leaves an
         // object that a retried upload overwrites, never one that is used
         // unchecked
-        let sidecar = ObjectPath::from(format!("{}.sha256", self.final_path));
         self.store
             .put(&sidecar, PutPayload::from(Bytes::from(actual.clone())))
             .await?;
@@ -513,11 +663,45 @@ impl UploadWriter {
             .increment(self.size);
         tracing::info!(key = %self.key, size = self.size, sha256 = %actual, "upload stored");
         Ok(ArtifactRef {
-            uri: self.uri,
-            key: self.key,
+            uri: std::mem::take(&mut self.uri),
+            key: std::mem::take(&mut self.key),
             sha256: actual,
             size: self.size,
         })
+    }
+}
+
+/// Aborts a multipart upload into `staging` and deletes what it left.
+async fn abort_staged(
+    store: Arc<dyn ObjectStore>,
+    writer: WriteMultipart,
+    staging: ObjectPath,
+    key: String,
+) {
+    if let Err(e) = writer.abort().await {
+        tracing::warn!(key = %key, error = %e, "aborting an upload");
+    }
+    let _ = store.delete(&staging).await;
+}
+
+impl Drop for UploadWriter {
+    fn drop(&mut self) {
+        let Some(w) = self.writer.take() else {
+            return;
+        };
+        tracing::info!(key = %self.key, size = self.size, "upload abandoned; aborting it");
+        let job = abort_staged(
+            self.store.clone(),
+            w,
+            self.staging.clone(),
+            self.key.clone(),
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(job)),
+            Err(_) => {
+                tracing::warn!(key = %self.key, "an upload dropped outside a runtime was not aborted")
+            }
+        }
     }
 }
 
@@ -549,6 +733,219 @@ mod tests {
         for good in ["model.safetensors", "ckpt/epoch-3.safetensors", "a_b-c.1"] {
             validate_name(good).unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_read_comes_in_bounded_chunks_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ArtifactStore::local(dir.path()).unwrap();
+        let id = Uuid::new_v4();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let r = s
+            .put(id, "big.bin", Bytes::from(body.clone()))
+            .await
+            .unwrap();
+        let mut rd = s.open(&r).await.unwrap();
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        while let Some(c) = rd.next_chunk(30_000).await.unwrap() {
+            sizes.push(c.len());
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got, body);
+        assert_eq!(sizes, vec![30_000, 30_000, 30_000, 10_000]);
+        assert!(rd.next_chunk(30_000).await.unwrap().is_none());
+
+        // an empty artifact: no chunk, checked
+        let e = s.put(id, "empty.bin", Bytes::new()).await.unwrap();
+        assert!(s
+            .open(&e)
+            .await
+            .unwrap()
+            .next_chunk(10)
+            .await
+            .unwrap()
+            .is_none());
+
+        // a changed object, a longer one, a shorter one: Checksum
+        let path = dir.path().join(&r.key);
+        let drain = |r: ArtifactRef| {
+            let s = s.clone();
+            async move {
+                let mut rd = s.open(&r).await?;
+                while rd.next_chunk(4096).await?.is_some() {}
+                Ok::<_, StoreError>(())
+            }
+        };
+        let mut changed = body.clone();
+        changed[77_777] ^= 1;
+        std::fs::write(&path, &changed).unwrap();
+        assert!(matches!(
+            drain(r.clone()).await,
+            Err(StoreError::Checksum { .. })
+        ));
+        let mut longer = body.clone();
+        longer.extend_from_slice(&[0; 10]);
+        std::fs::write(&path, &longer).unwrap();
+        assert!(matches!(
+            drain(r.clone()).await,
+            Err(StoreError::Checksum { .. })
+        ));
+        std::fs::write(&path, &body[..99_999]).unwrap();
+        assert!(matches!(
+            drain(r.clone()).await,
+            Err(StoreError::Checksum { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(s.open(&r).await, Err(StoreError::NotFound { .. })));
+    }
+
+    /// An object store that counts the aborts of its multipart uploads.
+    #[derive(Debug)]
+    struct CountAborts {
+        inner: object_store::memory::InMemory,
+        aborts: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl std::fmt::Display for CountAborts {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "CountAborts")
+        }
+    }
+
+    #[derive(Debug)]
+    struct Counted {
+        inner: Box<dyn object_store::MultipartUpload>,
+        aborts: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::MultipartUpload for Counted {
+        fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+            self.inner.put_part(data)
+        }
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete().await
+        }
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.aborts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.abort().await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CountAborts {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            let inner = self.inner.put_multipart_opts(location, opts).await?;
+            Ok(Box::new(Counted {
+                inner,
+                aborts: self.aborts.clone(),
+            }))
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_upload_aborts_its_multipart_upload() {
+        let aborts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let s = ArtifactStore::new(
+            Arc::new(CountAborts {
+                inner: object_store::memory::InMemory::new(),
+                aborts: aborts.clone(),
+            }),
+            "p",
+            "mem://p",
+            false,
+        );
+        let key = "teams/t/datasets/d/f.bin";
+        // dropped midway (a client that went away)
+        let mut w = s.start_upload(key).await.unwrap();
+        w.write(Bytes::from(vec![1u8; 6 << 20])).await.unwrap();
+        drop(w);
+        let count = || aborts.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..200 {
+            if count() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(count(), 1, "the dropped upload was not aborted");
+        let all: Vec<_> = s.object_store().list(None).try_collect().await.unwrap();
+        assert!(all.is_empty(), "{all:?}");
+
+        // a finished one is not aborted, and a second upload of the key
+        // replaces it (object and checksum), leaving no staging object
+        for body in [&b"first"[..], b"second!"] {
+            let mut w = s.start_upload(key).await.unwrap();
+            w.write(Bytes::copy_from_slice(body)).await.unwrap();
+            w.finish(body.len() as u64, &sha256_hex(body))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(count(), 1);
+        let all: Vec<String> = s
+            .object_store()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(&s.get_unverified(key).await.unwrap()[..], b"second!");
+        assert_eq!(
+            s.get_unverified(&format!("{key}.sha256")).await.unwrap(),
+            Bytes::from(sha256_hex(b"second!"))
+        );
+        // an explicit abort counts once too
+        let w = s.start_upload(key).await.unwrap();
+        w.abort().await;
+        assert_eq!(count(), 2);
     }
 
     #[test]
