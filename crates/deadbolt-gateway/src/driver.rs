@@ -161,7 +161,11 @@ impl Driver {
                 }
                 Err(s) => {
                     self.check_cancelled().await?;
-                    if retryable(s.code()) && t0.elapsed() < STAGE_RETRY_WINDOW {
+                    // a job that failed for good answers with its own code
+                    // (RESOURCE_EXHAUSTED for a file over a limit, say):
+                    // that is the stage's verdict, not a busy instance
+                    let ended = self.job_failed(kind).await;
+                    if !ended && retryable(s.code()) && t0.elapsed() < STAGE_RETRY_WINDOW {
                         let wait = Duration::from_millis((250u64 << attempt.min(4)).min(3000));
                         tracing::warn!(run_id = %self.run_id, stage, attempt, code = ?s.code(), error = %s.message(), "stage call failed; retrying");
                         self.event(stage, "retry", &format!("{:?}: {}", s.code(), s.message()))
@@ -177,6 +181,16 @@ impl Driver {
                     });
                 }
             }
+        }
+    }
+
+    /// Whether the run's job of `kind` has failed for good.
+    async fn job_failed(&self, kind: StageKind) -> bool {
+        match self.shared.store.list_jobs(self.run_id).await {
+            Ok(jobs) => jobs
+                .iter()
+                .any(|j| j.stage == kind.as_str() && j.status == deadbolt_store::JobStatus::Failed),
+            Err(_) => false,
         }
     }
 

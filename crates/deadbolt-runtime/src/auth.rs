@@ -132,11 +132,14 @@ impl AuthLayer {
 /// tokens cannot grow memory).
 pub const MAX_AUTH_ENTRIES: usize = 10_000;
 
+/// A key store answer (the principal, or no such key) and when it came.
+type Answer = (Option<Principal>, Instant);
+
 /// Answers of the key store by the key's sha256, each for a TTL.
 #[derive(Debug)]
 pub struct KeyCache {
     ttl: Duration,
-    entries: Mutex<HashMap<[u8; 32], (Option<Principal>, Instant)>>,
+    entries: Mutex<HashMap<[u8; 32], Answer>>,
 }
 
 impl KeyCache {

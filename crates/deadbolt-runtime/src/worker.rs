@@ -553,6 +553,13 @@ impl Worker {
         };
         heartbeat.abort();
         deadline.abort();
+        // a failure's message reaches the client: it names the job's files
+        // relative to its scratch folder, never a path of this server
+        let outcome = outcome.map_err(|mut e| {
+            let root = format!("{}/", work_dir.path().display());
+            e.message = e.message.replace(&root, "");
+            e
+        });
         drop(work_dir);
         if flags.lost.load(Ordering::SeqCst) {
             metrics::counter!(names::JOBS_LEASE_LOST, "stage" => stage.clone()).increment(1);
