@@ -1,12 +1,14 @@
 //! A worker paused *inside* a fenced write (Postgres + S3, separate
-//! processes; issue 18 §1). trainer-a runs with the failpoint
-//! `DEADBOLT_FAILPOINT=stop-before-commit:record_artifact`: the first time
-//! it is about to commit an artifact record (its transaction holds the
-//! job's row `FOR SHARE` and has inserted the record) it stops itself with
-//! SIGSTOP, deterministically, as a GC pause or a stuck read would. Postgres
-//! ends its idle transaction (a third of the lease), so trainer-b leases the
-//! job within two leases of being free to, and the run finishes. Then
-//! trainer-a is resumed: its commit fails, and nothing it writes lands.
+//! processes; issue 18 §1). Both trainers run with the failpoint
+//! `DEADBOLT_FAILPOINT=stop-before-commit:record_artifact` and one
+//! once-file (`DEADBOLT_FAILPOINT_ONCE`): the first trainer about to commit
+//! an artifact record (its transaction holds the job's row `FOR SHARE` and
+//! has inserted the record) stops itself with SIGSTOP, deterministically,
+//! as a GC pause or a stuck read would; the other goes on. Postgres ends
+//! the stopped trainer's idle transaction (a third of the lease), so the
+//! other trainer leases the job within two leases of being free to, and
+//! the run finishes. Then the stopped trainer is resumed: its commit
+//! fails, and nothing it writes lands.
 
 mod common;
 
@@ -41,19 +43,24 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
         )
     };
     let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
-    let a = serve_env(
-        d,
-        "trainer-a",
-        "trainer",
-        &base("trainer-a", ""),
-        &[("DEADBOLT_FAILPOINT", "stop-before-commit:record_artifact")],
-    );
-    let b = serve(d, "trainer-b", "trainer", &base("trainer-b", ""));
+    let once = d.join("failpoint-fired");
+    let once = once.to_str().unwrap().to_string();
+    let env = [
+        ("DEADBOLT_FAILPOINT", "stop-before-commit:record_artifact"),
+        ("DEADBOLT_FAILPOINT_ONCE", once.as_str()),
+    ];
+    let trainers = [
+        serve_env(d, "trainer-a", "trainer", &base("trainer-a", ""), &env),
+        serve_env(d, "trainer-b", "trainer", &base("trainer-b", ""), &env),
+    ];
     let peer_list = vec![
         ("poisoner", vec![others.url("poisoner")]),
         ("analyzer", vec![others.url("analyzer")]),
         ("pruner", vec![others.url("pruner")]),
-        ("trainer", vec![a.url("trainer"), b.url("trainer")]),
+        (
+            "trainer",
+            trainers.iter().map(|t| t.url("trainer")).collect(),
+        ),
     ];
     let gw = serve(
         d,
@@ -66,16 +73,19 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
     let id: uuid::Uuid = run_id.parse().unwrap();
     let store = deadbolt_store::connect(pg.url()).await.unwrap();
 
-    // trainer-a stops itself inside its first artifact write
-    let paused_at = wait_for(
-        "trainer-a to stop at the failpoint",
+    // the first trainer to write an artifact stops itself inside that
+    // write; the other goes on
+    let (z, paused_at) = wait_for(
+        "a trainer to stop at the failpoint",
         Duration::from_secs(180),
         || {
-            let stopped = a.state() == Some('T');
-            async move { stopped.then(Instant::now) }
+            let stopped = trainers.iter().position(|t| t.state() == Some('T'));
+            async move { stopped.map(|z| (z, Instant::now())) }
         },
     )
     .await;
+    let (a, b) = (&trainers[z], &trainers[1 - z]);
+    assert!(std::path::Path::new(&once).exists());
     assert!(
         a.log_text().contains("failpoint: stopping this process"),
         "{}",
@@ -87,16 +97,17 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
         .unwrap()
         .into_iter()
         .find(|j| j.leased_by.as_deref().and_then(pid_of) == Some(a.pid()))
-        .expect("trainer-a holds a job");
+        .expect("the stopped trainer holds a job");
     assert_eq!(held.status, JobStatus::Leased);
     eprintln!(
-        "trainer-a stopped in a fenced write of {} after {:.1} s",
+        "{} stopped in a fenced write of {} after {:.1} s",
+        a.name,
         held.stage,
         t0.elapsed().as_secs_f64()
     );
 
-    // trainer-b takes the job within two leases of being free to (it may
-    // be training the other model when trainer-a stops)
+    // the other trainer takes the job within two leases of being free to (it may
+    // be training the other model when the stopped trainer stops)
     let mut free_at: Option<Instant> = None;
     let taken = loop {
         let jobs = store.list_jobs(id).await.unwrap();
@@ -122,7 +133,7 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!(
-        "re-leased {:.2} s after the pause ({:.2} s after trainer-b was free)",
+        "re-leased {:.2} s after the pause ({:.2} s after the other trainer was free)",
         paused_at.elapsed().as_secs_f64(),
         free_at.map_or(0.0, |f| f.elapsed().as_secs_f64())
     );
@@ -147,7 +158,7 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
             .collect::<BTreeMap<String, (String, String)>>()
     };
     let before = records().await;
-    // no record of the job comes from trainer-a's attempt
+    // no record of the job comes from the stopped trainer's attempt
     let prefix = format!("/jobs/{}/a1/", held.id.simple());
     for (name, (uri, _)) in &before {
         assert!(
@@ -156,18 +167,22 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
         );
     }
 
-    // resumed, trainer-a's commit fails and it stops its job
+    // resumed, the stopped trainer's commit fails and it stops its job
     a.signal("CONT");
-    let log = wait_for("trainer-a to notice", Duration::from_secs(30), || {
-        let log = a.log_text();
-        async move { log.contains("lease lost").then_some(log) }
-    })
+    let log = wait_for(
+        "the stopped trainer to notice",
+        Duration::from_secs(30),
+        || {
+            let log = a.log_text();
+            async move { log.contains("lease lost").then_some(log) }
+        },
+    )
     .await;
     assert!(!log.contains("job succeeded"), "{log}");
     // its attempt ends (the result dropped, or the outcome refused); every
     // write it tried on the way was refused
     wait_for(
-        "trainer-a to end its attempt",
+        "the stopped trainer to end its attempt",
         Duration::from_secs(60),
         || {
             let log = a.log_text();
@@ -181,7 +196,8 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
     let after = records().await;
     assert_eq!(before, after, "artifact records changed after SIGCONT");
     drop(gw);
-    drop((a, b, others));
+    drop(trainers);
+    drop(others);
     pg.drop_db().await;
     eprintln!(
         "pause-in-fence test took {:.1} s",

@@ -44,7 +44,10 @@
 //! the environment variable `DEADBOLT_FAILPOINT=stop-before-commit:<write>`
 //! (`<write>`: `record_artifact`, `append_event`, `record_metric`, ...; or
 //! `*`), which stops the whole process (SIGSTOP to itself) the first time
-//! such a write is about to commit, as a GC pause would.
+//! such a write is about to commit, as a GC pause would. With
+//! `DEADBOLT_FAILPOINT_ONCE=<file>` as well, only the first process of a
+//! cluster to get there stops: it creates the file (exclusively); the
+//! others find it and go on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,6 +135,9 @@ impl std::fmt::Debug for Failpoints {
 /// The environment variable of process-level failpoints.
 pub const FAILPOINT_ENV: &str = "DEADBOLT_FAILPOINT";
 
+/// A file that makes a process-level failpoint fire in one process only.
+pub const FAILPOINT_ONCE_ENV: &str = "DEADBOLT_FAILPOINT_ONCE";
+
 impl Failpoints {
     /// The failpoints named by [`FAILPOINT_ENV`] (none when it is unset).
     pub fn from_env() -> Failpoints {
@@ -144,8 +150,20 @@ impl Failpoints {
                 let write = write.to_string();
                 tracing::warn!(failpoint = %spec, "test failpoint armed");
                 let fired = Arc::new(AtomicBool::new(false));
+                let once = std::env::var_os(FAILPOINT_ONCE_ENV).map(std::path::PathBuf::from);
                 fp.on_fenced_commit(Arc::new(move |name, fence| {
-                    if (write == "*" || write == name) && !fired.swap(true, Ordering::SeqCst) {
+                    let first_here = (write == "*" || write == name)
+                        && !fired.swap(true, Ordering::SeqCst);
+                    // first in the cluster too, when the once-file is given
+                    let first = first_here
+                        && once.as_ref().is_none_or(|f| {
+                            std::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .open(f)
+                                .is_ok()
+                        });
+                    if first {
                         tracing::warn!(
                             write = name, job_id = %fence.job_id,
                             "failpoint: stopping this process before a fenced commit"
