@@ -43,7 +43,10 @@ fn doc_files() -> Vec<PathBuf> {
 fn readme_is_at_most_200_lines() {
     let text = read(&root().join("README.md"));
     let n = text.lines().count();
-    assert!(n <= 200, "README.md has {n} lines; keep it at most 200 (move detail into docs/)");
+    assert!(
+        n <= 200,
+        "README.md has {n} lines; keep it at most 200 (move detail into docs/)"
+    );
 }
 
 #[test]
@@ -62,7 +65,11 @@ scripts/test.sh\n\
     );
     // and they are what they say they are
     let root = root();
-    for f in ["scripts/deadbolt", "scripts/test.sh", "examples/mnist-badnets.toml"] {
+    for f in [
+        "scripts/deadbolt",
+        "scripts/test.sh",
+        "examples/mnist-badnets.toml",
+    ] {
         assert!(root.join(f).is_file(), "{f} is missing");
     }
     assert!(
@@ -163,7 +170,11 @@ fn relative_links_resolve() {
                 Some((p, f)) => (p, Some(f)),
                 None => (target.as_str(), None),
             };
-            let resolved = if path.is_empty() { file.clone() } else { dir.join(path) };
+            let resolved = if path.is_empty() {
+                file.clone()
+            } else {
+                dir.join(path)
+            };
             let shown = format!(
                 "{}: {target}",
                 file.strip_prefix(&root).unwrap_or(&file).display()
@@ -182,7 +193,10 @@ fn relative_links_resolve() {
             }
         }
     }
-    assert!(checked > 10, "only {checked} relative links found: is the parser right?");
+    assert!(
+        checked > 10,
+        "only {checked} relative links found: is the parser right?"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
@@ -223,7 +237,11 @@ fn cargo_graph() -> BTreeSet<(String, String)> {
         .filter(|p| p.is_file())
         .collect();
     manifests.sort();
-    assert!(manifests.len() >= 8, "found only {} crates", manifests.len());
+    assert!(
+        manifests.len() >= 8,
+        "found only {} crates",
+        manifests.len()
+    );
     for manifest in manifests {
         let text = read(&manifest);
         let mut table = String::new();
@@ -235,7 +253,10 @@ fn cargo_graph() -> BTreeSet<(String, String)> {
                 continue;
             }
             if line.starts_with('[') {
-                table = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                table = line
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_string();
                 // [dependencies.deadbolt-x]
                 if let Some(name) = table.strip_prefix("dependencies.") {
                     deps.push(name.trim_matches('"').to_string());
@@ -299,7 +320,10 @@ fn the_documented_lease_statement_and_session_limits_are_the_stores() {
         "the Postgres dialect's skip_locked is no longer {statement:?}: update docs/architecture.md"
     );
     let arch = read(&root.join("docs/architecture.md"));
-    assert!(arch.contains(statement), "docs/architecture.md does not name {statement:?}");
+    assert!(
+        arch.contains(statement),
+        "docs/architecture.md does not name {statement:?}"
+    );
     for file in doc_files() {
         assert!(
             !read(&file).contains("FOR UPDATE SKIP LOCKED"),
@@ -312,7 +336,11 @@ fn the_documented_lease_statement_and_session_limits_are_the_stores() {
     // lock_timeout L/4 (SessionLimits::for_lease)
     let liveness = read(&root.join("crates/deadbolt-store/src/liveness.rs"));
     for (field, setting, part) in [
-        ("idle_in_transaction", "idle_in_transaction_session_timeout", 3),
+        (
+            "idle_in_transaction",
+            "idle_in_transaction_session_timeout",
+            3,
+        ),
         ("statement", "statement_timeout", 2),
         ("lock", "lock_timeout", 4),
     ] {

@@ -152,8 +152,8 @@ impl Failpoints {
                 let fired = Arc::new(AtomicBool::new(false));
                 let once = std::env::var_os(FAILPOINT_ONCE_ENV).map(std::path::PathBuf::from);
                 fp.on_fenced_commit(Arc::new(move |name, fence| {
-                    let first_here = (write == "*" || write == name)
-                        && !fired.swap(true, Ordering::SeqCst);
+                    let first_here =
+                        (write == "*" || write == name) && !fired.swap(true, Ordering::SeqCst);
                     // first in the cluster too, when the once-file is given
                     let first = first_here
                         && once.as_ref().is_none_or(|f| {
