@@ -35,26 +35,11 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
             &format!("drain_secs = 20.0\n{extra}\n{}", moto.config()),
         )
     };
-    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
-    let mut trainers = vec![
-        serve(d, "trainer-a", "trainer", &base("trainer-a", "")),
-        serve(d, "trainer-b", "trainer", &base("trainer-b", "")),
-    ];
-    let peer_list = vec![
-        ("poisoner", vec![others.url("poisoner")]),
-        ("analyzer", vec![others.url("analyzer")]),
-        ("pruner", vec![others.url("pruner")]),
-        (
-            "trainer",
-            trainers.iter().map(|t| t.url("trainer")).collect(),
-        ),
-    ];
-    let gw = serve(
-        d,
-        "gateway",
-        "gateway",
-        &base("gateway", &peers(&peer_list)),
-    );
+    let Cluster {
+        others,
+        mut trainers,
+        gateway: gw,
+    } = cluster(d, &base, &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "drain-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

@@ -26,26 +26,11 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
         std::fs::create_dir_all(&work).unwrap();
         config(pg.url(), &art_url, &work, extra)
     };
-    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
-    let mut trainers = vec![
-        serve(d, "trainer-a", "trainer", &base("trainer-a", "")),
-        serve(d, "trainer-b", "trainer", &base("trainer-b", "")),
-    ];
-    let peer_list = vec![
-        ("poisoner", vec![others.url("poisoner")]),
-        ("analyzer", vec![others.url("analyzer")]),
-        ("pruner", vec![others.url("pruner")]),
-        (
-            "trainer",
-            trainers.iter().map(|t| t.url("trainer")).collect(),
-        ),
-    ];
-    let gw = serve(
-        d,
-        "gateway",
-        "gateway",
-        &base("gateway", &peers(&peer_list)),
-    );
+    let Cluster {
+        others,
+        mut trainers,
+        gateway: gw,
+    } = cluster(d, &base, &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "fault-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

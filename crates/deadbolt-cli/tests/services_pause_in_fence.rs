@@ -42,32 +42,17 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
             &format!("{extra}\n{}", moto.config()),
         )
     };
-    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
     let once = d.join("failpoint-fired");
     let once = once.to_str().unwrap().to_string();
     let env = [
         ("DEADBOLT_FAILPOINT", "stop-before-commit:record_artifact"),
         ("DEADBOLT_FAILPOINT_ONCE", once.as_str()),
     ];
-    let trainers = [
-        serve_env(d, "trainer-a", "trainer", &base("trainer-a", ""), &env),
-        serve_env(d, "trainer-b", "trainer", &base("trainer-b", ""), &env),
-    ];
-    let peer_list = vec![
-        ("poisoner", vec![others.url("poisoner")]),
-        ("analyzer", vec![others.url("analyzer")]),
-        ("pruner", vec![others.url("pruner")]),
-        (
-            "trainer",
-            trainers.iter().map(|t| t.url("trainer")).collect(),
-        ),
-    ];
-    let gw = serve(
-        d,
-        "gateway",
-        "gateway",
-        &base("gateway", &peers(&peer_list)),
-    );
+    let Cluster {
+        others,
+        trainers,
+        gateway: gw,
+    } = cluster(d, &base, &env);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "pause-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

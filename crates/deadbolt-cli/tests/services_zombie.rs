@@ -37,26 +37,11 @@ async fn a_paused_trainer_cannot_overwrite_the_winner() {
             &format!("{extra}\n{}", moto.config()),
         )
     };
-    let others = serve(d, "others", "poisoner,analyzer,pruner", &base("others", ""));
-    let trainers = [
-        serve(d, "trainer-a", "trainer", &base("trainer-a", "")),
-        serve(d, "trainer-b", "trainer", &base("trainer-b", "")),
-    ];
-    let peer_list = vec![
-        ("poisoner", vec![others.url("poisoner")]),
-        ("analyzer", vec![others.url("analyzer")]),
-        ("pruner", vec![others.url("pruner")]),
-        (
-            "trainer",
-            trainers.iter().map(|t| t.url("trainer")).collect(),
-        ),
-    ];
-    let gw = serve(
-        d,
-        "gateway",
-        "gateway",
-        &base("gateway", &peers(&peer_list)),
-    );
+    let Cluster {
+        others,
+        trainers,
+        gateway: gw,
+    } = cluster(d, &base, &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "zombie-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

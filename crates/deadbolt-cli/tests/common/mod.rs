@@ -33,6 +33,53 @@ pub fn serve_env(
     deadbolt_test_support::serve::serve_env(Path::new(bin()), dir, name, services, config, env)
 }
 
+/// The separate-process cluster of the fault tests: the poisoner, analyzer
+/// and pruner in one process (`others`), two trainers (`trainer-a`,
+/// `trainer-b`, started with `trainer_env`) and a gateway calling them;
+/// `base(name, extra)` is each process's config.
+pub struct Cluster {
+    pub others: Proc,
+    pub trainers: Vec<Proc>,
+    pub gateway: Proc,
+}
+
+pub fn cluster(
+    dir: &Path,
+    base: impl Fn(&str, &str) -> String,
+    trainer_env: &[(&str, &str)],
+) -> Cluster {
+    let others = serve(
+        dir,
+        "others",
+        "poisoner,analyzer,pruner",
+        &base("others", ""),
+    );
+    let trainers: Vec<Proc> = ["trainer-a", "trainer-b"]
+        .into_iter()
+        .map(|name| serve_env(dir, name, "trainer", &base(name, ""), trainer_env))
+        .collect();
+    let peer_list = vec![
+        ("poisoner", vec![others.url("poisoner")]),
+        ("analyzer", vec![others.url("analyzer")]),
+        ("pruner", vec![others.url("pruner")]),
+        (
+            "trainer",
+            trainers.iter().map(|t| t.url("trainer")).collect(),
+        ),
+    ];
+    let gateway = serve(
+        dir,
+        "gateway",
+        "gateway",
+        &base("gateway", &peers(&peer_list)),
+    );
+    Cluster {
+        others,
+        trainers,
+        gateway,
+    }
+}
+
 /// Every service in one `deadbolt serve` process (`all`), and the config
 /// file it reads (`<dir>/all.toml`, for the CLI's `--config`).
 pub fn serve_all(dir: &Path, config: &str) -> (Proc, std::path::PathBuf) {
