@@ -525,6 +525,32 @@ async fn hostile_inputs_are_refused_typed_and_bounded() {
         "{run:#?}\n{}",
         all.log_tail()
     );
+    // watching the finished run replays its events and ends; a client
+    // that lost its stream resumes after the last sequence number it saw
+    let replay = |after_seq: i64| {
+        let (url, honest, run_id) = (url.clone(), honest.clone(), honest_run.clone());
+        async move {
+            let mut c = as_key(&url, Some(&honest)).await;
+            let s = c
+                .watch_experiment(pb::WatchExperimentRequest { run_id, after_seq })
+                .await
+                .unwrap()
+                .into_inner();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                s.map(|e| e.unwrap().seq).collect::<Vec<_>>(),
+            )
+            .await
+            .expect("a finished run's watch ends")
+        }
+    };
+    let all_seqs = replay(0).await;
+    assert!(all_seqs.len() > 4, "{all_seqs:?}");
+    assert!(all_seqs.windows(2).all(|w| w[0] < w[1]), "{all_seqs:?}");
+    let mid = all_seqs[all_seqs.len() / 2];
+    let rest = replay(mid).await;
+    assert_eq!(rest, all_seqs[all_seqs.len() / 2 + 1..].to_vec());
+
     // the process is alive, its peak memory bounded
     assert_ne!(all.state(), Some('Z'));
     assert!(all.state().is_some(), "the serving process is gone");

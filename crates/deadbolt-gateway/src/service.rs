@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::driver::{Clients, Driver};
+use crate::error::GatewayError;
 
 /// The gateway: the service plus its run drivers. Who drives a run is a
 /// lease in the metadata store (`claim_run`/`claim_runs`, renewed while
@@ -292,12 +293,7 @@ impl ExperimentService for Gateway {
         let mut stream = req.into_inner();
         let first = tokio::time::timeout(base, stream.message())
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "no upload header within {:.0} s",
-                    base.as_secs_f64()
-                ))
-            })??
+            .map_err(|_| Status::from(GatewayError::UploadHeaderLate(base)))??
             .ok_or_else(|| {
                 invalid_argument(
                     "header",
@@ -342,11 +338,12 @@ impl ExperimentService for Gateway {
                 let got = w.size();
                 w.abort().await;
                 tracing::info!(team = %team, name = %h.name, size = h.size, received = got, "upload past its deadline");
-                return Err(Status::deadline_exceeded(format!(
-                    "{got} of the declared {} bytes arrived within the upload's deadline of {:.0} s (the request timeout plus 1 s per MiB)",
-                    h.size,
-                    limit.as_secs_f64()
-                )));
+                return Err(GatewayError::UploadLate {
+                    got,
+                    size: h.size,
+                    limit,
+                }
+                .into());
             }
         }
         let r = w.finish(h.size, &sha).await.map_err(upload_error)?;
@@ -398,8 +395,12 @@ impl ExperimentService for Gateway {
             }
             missing.check()?;
         }
-        let spec_json = serde_json::to_value(&spec)
-            .map_err(|e| Status::internal(format!("spec serializes: {e}")))?;
+        let spec_json = serde_json::to_value(&spec).map_err(|e| {
+            Status::from(GatewayError::Encoding {
+                what: "spec serializes",
+                message: e.to_string(),
+            })
+        })?;
         let (run_id, created) = self.start_run(&team, crid, &spec.name, spec_json).await?;
         Ok(Response::new(pb::SubmitExperimentResponse {
             run_id,
@@ -542,6 +543,18 @@ impl ExperimentService for Gateway {
                     return;
                 }
                 let from = after;
+                if !snap.read {
+                    // the feed has not read the run yet: wait for it
+                    tokio::select! {
+                        r = feed.changed() => {
+                            if r.is_err() {
+                                feed = feeds.subscribe(id, snap.status);
+                            }
+                        }
+                        _ = tx.closed() => return,
+                    }
+                    continue;
+                }
                 for e in snap.events.iter().filter(|e| e.seq > from) {
                     after = e.seq;
                     if tx

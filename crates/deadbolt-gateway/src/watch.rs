@@ -23,6 +23,10 @@ pub struct Snapshot {
     pub status: RunStatus,
     /// Set when the feed could not read the run (the watchers end with it).
     pub error: Option<Status>,
+    /// False until the feed has read the run once: a new feed's first
+    /// snapshot holds no events yet, whatever the run's status (a watcher
+    /// of a finished run waits for the replay instead of ending at once).
+    pub read: bool,
 }
 
 /// The feeds of this process, by run.
@@ -54,6 +58,7 @@ impl Feeds {
             events: Arc::new(Vec::new()),
             status,
             error: None,
+            read: false,
         });
         let tx = Arc::new(tx);
         feeds.insert(run_id, tx.clone());
@@ -93,13 +98,17 @@ async fn feed(
                 return;
             }
         };
-        let changed = !new.is_empty() || tx.borrow().status != run.status;
+        let changed = {
+            let snap = tx.borrow();
+            !snap.read || !new.is_empty() || snap.status != run.status
+        };
         if changed {
             events.extend(new);
             tx.send_replace(Snapshot {
                 events: Arc::new(events.clone()),
                 status: run.status,
                 error: None,
+                read: true,
             });
         }
         if run.status.is_terminal() || tx.receiver_count() == 0 {
