@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::error::{retryable, GatewayError};
+use crate::error::GatewayError;
 
 /// Give up on a stage whose calls keep failing transiently for this long.
 pub const STAGE_RETRY_WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -163,9 +163,13 @@ impl Driver {
                     self.check_cancelled().await?;
                     // a job that failed for good answers with its own code
                     // (RESOURCE_EXHAUSTED for a file over a limit, say):
-                    // that is the stage's verdict, not a busy instance
+                    // that is the stage's verdict, not a busy instance; the
+                    // rest is the one retry rule's, for a call's status
                     let ended = self.job_failed(kind).await;
-                    if !ended && retryable(s.code()) && t0.elapsed() < STAGE_RETRY_WINDOW {
+                    if !ended
+                        && deadbolt_proto::retryable(s.code(), deadbolt_proto::Origin::Call)
+                        && t0.elapsed() < STAGE_RETRY_WINDOW
+                    {
                         let wait = Duration::from_millis((250u64 << attempt.min(4)).min(3000));
                         tracing::warn!(run_id = %self.run_id, stage, attempt, code = ?s.code(), error = %s.message(), "stage call failed; retrying");
                         self.event(stage, "retry", &format!("{:?}: {}", s.code(), s.message()))

@@ -19,6 +19,8 @@ use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::error::GatewayError;
+
 /// Bytes per download message (the clients decode 4 MiB at most).
 pub const DOWNLOAD_CHUNK: usize = 1 << 20;
 /// Download messages buffered per call: with [`DOWNLOAD_CHUNK`], a
@@ -146,7 +148,7 @@ impl Quotas {
         )
         .map_err(|m| {
             tracing::info!(team = %team, name = %name, size, "upload over the team's quota");
-            Status::resource_exhausted(m)
+            Status::from(GatewayError::UploadQuota(m))
         })?;
         let usage = Usage {
             bytes: size.saturating_sub(replaced.unwrap_or(0)),
@@ -254,12 +256,11 @@ pub async fn delete_upload(
     };
     let gone = uploads::delete(artifacts, team, kind, &req.name, file).await?;
     if gone.files == 0 {
-        return Err(Status::not_found(format!(
-            "this team has no upload {}{}",
-            req.name,
-            file.map(|f| format!(" with a file {f}"))
-                .unwrap_or_default()
-        )));
+        return Err(GatewayError::NoSuchUpload {
+            name: req.name.clone(),
+            file: file.map(str::to_string),
+        }
+        .into());
     }
     Ok(pb::DeleteUploadResponse {
         files: gone.files,
@@ -300,9 +301,7 @@ pub fn select(
             let name = name.trim();
             match records.into_iter().find(|r| r.name == name) {
                 Some(r) => Ok(vec![r]),
-                None => Err(Status::not_found(format!(
-                    "the run has no artifact {name:?}"
-                ))),
+                None => Err(GatewayError::NoSuchArtifact(name.to_string()).into()),
             }
         }
         Some(Target::Report(r)) => Ok(records

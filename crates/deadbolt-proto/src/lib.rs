@@ -10,14 +10,18 @@
 //!   [`status`], the one error-to-status mapping.
 //! - [`validate`]: INVALID_ARGUMENT statuses carrying `google.rpc.BadRequest`
 //!   field violations.
+//! - [`retry`]: [`retryable`], the one rule of which failures are worth
+//!   another try (a stage call, a job attempt).
 //!
 //! Conversions between these messages and the core spec types live in the
 //! services (this crate does not link libtorch or deadbolt-core).
 
 pub mod error;
+pub mod retry;
 pub mod validate;
 
 pub use error::{status, ServiceError};
+pub use retry::{retryable, Origin};
 
 /// Generated code for `deadbolt.v1`.
 pub mod v1 {

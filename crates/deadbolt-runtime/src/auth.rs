@@ -37,6 +37,8 @@ use http::{HeaderValue, Request, Response};
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
+use crate::error::LayerError;
+
 /// How the gateway authenticates its callers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,7 +71,7 @@ fn open_path(path: &str) -> bool {
 pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
     req.extensions()
         .get::<Principal>()
-        .ok_or_else(|| Status::unauthenticated("no principal (the auth layer is missing)"))
+        .ok_or_else(|| LayerError::NoPrincipal.into())
 }
 
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
@@ -81,8 +83,9 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn deny<B: Default>(status: Status) -> Response<B> {
-    let (parts, _) = status.into_http::<()>().into_parts();
+/// The answer of a refused call (its status through the one mapping).
+pub(crate) fn deny<B: Default>(e: impl Into<Status>) -> Response<B> {
+    let (parts, _) = e.into().into_http::<()>().into_parts();
     Response::from_parts(parts, B::default())
 }
 
@@ -290,14 +293,10 @@ where
                 AuthMode::Keys => {
                     let ip = peer_ip(&req);
                     if ip.is_some_and(|ip| !layer.failures.allowed(ip)) {
-                        return Ok(deny(Status::resource_exhausted(
-                            "too many failed authentications from this address; retry later",
-                        )));
+                        return Ok(deny(LayerError::TooManyFailures));
                     }
                     let Some(key) = bearer(req.headers()).map(str::to_string) else {
-                        return Ok(deny(Status::unauthenticated(
-                            "missing `authorization: Bearer <api key>`",
-                        )));
+                        return Ok(deny(LayerError::MissingKey));
                     };
                     match layer.authenticate(&key).await {
                         Ok(Some(p)) => p,
@@ -306,9 +305,7 @@ where
                                 layer.failures.failed(ip);
                             }
                             tracing::info!(method = %path, "refused an unknown, revoked or expired key");
-                            return Ok(deny(Status::unauthenticated(
-                                "unknown, revoked or expired api key",
-                            )));
+                            return Ok(deny(LayerError::UnknownKey));
                         }
                         Err(e) => return Ok(deny(e)),
                     }
@@ -316,10 +313,11 @@ where
             };
             let need = scope_of(&path);
             if !principal.has(need) {
-                return Ok(deny(Status::permission_denied(format!(
-                    "key {:?} of team {} lacks the {need} scope",
-                    principal.key_name, principal.team
-                ))));
+                return Ok(deny(LayerError::LacksScope {
+                    key_name: principal.key_name,
+                    team: principal.team,
+                    scope: need,
+                }));
             }
             req.extensions_mut().insert(principal);
             inner.call(req).await
@@ -376,9 +374,7 @@ where
             || bearer(req.headers()).is_some_and(|t| same(t.as_bytes(), self.token.as_bytes()));
         if !ok {
             tracing::warn!(method = %req.uri().path(), "refused a stage call without the internal credential");
-            let r = deny(Status::unauthenticated(
-                "stage services answer only the gateway (internal credential required)",
-            ));
+            let r = deny(LayerError::NotTheGateway);
             return Box::pin(async move { Ok(r) });
         }
         let fut = self.inner.call(req);

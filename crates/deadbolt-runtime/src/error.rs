@@ -4,7 +4,8 @@
 //! ([`JobFailure`]: code, message, field), never as text to parse back.
 
 use deadbolt_proto::error::{code_from_name, code_name, ServiceError};
-use deadbolt_store::{JobFailure, StoreError};
+use deadbolt_proto::retry::{retryable, Origin};
+use deadbolt_store::{JobFailure, Scope, StoreError};
 use tonic::Code;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -27,11 +28,19 @@ impl JobError {
             retryable,
         }
     }
-    /// A failure another attempt may not hit (I/O, a crashed dependency).
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self::new(Code::Internal, message, true)
+    /// A failure of this process with `code` chosen for its kind, retried
+    /// as [the one rule](deadbolt_proto::retry) says of our own errors
+    /// (UNAVAILABLE, ABORTED and INTERNAL are).
+    pub fn local(code: Code, message: impl Into<String>) -> Self {
+        Self::new(code, message, retryable(code, Origin::Local))
     }
-    /// A failure every attempt would hit (a bad spec, a corrupt input).
+    /// A failure another attempt may not hit (I/O, a crashed dependency):
+    /// INTERNAL, retried.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::local(Code::Internal, message)
+    }
+    /// A failure every attempt would hit (a bad spec, a corrupt input, a
+    /// bug): a verdict, never retried whatever its code.
     pub fn permanent(code: Code, message: impl Into<String>) -> Self {
         Self::new(code, message, false)
     }
@@ -97,14 +106,60 @@ impl From<JobError> for tonic::Status {
 
 impl From<StoreError> for JobError {
     fn from(e: StoreError) -> Self {
-        let code = ServiceError::code(&e);
-        let retryable = matches!(code, Code::Unavailable | Code::Internal | Code::Aborted);
         JobError {
-            code,
-            message: e.to_string(),
             field: ServiceError::field(&e),
-            retryable,
+            ..Self::local(ServiceError::code(&e), e.to_string())
         }
+    }
+}
+
+/// What a server's own layers answer before (or instead of) a handler:
+/// the auth layers' denials and the request deadline. Each says its code;
+/// [`deadbolt_proto::status`] makes the status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LayerError {
+    /// A handler behind no auth layer asked for the caller's principal.
+    #[error("no principal (the auth layer is missing)")]
+    NoPrincipal,
+    /// The caller's address used up its budget of failed authentications.
+    #[error("too many failed authentications from this address; retry later")]
+    TooManyFailures,
+    #[error("missing `authorization: Bearer <api key>`")]
+    MissingKey,
+    #[error("unknown, revoked or expired api key")]
+    UnknownKey,
+    #[error("key {key_name:?} of team {team} lacks the {scope} scope")]
+    LacksScope {
+        key_name: String,
+        team: String,
+        scope: Scope,
+    },
+    /// A stage-service call without the internal credential.
+    #[error("stage services answer only the gateway (internal credential required)")]
+    NotTheGateway,
+    /// The fixed request timeout ran out: CANCELLED "Timeout expired",
+    /// what tonic's own timeout answers.
+    #[error("Timeout expired")]
+    TimeoutExpired,
+}
+
+impl ServiceError for LayerError {
+    fn code(&self) -> Code {
+        match self {
+            LayerError::NoPrincipal
+            | LayerError::MissingKey
+            | LayerError::UnknownKey
+            | LayerError::NotTheGateway => Code::Unauthenticated,
+            LayerError::TooManyFailures => Code::ResourceExhausted,
+            LayerError::LacksScope { .. } => Code::PermissionDenied,
+            LayerError::TimeoutExpired => Code::Cancelled,
+        }
+    }
+}
+
+impl From<LayerError> for tonic::Status {
+    fn from(e: LayerError) -> Self {
+        deadbolt_proto::status(&e)
     }
 }
 
@@ -128,5 +183,66 @@ mod tests {
         let p = JobError::panicked("index out of bounds");
         assert!(!p.retryable);
         assert!(p.message.contains("index out of bounds"));
+    }
+
+    #[test]
+    fn store_errors_are_retried_by_the_one_rule() {
+        let id = uuid::Uuid::nil();
+        // (error, retried): the codes UNAVAILABLE, ABORTED, INTERNAL are
+        let cases = [
+            (StoreError::LeaseLost { job_id: id }, true),
+            (StoreError::QuotaExceeded("runs".into()), false),
+            (
+                StoreError::Checksum {
+                    key: "k".into(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                false,
+            ),
+            (StoreError::not_found("run", id), false),
+            (StoreError::invalid("name", "too long"), false),
+        ];
+        for (e, retried) in cases {
+            let msg = e.to_string();
+            let j = JobError::from(e);
+            assert_eq!(j.retryable, retried, "{msg}");
+            assert_eq!(j.message, msg);
+        }
+        assert!(JobError::transient("disk full").retryable);
+        assert!(JobError::local(Code::Unavailable, "pool timed out").retryable);
+        assert!(JobError::local(Code::Internal, "object store").retryable);
+        assert!(!JobError::permanent(Code::Unavailable, "a verdict").retryable);
+        assert!(!JobError::local(Code::ResourceExhausted, "max_classes").retryable);
+    }
+
+    #[test]
+    fn layer_errors_keep_their_codes_and_words() {
+        let cases = [
+            (LayerError::NoPrincipal, Code::Unauthenticated),
+            (LayerError::TooManyFailures, Code::ResourceExhausted),
+            (LayerError::MissingKey, Code::Unauthenticated),
+            (LayerError::UnknownKey, Code::Unauthenticated),
+            (
+                LayerError::LacksScope {
+                    key_name: "ci".into(),
+                    team: "red".into(),
+                    scope: Scope::Admin,
+                },
+                Code::PermissionDenied,
+            ),
+            (LayerError::NotTheGateway, Code::Unauthenticated),
+            (LayerError::TimeoutExpired, Code::Cancelled),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = tonic::Status::from(e);
+            assert_eq!((s.code(), s.message()), (code, msg.as_str()));
+            assert!(s.details().is_empty());
+        }
+        assert_eq!(
+            tonic::Status::from(LayerError::TimeoutExpired).message(),
+            "Timeout expired"
+        );
     }
 }

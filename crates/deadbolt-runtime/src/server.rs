@@ -74,12 +74,7 @@ where
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r,
-                Err(_) => {
-                    let (parts, _) = tonic::Status::cancelled("Timeout expired")
-                        .into_http::<()>()
-                        .into_parts();
-                    Ok(http::Response::from_parts(parts, R::default()))
-                }
+                Err(_) => Ok(crate::auth::deny(crate::error::LayerError::TimeoutExpired)),
             }
         })
     }

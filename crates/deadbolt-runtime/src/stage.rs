@@ -189,19 +189,27 @@ pub async fn check_at_stage(
 ) -> Result<(), Status> {
     let run = store.get_run(run_id).await?;
     if crate::byom::RunKind::of(&run.spec_json) != kind.run_kind() {
-        return Err(Status::failed_precondition(format!(
-            "run {run_id} is not a {} run: stage {kind} cannot run",
-            match kind.run_kind() {
-                crate::byom::RunKind::Byom => "scan",
-                crate::byom::RunKind::Experiment => "experiment",
-            }
-        )));
+        return Err(JobError::permanent(
+            Code::FailedPrecondition,
+            format!(
+                "run {run_id} is not a {} run: stage {kind} cannot run",
+                match kind.run_kind() {
+                    crate::byom::RunKind::Byom => "scan",
+                    crate::byom::RunKind::Experiment => "experiment",
+                }
+            ),
+        )
+        .into());
     }
     if run.status != RunStatus::Running {
-        return Err(Status::failed_precondition(format!(
-            "run {run_id} is {}, not running: stage {kind} cannot run",
-            run.status
-        )));
+        return Err(JobError::permanent(
+            Code::FailedPrecondition,
+            format!(
+                "run {run_id} is {}, not running: stage {kind} cannot run",
+                run.status
+            ),
+        )
+        .into());
     }
     let jobs = store.list_jobs(run_id).await?;
     for earlier in kind.earlier() {
@@ -209,9 +217,11 @@ pub async fn check_at_stage(
             .iter()
             .any(|j| j.stage == earlier.as_str() && j.status == JobStatus::Succeeded);
         if !done {
-            return Err(Status::failed_precondition(format!(
-                "run {run_id} is not at stage {kind}: stage {earlier} has not succeeded"
-            )));
+            return Err(JobError::permanent(
+                Code::FailedPrecondition,
+                format!("run {run_id} is not at stage {kind}: stage {earlier} has not succeeded"),
+            )
+            .into());
         }
     }
     Ok(())
@@ -236,7 +246,7 @@ pub async fn run_stage<S: Stage>(
     }
     check_at_stage(store, run_id, S::KIND).await?;
     let payload = serde_json::to_value(&input)
-        .map_err(|e| Status::internal(format!("payload of stage {}: {e}", S::KIND)))?;
+        .map_err(|e| JobError::encoding(&format!("payload of stage {}", S::KIND), e))?;
     let (job, created) = store
         .enqueue_job(NewJob {
             run_id,
@@ -248,10 +258,14 @@ pub async fn run_stage<S: Stage>(
     if created {
         tracing::info!(run_id = %run_id, stage = %S::KIND, job_id = %job.id, "stage job enqueued");
     } else if job.payload != payload {
-        return Err(Status::failed_precondition(format!(
-            "stage {} of run {run_id} already runs with another input",
-            S::KIND
-        )));
+        return Err(JobError::permanent(
+            Code::FailedPrecondition,
+            format!(
+                "stage {} of run {run_id} already runs with another input",
+                S::KIND
+            ),
+        )
+        .into());
     }
     let job = wait_job(store, job.id, poll).await?;
     decode_output::<S>(&job).map_err(Status::from)
@@ -313,7 +327,11 @@ pub async fn wait_job(
                 return Err(e.into());
             }
             JobStatus::Cancelled => {
-                return Err(Status::cancelled(format!("job {job_id} was cancelled")))
+                return Err(JobError::permanent(
+                    Code::Cancelled,
+                    format!("job {job_id} was cancelled"),
+                )
+                .into())
             }
             JobStatus::Queued | JobStatus::Leased => {
                 tokio::select! {

@@ -92,8 +92,8 @@ impl PoisonerService for Poisoner {
         let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
         let r = self.shared.run_stage::<Data>(run_id, RunOnly {}).await?;
         let run = self.shared.store.get_run(run_id).await?;
-        let spec: ExperimentSpec = serde_json::from_value(run.spec_json)
-            .map_err(|e| Status::internal(format!("run spec: {e}")))?;
+        let spec: ExperimentSpec =
+            serde_json::from_value(run.spec_json).map_err(|e| JobError::encoding("run spec", e))?;
         Ok(Response::new(pb::PoisonResponse {
             dataset: Some(convert::artifact_to_proto(&r.dataset)),
             poisoned_count: r.poisoned_count,

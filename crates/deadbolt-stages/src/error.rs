@@ -1,9 +1,12 @@
 //! The errors of the stages, and how each becomes a job failure (and so a
 //! gRPC code, through [`deadbolt_proto::status`]): one place.
 //!
-//! Deterministic errors (a bad spec value, a corrupt checkpoint or data
-//! file) fail the job at once; only transient ones (I/O, libtorch, the
-//! store being unavailable) are retried.
+//! Each error says its code, and whether the job is retried is the one
+//! rule's ([`deadbolt_proto::retry`], as [`JobError::local`] asks it):
+//! deterministic errors (a bad spec value, a corrupt checkpoint or data
+//! file, a value over a limit, a cancellation) fail the job at once; only
+//! transient ones (I/O, libtorch: INTERNAL; the store being unavailable or
+//! failing) are retried.
 
 use deadbolt_runtime::JobError;
 use deadbolt_store::StoreError;
@@ -30,21 +33,22 @@ impl From<StageError> for JobError {
             StageError::Store(s) => s.into(),
             StageError::Io(m) => JobError::transient(m),
             StageError::Core(c) => {
-                let message = c.to_string();
-                match &c {
-                    C::Invalid { field, .. } => JobError::invalid(field.clone(), message),
-                    C::Spec(_) => JobError::invalid("spec", message),
-                    C::UnknownLayer { .. } => JobError::invalid("defense.layer", message),
-                    C::EmptyDataset(_) => JobError::permanent(Code::InvalidArgument, message),
-                    C::TooLarge { what, .. } => {
-                        JobError::permanent(Code::ResourceExhausted, message)
-                            .with_field(what.clone())
+                let (code, field) = match &c {
+                    C::Invalid { field, .. } => (Code::InvalidArgument, Some(field.clone())),
+                    C::Spec(_) => (Code::InvalidArgument, Some("spec".to_string())),
+                    C::UnknownLayer { .. } => {
+                        (Code::InvalidArgument, Some("defense.layer".to_string()))
                     }
-                    C::Checkpoint { .. } | C::BadFile { .. } => {
-                        JobError::permanent(Code::DataLoss, message)
-                    }
-                    C::Cancelled => JobError::cancelled(),
-                    C::Io { .. } | C::Torch(_) | C::Other(_) => JobError::transient(message),
+                    C::EmptyDataset(_) => (Code::InvalidArgument, None),
+                    C::TooLarge { what, .. } => (Code::ResourceExhausted, Some(what.clone())),
+                    C::Checkpoint { .. } | C::BadFile { .. } => (Code::DataLoss, None),
+                    C::Cancelled => return JobError::cancelled(),
+                    C::Io { .. } | C::Torch(_) | C::Other(_) => (Code::Internal, None),
+                };
+                let e = JobError::local(code, c.to_string());
+                match field {
+                    Some(f) => e.with_field(f),
+                    None => e,
                 }
             }
         }
@@ -91,5 +95,12 @@ mod tests {
         assert_eq!(big.field.as_deref(), Some("classes"));
         let flaky = io("dataset.safetensors", "disk full");
         assert!(flaky.retryable);
+        let other = core::<()>(Err(deadbolt_core::Error::Other(
+            "libtorch went away".into(),
+        )))
+        .unwrap_err();
+        assert_eq!((other.code, other.retryable), (Code::Internal, true));
+        let stopped = core::<()>(Err(deadbolt_core::Error::Cancelled)).unwrap_err();
+        assert_eq!((stopped.code, stopped.retryable), (Code::Cancelled, false));
     }
 }
