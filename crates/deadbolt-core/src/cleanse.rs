@@ -40,6 +40,7 @@ use crate::card::Normalizer;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::optim::TensorAdam;
 use crate::progress::Progress;
 use crate::trigger::Trigger;
 
@@ -51,31 +52,6 @@ pub const LAMBDA_STEP: f64 = 1.4;
 pub const MASK_INIT: f64 = -3.0;
 
 pub use deadbolt_spec::byom::CleanseSpec;
-
-struct Adam {
-    m: Tensor,
-    v: Tensor,
-    t: i32,
-}
-
-impl Adam {
-    fn new(like: &Tensor) -> Self {
-        Adam {
-            m: like.zeros_like(),
-            v: like.zeros_like(),
-            t: 0,
-        }
-    }
-    fn step(&mut self, param: &mut Tensor, grad: &Tensor, lr: f64) {
-        let (b1, b2, eps) = (0.9, 0.999, 1e-8);
-        self.t += 1;
-        self.m = &self.m * b1 + grad * (1.0 - b1);
-        self.v = &self.v * b2 + grad.square() * (1.0 - b2);
-        let mh = &self.m / (1.0 - b1.powi(self.t));
-        let vh = &self.v / (1.0 - b2.powi(self.t));
-        let _ = param.g_sub_(&(mh / (vh.sqrt() + eps) * lr));
-    }
-}
 
 /// Triggers (image space) for `labels`, optimised together.
 fn optimise_chunk(
@@ -94,7 +70,7 @@ fn optimise_chunk(
     let b = spec.minibatch.min(n);
     let mut mask_p = Tensor::full([l, 1, h, w], MASK_INIT, (Kind::Float, dev));
     let mut pat_p = Tensor::zeros([l, c, h, w], (Kind::Float, dev));
-    let (mut adam_m, mut adam_p) = (Adam::new(&mask_p), Adam::new(&pat_p));
+    let (mut adam_m, mut adam_p) = (TensorAdam::new(&mask_p), TensorAdam::new(&pat_p));
     let label_t = Tensor::from_slice(labels).to_device(dev);
     let targets = label_t.repeat_interleave_self_int(b, 0, None);
     let mean = Tensor::from_slice(&norm.mean.iter().map(|v| *v as f32).collect::<Vec<_>>())

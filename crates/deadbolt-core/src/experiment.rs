@@ -24,6 +24,7 @@ use crate::analysis::reverse::{self, Reversed};
 use crate::analysis::stats::{self, Norm};
 use crate::analysis::{shuffled_indices, shuffled_subset, Setting};
 use crate::data::Dataset;
+use crate::defense::search;
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics};
 use crate::model::{CheckpointMeta, Model, ModelInfo};
@@ -31,11 +32,11 @@ use crate::plot::{self, Rgb};
 use crate::poison::Attack;
 use crate::progress::Progress;
 use crate::prune::{self, Choice, CurvePoint};
-use crate::repair;
 use crate::report::{
     CriterionReport, DataSummary, FineTuneSearch, GradcamSummary, HeatmapImage, ModelFigures,
     Report, SyntheticSummary, TriggerSource,
 };
+use crate::spec::byom::RepairOptions;
 use crate::spec::{Criterion, ExperimentSpec};
 use crate::train::EpochReport;
 use crate::trigger::Trigger;
@@ -251,23 +252,6 @@ pub fn stats_sample(spec: &ExperimentSpec, val: &Dataset) -> Dataset {
     shuffled_subset(val, spec.defense.stats_images, spec.seed ^ 0x57a7)
 }
 
-/// Bounding box of a trigger: its mask's support, or for a mask that is
-/// non-zero everywhere (synthetic, blend), of the pixels at >= half its max.
-pub fn trigger_region(t: &Trigger) -> (i64, i64, i64, i64) {
-    let (h, w) = (t.mask.size()[1], t.mask.size()[2]);
-    let r = t.region();
-    if r != (0, 0, h, w) {
-        return r;
-    }
-    let max = t.mask.max().double_value(&[]);
-    let strong = t.mask.ge(0.5 * max).to_kind(tch::Kind::Float);
-    Trigger {
-        mask: strong,
-        pattern: t.pattern.shallow_clone(),
-    }
-    .region()
-}
-
 /// Analyzer: synthetic trigger, activation statistics in the four settings
 /// (histogram figures), Grad-CAM (grid figure, mass in the trigger region).
 /// Triggered inputs use the real trigger when `attack` is given, else the
@@ -340,7 +324,7 @@ pub fn stage_analyze(
         .map(|(i, _)| i as i64)
         .take(GRADCAM_IMAGES)
         .collect();
-    let region = trigger_region(&trig);
+    let region = trig.strong_region();
     let cam_clean = shuffled.select_vec(&keep).images;
     let cam_labels = shuffled.select_vec(&keep).labels_vec();
     let cam_trig = trig.apply(&cam_clean);
@@ -489,7 +473,7 @@ pub fn stage_prune(
     // the spec fine-tunes)
     let fit_check = (spec.defense.fine_tune_epochs > 0).then(|| {
         val.stratified_split(
-            repair::RepairOptions::default().check_fraction,
+            RepairOptions::default().check_fraction,
             spec.defense.seed ^ 0xc4ec,
         )
     });
@@ -630,7 +614,7 @@ pub fn stage_prune(
 }
 
 /// Chooses k with the fine-tuning in the loop, as `deadbolt repair` does
-/// ([`repair::search_k`]): the validation data is split (stratified, by
+/// ([`search::search_k`]): the validation data is split (stratified, by
 /// the repair's default check fraction) into a fit part, fine-tuned on
 /// together with the repair's default share of unlearning copies (fit
 /// images stamped with the ranking trigger, true labels), and a check part
@@ -655,19 +639,19 @@ fn fine_tune_search(
         )));
     }
     // the repair's own search, with the spec's budget and epochs
-    let opts = repair::RepairOptions {
+    let opts = RepairOptions {
         target_asr: spec.defense.target_asr,
         max_acc_drop: spec.defense.max_acc_drop,
         fine_tune_epochs: spec.defense.fine_tune_epochs,
         seed: spec.seed,
-        ..repair::RepairOptions::default()
+        ..RepairOptions::default()
     };
     let unlearn_fraction = opts.unlearn_fraction;
-    let ft_data = repair::unlearning_set(fit, attack, unlearn_fraction, spec.defense.seed ^ 0x0b1e);
-    let mut search = repair::SearchSpec::of(&opts);
-    search.fine_tune.device = spec.training.device;
-    let s = repair::search_k(
-        model, layer, order, &ft_data, check, attack, &search, progress,
+    let ft_data = search::unlearning_set(fit, attack, unlearn_fraction, spec.defense.seed ^ 0x0b1e);
+    let mut plan = search::SearchSpec::of(&opts);
+    plan.fine_tune.device = spec.training.device;
+    let s = search::search_k(
+        model, layer, order, &ft_data, check, attack, &plan, progress,
     )?;
     let c = s.candidates[s.pick];
     let choice = if c.meets_target && c.within_budget {

@@ -8,6 +8,7 @@ pub mod card;
 pub mod cleanse;
 pub mod clp;
 pub mod data;
+pub mod defense;
 pub mod device;
 pub mod error;
 pub mod eval;

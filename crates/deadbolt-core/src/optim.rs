@@ -9,6 +9,10 @@
 //! `momentum_buffer.<param>` (SGD), `exp_avg.<param>` and
 //! `exp_avg_sq.<param>` (Adam), plus `step` and `epoch` (one-element
 //! int64 tensors).
+//!
+//! [`TensorAdam`] is the one Adam for loose tensors that are not a model's
+//! parameters (the reverse-engineered triggers of [`crate::analysis::reverse`]
+//! and [`crate::cleanse`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -384,6 +388,42 @@ impl Optimizer {
     }
 }
 
+/// Adam on one loose tensor (no weight decay, no saved state), the textbook
+/// update with bias-corrected moments:
+/// `p -= lr * m_hat / (sqrt(v_hat) + eps)`, the same betas and eps as
+/// [`Optimizer`]'s Adam, written as separate tensor ops rather than
+/// [`Optimizer`]'s fused in-place ones (the two may round differently).
+/// The reverse-engineered triggers and their figures depend on these exact
+/// ops in this order: keep them (`tensor_adam_is_the_written_out_update`).
+pub struct TensorAdam {
+    m: Tensor,
+    v: Tensor,
+    t: i32,
+}
+
+impl TensorAdam {
+    /// Zero moments shaped like `like`.
+    pub fn new(like: &Tensor) -> Self {
+        TensorAdam {
+            m: like.zeros_like(),
+            v: like.zeros_like(),
+            t: 0,
+        }
+    }
+
+    /// One Adam step of `param` (in place) from `grad`.
+    pub fn step(&mut self, param: &mut Tensor, grad: &Tensor, lr: f64) {
+        let (b1, b2, eps) = (BETA1, BETA2, EPS);
+        self.t += 1;
+        self.m = &self.m * b1 + grad * (1.0 - b1);
+        self.v = &self.v * b2 + grad.square() * (1.0 - b2);
+        let mh = &self.m / (1.0 - b1.powi(self.t));
+        let vh = &self.v / (1.0 - b2.powi(self.t));
+        let upd = mh / (vh.sqrt() + eps) * lr;
+        let _ = param.g_sub_(&upd);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +445,35 @@ mod tests {
             m.forward_t(x, true).cross_entropy_for_logits(y).backward();
             opt.step(lr(opt.kind)).unwrap();
         }
+    }
+
+    /// `TensorAdam` is, bit for bit, the update written out as the
+    /// reverse-engineering engines had it inline (their figures rest on it).
+    #[test]
+    fn tensor_adam_is_the_written_out_update() {
+        let mut p = crate::rng::uniform(&[3, 1, 4, 4], 11);
+        let mut q = p.copy();
+        let mut adam = TensorAdam::new(&p);
+        let (mut m, mut v) = (q.zeros_like(), q.zeros_like());
+        let (b1, b2, eps, lr) = (0.9f64, 0.999f64, 1e-8f64, 0.1);
+        for t in 1..=25 {
+            let g = crate::rng::uniform(&[3, 1, 4, 4], 100 + t as u64) - 0.5;
+            adam.step(&mut p, &g, lr);
+            m = &m * b1 + &g * (1.0 - b1);
+            v = &v * b2 + g.square() * (1.0 - b2);
+            let mh = &m / (1.0 - b1.powi(t));
+            let vh = &v / (1.0 - b2.powi(t));
+            let _ = q.g_sub_(&(mh / (vh.sqrt() + eps) * lr));
+            assert!(p.equal(&q), "step {t}");
+        }
+        // the first step moves every coordinate by lr against its gradient's sign
+        let mut r = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        TensorAdam::new(&r).step(&mut r, &Tensor::from_slice(&[0.3f32, -2.0]), 0.5);
+        let moved = Vec::<f32>::try_from(&r).unwrap();
+        assert!(
+            (moved[0] + 0.5).abs() < 1e-6 && (moved[1] - 0.5).abs() < 1e-6,
+            "{moved:?}"
+        );
     }
 
     /// The same updates as tch's (libtorch's C++) SGD and Adam.

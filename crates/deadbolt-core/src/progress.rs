@@ -1,10 +1,9 @@
 //! Progress reporting, decoupled from how it is shown (a terminal bar, a
 //! gRPC stream, a job heartbeat).
 
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-use crate::train::EpochReport;
 
 /// Progress of long work, and typed training events for whoever observes
 /// a training (the trainer service uploads each epoch's checkpoint on
@@ -40,4 +39,21 @@ impl CancelFlag {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// What a training epoch reports to whoever observes the training
+/// ([`Progress::epoch_saved`]; also `crate::train::EpochReport`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    pub loss: f64,
+    pub train_acc: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    pub images_per_sec: f64,
+    /// CPU time of the process over the epoch (all threads; user + system),
+    /// a measure of work that a busy machine disturbs less than `seconds`.
+    #[serde(default)]
+    pub cpu_seconds: f64,
 }

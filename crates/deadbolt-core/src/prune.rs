@@ -648,7 +648,7 @@ pub enum Choice {
     /// No `k` met the target: the lowest ASR within the ACC budget.
     LowestAsrWithinBudget,
     /// Chosen with the fine-tuning in the loop
-    /// ([`crate::repair::search_k`]): the smallest `k` whose fine-tuned
+    /// ([`crate::defense::search::search_k`]): the smallest `k` whose fine-tuned
     /// model met the ASR target within the ACC budget on the check part.
     FineTunedMeetsTarget,
     /// Chosen with the fine-tuning in the loop, and no `k` met both: the

@@ -18,9 +18,9 @@ use crate::analysis::gradcam::RegionMass;
 use crate::analysis::reverse::ReverseSummary;
 use crate::analysis::stats::{Norm, Separation};
 use crate::analysis::Setting;
+use crate::defense::search::Candidate;
 use crate::error::{Error, Result};
 use crate::prune::{Choice, CurvePoint};
-use crate::repair::Candidate;
 use crate::spec::{Criterion, ExperimentSpec};
 
 /// Test figures of a trained model.

@@ -389,12 +389,6 @@ pub fn activation_evidence(
     })
 }
 
-/// Bounding box of a synthetic trigger: the pixels with at least half the
-/// mask's maximum.
-pub fn trigger_region(t: &Trigger) -> (i64, i64, i64, i64) {
-    crate::experiment::trigger_region(t)
-}
-
 fn gradcam_evidence(
     subject: &Subject,
     trigger: &Trigger,
@@ -413,7 +407,7 @@ fn gradcam_evidence(
     let classes = Tensor::full([sample.len()], label, (Kind::Int64, Device::Cpu));
     let cam_t = gradcam::gradcam(model, &subject.layer, &stamped, Some(&classes))?;
     let cam_c = gradcam::gradcam(model, &subject.layer, &sample.images, None)?;
-    let region = trigger_region(trigger);
+    let region = trigger.strong_region();
     let mt = gradcam::mean_mass_in_region(&cam_t.heat, region)?;
     let mc = gradcam::mean_mass_in_region(&cam_c.heat, region)?;
     let n = 8.min(sample.len());

@@ -5,7 +5,6 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::sync::mpsc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -17,20 +16,8 @@ use crate::optim::Optimizer;
 use crate::progress::Progress;
 use crate::spec::{Schedule, TrainingSpec};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochReport {
-    /// 1-based epoch number.
-    pub epoch: usize,
-    pub loss: f64,
-    pub train_acc: f64,
-    pub lr: f64,
-    pub seconds: f64,
-    pub images_per_sec: f64,
-    /// CPU time of the process over the epoch (all threads; user + system),
-    /// a measure of work that a busy machine disturbs less than `seconds`.
-    #[serde(default)]
-    pub cpu_seconds: f64,
-}
+/// What an epoch reports (defined beside [`Progress`], which observes it).
+pub use crate::progress::EpochReport;
 
 /// CPU time of this process so far (all threads, user + system), seconds.
 pub fn process_cpu_seconds() -> f64 {

@@ -110,6 +110,24 @@ impl Trigger {
         let c1 = nz.select(1, 1).max().int64_value(&[]);
         (r0, c0, r1 - r0 + 1, c1 - c0 + 1)
     }
+
+    /// Bounding box of where the trigger acts: its mask's support
+    /// ([`Trigger::region`]), or for a mask that is non-zero everywhere
+    /// (synthetic, blend), of the pixels at >= half its max.
+    pub fn strong_region(&self) -> (i64, i64, i64, i64) {
+        let (h, w) = (self.mask.size()[1], self.mask.size()[2]);
+        let r = self.region();
+        if r != (0, 0, h, w) {
+            return r;
+        }
+        let max = self.mask.max().double_value(&[]);
+        let strong = self.mask.ge(0.5 * max).to_kind(Kind::Float);
+        Trigger {
+            mask: strong,
+            pattern: self.pattern.shallow_clone(),
+        }
+        .region()
+    }
 }
 
 /// Uniform noise in [0, 1] from a seeded generator independent of torch's

@@ -23,6 +23,7 @@ use super::{mad, median};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::optim::TensorAdam;
 use crate::poison::Attack;
 use crate::progress::Progress;
 use crate::spec::{AttackSpec, SyntheticSpec, TargetMode, TriggerSpec};
@@ -119,33 +120,6 @@ pub fn anomaly_indices(norms: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-struct Adam {
-    m: Tensor,
-    v: Tensor,
-    t: i32,
-}
-
-impl Adam {
-    fn new(like: &Tensor) -> Self {
-        Adam {
-            m: like.zeros_like(),
-            v: like.zeros_like(),
-            t: 0,
-        }
-    }
-    /// One Adam step.
-    fn step(&mut self, param: &mut Tensor, grad: &Tensor, lr: f64) {
-        let (b1, b2, eps) = (0.9, 0.999, 1e-8);
-        self.t += 1;
-        self.m = &self.m * b1 + grad * (1.0 - b1);
-        self.v = &self.v * b2 + grad.square() * (1.0 - b2);
-        let mh = &self.m / (1.0 - b1.powi(self.t));
-        let vh = &self.v / (1.0 - b2.powi(self.t));
-        let upd = mh / (vh.sqrt() + eps) * lr;
-        let _ = param.g_sub_(&upd);
-    }
-}
-
 /// Reverse-engineers a trigger for every label of `model` from clean `data`
 /// (the first `spec.images` images are used). Deterministic given torch's
 /// global seed state (the minibatch order is a fixed cycle).
@@ -180,7 +154,7 @@ pub fn reverse_engineer(
     let l = classes;
     let mut mask_p = Tensor::full([l, 1, h, w], MASK_INIT, (Kind::Float, dev));
     let mut pat_p = Tensor::zeros([l, c, h, w], (Kind::Float, dev));
-    let (mut adam_m, mut adam_p) = (Adam::new(&mask_p), Adam::new(&pat_p));
+    let (mut adam_m, mut adam_p) = (TensorAdam::new(&mask_p), TensorAdam::new(&pat_p));
     let b = MINIBATCH.min(n);
     let targets = Tensor::arange(l, (Kind::Int64, dev)).repeat_interleave_self_int(b, 0, None);
     progress.start("reverse-engineering triggers", spec.steps as u64);
