@@ -39,7 +39,7 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
         others,
         mut trainers,
         gateway: gw,
-    } = cluster(d, &base, &[]);
+    } = cluster(d, base, &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "drain-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

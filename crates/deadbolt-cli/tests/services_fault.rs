@@ -30,7 +30,7 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
         others,
         mut trainers,
         gateway: gw,
-    } = cluster(d, &base, &[]);
+    } = cluster(d, base, &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "fault-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

@@ -52,7 +52,7 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
         others,
         trainers,
         gateway: gw,
-    } = cluster(d, &base, &env);
+    } = cluster(d, base, &env);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "pause-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();

@@ -41,7 +41,7 @@ async fn a_paused_trainer_cannot_overwrite_the_winner() {
         others,
         trainers,
         gateway: gw,
-    } = cluster(d, &base, &[]);
+    } = cluster(d, base, &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "zombie-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
