@@ -178,8 +178,10 @@ fn plaintext_on_a_reachable_address_needs_opting_in() {
     let cfg = d.join("open.toml");
     std::fs::write(
         &cfg,
+        // keys: auth = "none" is refused off loopback before TLS is asked
         config(&db, &art, &work, "")
-            .replace("gateway = \"127.0.0.1:0\"", "gateway = \"0.0.0.0:0\""),
+            .replace("gateway = \"127.0.0.1:0\"", "gateway = \"0.0.0.0:0\"")
+            .replace("auth = \"none\"", "auth = \"keys\""),
     )
     .unwrap();
     let out = Command::new(bin())
@@ -206,4 +208,18 @@ fn plaintext_on_a_reachable_address_needs_opting_in() {
     );
     assert!(p.addrs["gateway"].starts_with("0.0.0.0:"), "{:?}", p.addrs);
     p.kill();
+    // but never without keys: auth = "none" is for loopback only
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("auth = \"keys\"", "auth = \"none\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .args(["--services", "gateway"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served auth = none on 0.0.0.0");
+    assert!(err.contains("loopback only"), "{err}");
 }
