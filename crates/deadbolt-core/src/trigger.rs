@@ -140,10 +140,36 @@ pub fn seeded_uniform(seed: u64, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&v).view(shape)
 }
 
-/// Loads a PNG as `[c, h, w]` floats in [0, 1], resized (nearest).
+/// The largest trigger image (either side, in pixels): a pattern is
+/// resized to its patch or to the input, so nothing larger is useful, and
+/// the header is checked before anything is decoded.
+pub const MAX_PATTERN_SIDE: u32 = 1024;
+
+/// Loads a PNG as `[c, h, w]` floats in [0, 1], resized (nearest). Its
+/// header's size is checked against [`MAX_PATTERN_SIDE`] before decoding,
+/// and the decoder may allocate at most 64 MiB.
 pub fn load_png(path: &Path, c: i64, h: i64, w: i64, field: &str) -> Result<Tensor> {
-    let img =
-        image::open(path).map_err(|e| Error::invalid(field, format!("{}: {e}", path.display())))?;
+    let bad = |e: &dyn std::fmt::Display| Error::invalid(field, format!("{}: {e}", path.display()));
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| bad(&e))?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(64 << 20);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| bad(&e))?;
+    let (iw, ih) = image::ImageDecoder::dimensions(&decoder);
+    if iw > MAX_PATTERN_SIDE || ih > MAX_PATTERN_SIDE {
+        return Err(Error::too_large(
+            field,
+            "max_pattern_side",
+            format!(
+                "{}: a {iw}x{ih} trigger image; at most {MAX_PATTERN_SIDE} pixels a side",
+                path.display()
+            ),
+        ));
+    }
+    let img = image::DynamicImage::from_decoder(decoder).map_err(|e| bad(&e))?;
     let img = img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Nearest);
     let (data, ch): (Vec<u8>, i64) = match c {
         1 => (img.to_luma8().into_raw(), 1),
@@ -166,6 +192,40 @@ pub fn load_png(path: &Path, c: i64, h: i64, w: i64, field: &str) -> Result<Tens
 mod tests {
     use super::*;
     use crate::spec::{Corner, PatchPosition};
+
+    #[test]
+    fn huge_trigger_images_are_refused_from_their_header() {
+        let dir = tempfile::tempdir().unwrap();
+        // a PNG whose header claims 100000 x 100000 (a few bytes on disk)
+        let chunk = |tag: &[u8], data: &[u8]| {
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            c.extend_from_slice(tag);
+            c.extend_from_slice(data);
+            let mut h = flate2::Crc::new();
+            h.update(&c[4..]);
+            c.extend_from_slice(&h.sum().to_be_bytes());
+            c
+        };
+        let mut ihdr = 100_000u32.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(b"IDAT", &[]));
+        png.extend(chunk(b"IEND", &[]));
+        let p = dir.path().join("huge.png");
+        std::fs::write(&p, &png).unwrap();
+        let e = load_png(&p, 1, 3, 3, "attack.trigger.pattern").unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("100000x100000"), "{e}");
+        // a small one loads
+        let ok = dir.path().join("ok.png");
+        image::GrayImage::from_fn(4, 4, |x, _| image::Luma([if x % 2 == 0 { 255 } else { 0 }]))
+            .save(&ok)
+            .unwrap();
+        let t = load_png(&ok, 1, 3, 3, "attack.trigger.pattern").unwrap();
+        assert_eq!(t.size(), vec![1, 3, 3]);
+    }
 
     fn patch(size: i64, position: PatchPosition, pattern: PatchPattern) -> TriggerSpec {
         TriggerSpec::Patch {
