@@ -830,7 +830,14 @@ pub enum Admin {
 }
 
 pub async fn admin(config: Config, cmd: Admin) -> Result<()> {
-    let store = deadbolt_store::connect(&config.database_url).await?;
+    // as the services do: with `migrate = false` (a role without DDL
+    // rights) the schema is checked, not migrated
+    let store = deadbolt_store::connect_with_options(
+        &config.database_url,
+        deadbolt_store::SessionLimits::for_lease(config.lease()),
+        config.migrate,
+    )
+    .await?;
     let days = |d: f64| -> Result<chrono::DateTime<chrono::Utc>> {
         anyhow::ensure!(d.is_finite(), "days must be a number");
         Ok(chrono::Utc::now() + chrono::Duration::milliseconds((d * 86_400_000.0) as i64))
