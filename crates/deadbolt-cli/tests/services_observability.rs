@@ -168,7 +168,11 @@ async fn prometheus_sees_the_jobs_and_200_watchers_get_every_event() {
     assert_eq!(run.status, pb::JobStatus::Succeeded as i32);
 
     // two runs at once: the second one's jobs queue behind the first's
-    let spec3 = tiny_spec(d, 3, 1800);
+    // (one trainer: they wait for both of the first run's trainings, each
+    // seconds long, so the queue stays non-empty for longer than the 2 s
+    // gauge period plus the 1 s scrape; with 3 epochs of 1,800 images an
+    // unloaded machine emptied it between two samples, 1 run in 6)
+    let spec3 = tiny_spec(d, 6, 3000);
     let both = [
         submit_toml(&mut c, &spec3, "obs-queue-1").await.run_id,
         submit_toml(&mut c, &spec3, "obs-queue-2").await.run_id,
