@@ -101,13 +101,12 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     let e = pruner
         .prune(pb::PruneRequest {
             run_id: sub.run_id.clone(),
-            criterion: pb::Criterion::Linf as i32,
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let e = analyzer
-        .grad_cam(pb::GradCamRequest {
+        .analyze(pb::AnalyzeRequest {
             run_id: sub.run_id.clone(),
         })
         .await
@@ -142,27 +141,44 @@ async fn separate_processes_on_postgres_and_s3_match_the_embedded_experiment() {
     assert!(events
         .iter()
         .any(|e| e.stage == "train-backdoored" && e.kind == "finished"));
+    // the driver reads each stage's result: the prune job's chosen points
+    assert!(
+        events
+            .iter()
+            .any(|e| e.stage == "prune" && e.kind == "finished" && e.message.contains("linf k=")),
+        "{:?}",
+        events
+            .iter()
+            .map(|e| (&e.stage, &e.kind, &e.message))
+            .collect::<Vec<_>>()
+    );
 
-    // the analyzer's contract, replayed from the finished job: Grad-CAM
-    // heatmaps with their overlays, the synthetic mask and pattern apart
-    let cam = analyzer
-        .grad_cam(pb::GradCamRequest {
+    // the analyze job's result, replayed from the finished job: Grad-CAM
+    // heatmaps with their overlays, the synthetic mask and pattern apart,
+    // the statistics of the four settings
+    let analysis = analyzer
+        .analyze(pb::AnalyzeRequest {
             run_id: sub.run_id.clone(),
         })
         .await
         .unwrap()
         .into_inner();
+    let cam = analysis.grad_cam.unwrap();
     assert!(!cam.heatmaps.is_empty());
     assert!(cam.heatmaps.iter().any(|h| h.triggered));
     assert!(cam.heatmaps.iter().all(|h| h.image.is_some()));
-    let rev = analyzer
-        .reverse_engineer(pb::ReverseEngineerRequest {
+    assert_eq!(analysis.statistics.unwrap().settings.len(), 4);
+    // the prune job's result: every criterion of the spec
+    let pruned = pruner
+        .prune(pb::PruneRequest {
             run_id: sub.run_id.clone(),
         })
         .await
         .unwrap()
         .into_inner();
-    let best = rev.best.unwrap();
+    assert!(!pruned.criteria.is_empty());
+    assert!(pruned.criteria.iter().all(|c| c.chosen.is_some()));
+    let best = analysis.synthetic.unwrap().best.unwrap();
     let (mask, pattern) = (best.mask.unwrap(), best.pattern.unwrap());
     assert_ne!(mask.sha256, pattern.sha256);
     assert!(mask.uri.ends_with("mask.safetensors"), "{}", mask.uri);

@@ -9,11 +9,9 @@ use deadbolt_proto::v1::poisoner_service_client::PoisonerServiceClient;
 use deadbolt_proto::v1::pruner_service_client::PrunerServiceClient;
 use deadbolt_proto::v1::trainer_service_client::TrainerServiceClient;
 use deadbolt_runtime::auth::WithBearer;
-use deadbolt_runtime::byom::{ByomSpec, RunKind};
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::server::balanced_channel;
 use deadbolt_runtime::{convert, Shared, StageKind};
-use deadbolt_spec::ExperimentSpec;
 use deadbolt_store::{ChangeKind, RunStatus, StoreError};
 use tonic::transport::Channel;
 use tonic::Status;
@@ -23,6 +21,10 @@ use crate::error::GatewayError;
 
 /// Give up on a stage whose calls keep failing transiently for this long.
 pub const STAGE_RETRY_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// How long the driver waits for a replayed result of a job that ended
+/// while its call hung.
+const REPLAY_WAIT: Duration = Duration::from_secs(5);
 
 /// A channel to a stage service that presents the internal credential.
 pub type StageChannel = WithBearer<Channel>;
@@ -127,17 +129,15 @@ impl Driver {
         Ok(())
     }
 
-    /// Calls a stage until it succeeds, fails for good, or the run is cancelled.
-    async fn stage<T, F, Fut>(
-        &self,
-        stage: &str,
-        kind: StageKind,
-        mut call: F,
-    ) -> Result<(), GatewayError>
+    /// Calls the RPC of stage `kind` until it succeeds, fails for good, or
+    /// the run is cancelled. The `finished` event carries the time and the
+    /// job's result in words (when the call, not the store, saw it end).
+    async fn stage<F, Fut>(&self, kind: StageKind, mut call: F) -> Result<(), GatewayError>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+        Fut: Future<Output = Result<String, Status>>,
     {
+        let stage = kind.as_str();
         self.check_cancelled().await?;
         self.event(stage, "started", "").await;
         let t0 = Instant::now();
@@ -149,14 +149,25 @@ impl Driver {
             // answering (paused, partitioned) does not hold the run up,
             // since another worker leases the job once its lease expires
             let outcome = tokio::select! {
-                r = call() => r.map(|_| ()),
-                r = self.job_ended(kind) => r,
+                r = call() => r.map(Some),
+                // the job's result then comes from a second call, which
+                // replays the stored output (briefly: the instance may be
+                // the one that stopped answering)
+                r = self.job_ended(kind) => match r {
+                    Ok(()) => Ok(tokio::time::timeout(REPLAY_WAIT, call()).await.ok().and_then(Result::ok)),
+                    Err(e) => Err(e),
+                },
             };
             match outcome {
-                Ok(()) => {
+                Ok(result) => {
                     let secs = t0.elapsed().as_secs_f64();
-                    tracing::info!(run_id = %self.run_id, stage, attempt, seconds = secs, "stage done");
-                    self.event(stage, "finished", &format!("{secs:.1} s")).await;
+                    let result = result.unwrap_or_default();
+                    tracing::info!(run_id = %self.run_id, stage, attempt, seconds = secs, result = %result, "stage done");
+                    let message = match result.is_empty() {
+                        true => format!("{secs:.1} s"),
+                        false => format!("{secs:.1} s: {result}"),
+                    };
+                    self.event(stage, "finished", &message).await;
                     return Ok(());
                 }
                 Err(s) => {
@@ -335,20 +346,7 @@ impl Driver {
         if run.status.is_terminal() {
             return Ok(());
         }
-        let kind = RunKind::of(&run.spec_json);
-        let byom = match kind {
-            RunKind::Byom => {
-                Some(ByomSpec::from_json(&run.spec_json).map_err(GatewayError::BadSpec)?)
-            }
-            RunKind::Experiment => None,
-        };
-        let spec: Option<ExperimentSpec> = match kind {
-            RunKind::Experiment => Some(
-                serde_json::from_value(run.spec_json)
-                    .map_err(|e| GatewayError::BadSpec(e.to_string()))?,
-            ),
-            RunKind::Byom => None,
-        };
+        let spec = run.spec()?;
         if run.status != RunStatus::Running {
             match store
                 .set_run_status_fenced(self.run_id, self.token, RunStatus::Running, None)
@@ -362,99 +360,84 @@ impl Driver {
                 Err(e) => return Err(e.into()),
             }
         }
-        let id = self.run_id.to_string();
-        let c = &self.clients;
-        match (spec, byom) {
-            (Some(spec), _) => self.drive_experiment(&spec, &id, c).await,
-            (None, Some(byom)) => self.drive_scan(&byom, &id, c).await,
-            (None, None) => Err(GatewayError::BadSpec("run has no spec".into())),
+        // the stages in the one order the spec declares, one RPC (one job)
+        // each
+        for &kind in spec.stages() {
+            self.stage(kind, || call_stage(&self.clients, self.run_id, kind))
+                .await?;
         }
+        Ok(())
     }
+}
 
-    /// A scan run: the scan, then (when asked for) the repair.
-    async fn drive_scan(&self, byom: &ByomSpec, id: &str, c: &Clients) -> Result<(), GatewayError> {
-        self.stage(StageKind::Scan.as_str(), StageKind::Scan, || {
-            let mut cl = c.analyzer.clone();
-            let req = pb::ScanRequest {
-                run_id: id.to_string(),
+/// Calls stage `kind`'s RPC for run `run_id` (its one job) and says what
+/// the job found, in words.
+async fn call_stage(c: &Clients, run_id: Uuid, kind: StageKind) -> Result<String, Status> {
+    let run_id = run_id.to_string();
+    Ok(match kind {
+        StageKind::Data => {
+            let r = c
+                .poisoner
+                .clone()
+                .poison(pb::PoisonRequest { run_id })
+                .await?;
+            format!("{} images poisoned", r.get_ref().poisoned_count)
+        }
+        StageKind::TrainClean | StageKind::TrainBackdoored => {
+            let tag = match kind {
+                StageKind::TrainClean => pb::ModelTag::Clean,
+                _ => pb::ModelTag::Backdoored,
             };
-            async move { cl.scan(req).await }
-        })
-        .await?;
-        if byom.repair {
-            self.stage(StageKind::Repair.as_str(), StageKind::Repair, || {
-                let mut cl = c.pruner.clone();
-                let req = pb::RepairRequest {
-                    run_id: id.to_string(),
-                };
-                async move { cl.repair(req).await }
-            })
-            .await?;
+            let req = pb::TrainRequest {
+                run_id,
+                tag: tag as i32,
+            };
+            let r = c.trainer.clone().train(req).await?.into_inner();
+            let m = r.metrics.unwrap_or_default();
+            match m.asr {
+                Some(asr) => format!("acc {:.4}, asr {asr:.4}", m.acc),
+                None => format!("acc {:.4}", m.acc),
+            }
         }
-        Ok(())
-    }
-
-    /// An experiment: data, two trainings, analyze, prune every criterion.
-    async fn drive_experiment(
-        &self,
-        spec: &ExperimentSpec,
-        id: &str,
-        c: &Clients,
-    ) -> Result<(), GatewayError> {
-        let id = id.to_string();
-        self.stage(StageKind::Data.as_str(), StageKind::Data, || {
-            let mut cl = c.poisoner.clone();
-            let req = pb::PoisonRequest { run_id: id.clone() };
-            async move { cl.poison(req).await }
-        })
-        .await?;
-        for (stage, tag) in [
-            (StageKind::TrainClean, pb::ModelTag::Clean),
-            (StageKind::TrainBackdoored, pb::ModelTag::Backdoored),
-        ] {
-            self.stage(stage.as_str(), stage, || {
-                let mut cl = c.trainer.clone();
-                let req = pb::TrainRequest {
-                    run_id: id.clone(),
-                    tag: tag as i32,
-                };
-                async move { cl.train(req).await }
-            })
-            .await?;
+        StageKind::Analyze => {
+            let req = pb::AnalyzeRequest { run_id };
+            let r = c.analyzer.clone().analyze(req).await?.into_inner();
+            let best = r.synthetic.and_then(|s| s.best).map(|b| b.target_label);
+            let layer = r.statistics.map(|s| s.layer).unwrap_or_default();
+            match best {
+                Some(label) => format!("layer {layer}, synthetic trigger toward label {label}"),
+                None => format!("layer {layer}"),
+            }
         }
-        // the synthetic trigger, statistics and Grad-CAM are parts of the
-        // one analyze job
-        self.stage(StageKind::Analyze.as_str(), StageKind::Analyze, || {
-            let mut cl = c.analyzer.clone();
-            let req = pb::ReverseEngineerRequest { run_id: id.clone() };
-            async move { cl.reverse_engineer(req).await }
-        })
-        .await?;
-        self.stage("analyze-statistics", StageKind::Analyze, || {
-            let mut cl = c.analyzer.clone();
-            let req = pb::StatisticsRequest { run_id: id.clone() };
-            async move { cl.statistics(req).await }
-        })
-        .await?;
-        self.stage("analyze-gradcam", StageKind::Analyze, || {
-            let mut cl = c.analyzer.clone();
-            let req = pb::GradCamRequest { run_id: id.clone() };
-            async move { cl.grad_cam(req).await }
-        })
-        .await?;
-
-        for criterion in &spec.defense.criteria {
-            let stage = format!("{}-{}", StageKind::Prune, criterion.as_str());
-            self.stage(&stage, StageKind::Prune, || {
-                let mut cl = c.pruner.clone();
-                let req = pb::PruneRequest {
-                    run_id: id.clone(),
-                    criterion: convert::criterion_to_proto(*criterion) as i32,
-                };
-                async move { cl.prune(req).await }
-            })
-            .await?;
+        StageKind::Prune => {
+            let r = c.pruner.clone().prune(pb::PruneRequest { run_id }).await?;
+            let chosen: Vec<String> = r
+                .get_ref()
+                .criteria
+                .iter()
+                .map(|p| {
+                    let name = convert::criterion_from_proto("criterion", p.criterion)
+                        .map(|c| c.as_str())
+                        .unwrap_or("?");
+                    let k = p.chosen.as_ref().map(|c| c.k).unwrap_or_default();
+                    format!("{name} k={k}")
+                })
+                .collect();
+            chosen.join(", ")
         }
-        Ok(())
-    }
+        StageKind::Scan => {
+            let r = c.analyzer.clone().scan(pb::ScanRequest { run_id }).await?;
+            let r = r.get_ref();
+            format!("{} (label {})", r.verdict, r.suspect_label)
+        }
+        StageKind::Repair => {
+            let r = c
+                .pruner
+                .clone()
+                .repair(pb::RepairRequest { run_id })
+                .await?;
+            let r = r.get_ref();
+            format!("{} (pruned {})", r.outcome, r.pruned)
+        }
+    })
 }

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
 use deadbolt_proto::validate::invalid_argument;
-use deadbolt_runtime::byom::ByomSpec;
 use deadbolt_runtime::uploads::{self, UploadKind};
 use deadbolt_runtime::{auth, convert, policy, stage, Shared};
+use deadbolt_spec::RunSpec;
 use deadbolt_store::NewRun;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -159,8 +159,7 @@ impl Gateway {
         &self,
         team: &str,
         crid: &str,
-        name: &str,
-        spec_json: serde_json::Value,
+        spec: RunSpec,
     ) -> Result<(String, bool), Status> {
         let config = &self.shared.config;
         let team = team.to_string();
@@ -173,8 +172,8 @@ impl Gateway {
                 NewRun {
                     team: team.clone(),
                     client_request_id: (!crid.is_empty()).then(|| crid.to_string()),
-                    name: name.to_string(),
-                    spec_json,
+                    name: spec.name().to_string(),
+                    spec_json: spec.to_stored(),
                 },
                 config.limits.max_runs_in_flight,
             )
@@ -395,13 +394,9 @@ impl ExperimentService for Gateway {
             }
             missing.check()?;
         }
-        let spec_json = serde_json::to_value(&spec).map_err(|e| {
-            Status::from(GatewayError::Encoding {
-                what: "spec serializes",
-                message: e.to_string(),
-            })
-        })?;
-        let (run_id, created) = self.start_run(&team, crid, &spec.name, spec_json).await?;
+        let (run_id, created) = self
+            .start_run(&team, crid, RunSpec::Experiment(spec))
+            .await?;
         Ok(Response::new(pb::SubmitExperimentResponse {
             run_id,
             created,
@@ -430,7 +425,7 @@ impl ExperimentService for Gateway {
             }
         }
         v.check()?;
-        let spec = ByomSpec::from_request(
+        let spec = deadbolt_runtime::scan::scan_spec(
             &team,
             &req.name,
             &req.model,
@@ -454,9 +449,7 @@ impl ExperimentService for Gateway {
             }
         }
         v.check()?;
-        let (run_id, created) = self
-            .start_run(&team, crid, &spec.name, spec.to_json())
-            .await?;
+        let (run_id, created) = self.start_run(&team, crid, RunSpec::Scan(spec)).await?;
         Ok(Response::new(pb::SubmitExperimentResponse {
             run_id,
             created,

@@ -15,13 +15,13 @@
 //! - [`error`]: [`JobError`], a job's structured failure.
 
 pub mod auth;
-pub mod byom;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod scan;
 pub mod server;
 pub mod stage;
 pub mod tensor_thread;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use deadbolt_store::{Change, ChangeKind, Job, JobStatus, MetadataStore, NewJob, RunStatus};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tonic::{Code, Status};
 use uuid::Uuid;
@@ -32,92 +32,7 @@ use uuid::Uuid;
 use crate::error::JobError;
 use crate::worker::JobContext;
 
-/// The stages of a run, in pipeline order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StageKind {
-    Data,
-    TrainClean,
-    TrainBackdoored,
-    Analyze,
-    Prune,
-    /// A model a team brought: scan it (analyzer service).
-    Scan,
-    /// ... and repair it (pruner service).
-    Repair,
-}
-
-impl StageKind {
-    /// Every kind: an experiment's stages in pipeline order, then a
-    /// scan run's.
-    pub const ALL: [StageKind; 7] = [
-        StageKind::Data,
-        StageKind::TrainClean,
-        StageKind::TrainBackdoored,
-        StageKind::Analyze,
-        StageKind::Prune,
-        StageKind::Scan,
-        StageKind::Repair,
-    ];
-
-    /// The stages of an experiment run, in order.
-    pub const EXPERIMENT: [StageKind; 5] = [
-        StageKind::Data,
-        StageKind::TrainClean,
-        StageKind::TrainBackdoored,
-        StageKind::Analyze,
-        StageKind::Prune,
-    ];
-
-    /// The stages of a scan (bring-your-own-model) run, in order.
-    pub const BYOM: [StageKind; 2] = [StageKind::Scan, StageKind::Repair];
-
-    /// The kind of run this stage belongs to.
-    pub fn run_kind(&self) -> crate::byom::RunKind {
-        if StageKind::BYOM.contains(self) {
-            crate::byom::RunKind::Byom
-        } else {
-            crate::byom::RunKind::Experiment
-        }
-    }
-
-    /// The job's `stage` column.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            StageKind::Data => "data",
-            StageKind::TrainClean => "train-clean",
-            StageKind::TrainBackdoored => "train-backdoored",
-            StageKind::Analyze => "analyze",
-            StageKind::Prune => "prune",
-            StageKind::Scan => "scan",
-            StageKind::Repair => "repair",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<StageKind> {
-        StageKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// The stages that must have succeeded before this one may run: the
-    /// ones before it in its run kind's order.
-    pub fn earlier(&self) -> &'static [StageKind] {
-        let order: &'static [StageKind] = match self.run_kind() {
-            crate::byom::RunKind::Experiment => &StageKind::EXPERIMENT,
-            crate::byom::RunKind::Byom => &StageKind::BYOM,
-        };
-        let i = order
-            .iter()
-            .position(|k| k == self)
-            .expect("every kind is in its run kind's order");
-        &order[..i]
-    }
-}
-
-impl std::fmt::Display for StageKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use deadbolt_spec::StageKind;
 
 /// A stage's contract: its name, input and output, fixed at compile time.
 pub trait Stage: Send + Sync + 'static {
@@ -188,15 +103,12 @@ pub async fn check_at_stage(
     kind: StageKind,
 ) -> Result<(), Status> {
     let run = store.get_run(run_id).await?;
-    if crate::byom::RunKind::of(&run.spec_json) != kind.run_kind() {
+    if !run.spec()?.stages().contains(&kind) {
         return Err(JobError::permanent(
             Code::FailedPrecondition,
             format!(
-                "run {run_id} is not a {} run: stage {kind} cannot run",
-                match kind.run_kind() {
-                    crate::byom::RunKind::Byom => "scan",
-                    crate::byom::RunKind::Experiment => "experiment",
-                }
+                "run {run_id} is not a {} run that has stage {kind}: stage {kind} cannot run",
+                kind.run_kind()
             ),
         )
         .into());
@@ -353,29 +265,4 @@ pub fn decode_output<S: Stage>(job: &Job) -> Result<S::Output, JobError> {
     }
     serde_json::from_value(job.result.clone().unwrap_or(Value::Null))
         .map_err(|e| JobError::encoding(&format!("result of stage {}", S::KIND), e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kinds_name_their_jobs_and_order() {
-        for k in StageKind::ALL {
-            assert_eq!(StageKind::parse(k.as_str()), Some(k));
-        }
-        assert!(StageKind::Data.earlier().is_empty());
-        assert_eq!(
-            StageKind::Analyze.earlier(),
-            &[
-                StageKind::Data,
-                StageKind::TrainClean,
-                StageKind::TrainBackdoored
-            ]
-        );
-        assert_eq!(StageKind::parse("nope"), None);
-        assert!(StageKind::Scan.earlier().is_empty());
-        assert_eq!(StageKind::Repair.earlier(), &[StageKind::Scan]);
-        assert_eq!(StageKind::Prune.earlier().len(), 4);
-    }
 }

@@ -30,7 +30,6 @@ use deadbolt_store::{
     ArtifactRecord, ArtifactRef, ArtifactStore, ChangeKind, CurvePoint, Fence, Job, JobStatus,
     MetadataStore, NeuronStat, RunStatus, StoreError,
 };
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tonic::Code;
 use tracing::Instrument;
@@ -38,7 +37,7 @@ use uuid::Uuid;
 
 use crate::error::JobError;
 use crate::metrics::names;
-use crate::stage::{decode_output, Handlers, Stage};
+use crate::stage::{decode_output, Handlers, Stage, StageKind};
 
 /// The process-wide drain signal (SIGTERM, Ctrl-C): workers stop leasing
 /// and wind their jobs down.
@@ -145,18 +144,20 @@ impl JobContext {
         self.drain.is_draining()
     }
 
-    /// The run's spec (its `spec_json`).
-    pub fn spec<T: DeserializeOwned>(&self) -> Result<T, JobError> {
+    /// The run's spec, typed ([`deadbolt_store::Run::spec`]).
+    pub fn spec(&self) -> Result<deadbolt_spec::RunSpec, JobError> {
         let run = self.block_on(self.store.get_run(self.run_id()))?;
-        serde_json::from_value(run.spec_json)
-            .map_err(|e| JobError::permanent(Code::FailedPrecondition, format!("run spec: {e}")))
+        Ok(run.spec()?)
     }
 
     /// The run's experiment spec, with its uploaded files (dataset folder,
     /// trigger image) fetched into this attempt's work folder and checked
     /// against their stored sha256.
     pub fn experiment_spec(&self) -> Result<deadbolt_spec::ExperimentSpec, JobError> {
-        let mut spec: deadbolt_spec::ExperimentSpec = self.spec()?;
+        let mut spec = match self.spec()? {
+            deadbolt_spec::RunSpec::Experiment(s) => s,
+            other => return Err(self.not_a(other.kind(), deadbolt_spec::RunKind::Experiment)),
+        };
         let dir = self.work_dir.join("uploads");
         self.block_on(crate::uploads::materialize(
             &self.artifacts,
@@ -166,26 +167,52 @@ impl JobContext {
         Ok(spec)
     }
 
-    /// The spec of a scan (bring-your-own-model) run, with its model and
-    /// data uploads fetched into this attempt's work folder and checked
-    /// against their stored sha256.
-    pub fn byom(&self) -> Result<(crate::byom::ByomSpec, crate::byom::ByomFiles), JobError> {
-        let run = self.block_on(self.store.get_run(self.run_id()))?;
-        let spec = crate::byom::ByomSpec::from_json(&run.spec_json)
-            .map_err(|m| JobError::permanent(Code::FailedPrecondition, m))?;
+    /// The spec of a scan run, with its model and data uploads fetched into
+    /// this attempt's work folder and checked against their stored sha256.
+    pub fn scan_spec(&self) -> Result<(deadbolt_spec::ScanSpec, crate::scan::ScanFiles), JobError> {
+        let spec = match self.spec()? {
+            deadbolt_spec::RunSpec::Scan(s) => s,
+            other => return Err(self.not_a(other.kind(), deadbolt_spec::RunKind::Scan)),
+        };
         let dir = self.work_dir.join("uploads");
         let (model, data) = (dir.join("model"), dir.join("data"));
         self.block_on(async {
             crate::uploads::fetch_folder(&self.artifacts, &spec.model_location, &model).await?;
             crate::uploads::fetch_folder(&self.artifacts, &spec.data_location, &data).await
         })?;
-        let files = crate::byom::ByomFiles::find(&model, data)
+        let files = crate::scan::ScanFiles::find(&model, data)
             .map_err(|m| JobError::permanent(Code::InvalidArgument, m).with_field("model"))?;
         Ok((spec, files))
     }
 
+    /// A job of one kind of run leased for a run of another.
+    fn not_a(&self, is: deadbolt_spec::RunKind, wanted: deadbolt_spec::RunKind) -> JobError {
+        JobError::permanent(
+            Code::FailedPrecondition,
+            format!(
+                "run {} is a {is} run, not a {wanted} run: stage {} cannot run",
+                self.run_id(),
+                self.job.stage
+            ),
+        )
+    }
+
     /// The output of this run's succeeded job of stage `S`, as its type.
+    /// Only a stage that runs before this job's stage may be read (the
+    /// order is [`deadbolt_spec::RunSpec::stages`]); reading any other is a
+    /// bug, INTERNAL.
     pub fn output<S: Stage>(&self) -> Result<S::Output, JobError> {
+        let earlier = StageKind::parse(&self.job.stage).map(|k| k.earlier().contains(&S::KIND));
+        if earlier != Some(true) {
+            return Err(JobError::permanent(
+                Code::Internal,
+                format!(
+                    "stage {} reads the output of stage {}, which does not run before it",
+                    self.job.stage,
+                    S::KIND
+                ),
+            ));
+        }
         let jobs = self.block_on(self.store.list_jobs(self.run_id()))?;
         let job = jobs
             .into_iter()

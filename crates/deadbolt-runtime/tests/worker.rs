@@ -70,13 +70,20 @@ fn worker(
     }
 }
 
+/// A minimal experiment spec (the probe stages read nothing of it).
+fn experiment() -> deadbolt_spec::RunSpec {
+    deadbolt_spec::RunSpec::Experiment(
+        deadbolt_spec::ExperimentSpec::from_toml_str("[dataset]\nkind = \"mnist\"\n").unwrap(),
+    )
+}
+
 async fn run_with(store: &Arc<dyn MetadataStore>, mode: &str) -> Uuid {
     let (run, _) = store
         .create_run(NewRun {
             client_request_id: None,
             team: deadbolt_store::LOCAL_TEAM.into(),
             name: mode.into(),
-            spec_json: serde_json::json!({}),
+            spec_json: experiment().to_stored(),
         })
         .await
         .unwrap();
@@ -189,6 +196,51 @@ async fn stage_calls_are_refused_unless_the_run_is_at_that_stage() {
     .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(store.list_jobs(run).await.unwrap().is_empty());
+
+    // a stage the run's kind does not have: refused
+    struct ScanProbe;
+    impl Stage for ScanProbe {
+        const KIND: StageKind = StageKind::Scan;
+        type Input = Input;
+        type Output = u32;
+    }
+    let e = run_stage::<ScanProbe>(
+        store.as_ref(),
+        run,
+        input.clone(),
+        3,
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("stage scan cannot run"), "{e:?}");
+
+    // a stored spec that does not decode: DATA_LOSS, nothing enqueued
+    let (bad, _) = store
+        .create_run(NewRun {
+            client_request_id: None,
+            team: deadbolt_store::LOCAL_TEAM.into(),
+            name: "bad".into(),
+            spec_json: serde_json::json!({"scan": 3}),
+        })
+        .await
+        .unwrap();
+    store
+        .set_run_status(bad.id, RunStatus::Running, None)
+        .await
+        .unwrap();
+    let e = run_stage::<Probe>(
+        store.as_ref(),
+        bad.id,
+        input.clone(),
+        3,
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(store.list_jobs(bad.id).await.unwrap().is_empty());
 
     // at the stage: runs, and the typed output comes back
     let w = tokio::spawn(worker(&store, &artifacts, dir.path(), calls.clone()).run());

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 pub mod byom;
 pub mod error;
 pub mod memory;
+pub mod run;
 
 pub use error::{Error, Result};
+pub use run::{DataSplit, RunKind, RunSpec, ScanSpec, StageKind};
 
 /// A whole experiment: data, model, attack, training and defense.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

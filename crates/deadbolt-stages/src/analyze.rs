@@ -24,13 +24,13 @@ use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Stage, Work
 use deadbolt_store::NeuronStat;
 use tonic::{Request, Response, Status};
 
-use crate::bundle::Bundle;
-use crate::common::{fetch_model, upload_figures};
 use crate::contract::{
     Analyze, AnalyzeOutput, RunOnly, Scan, ScanOutput, TrainBackdoored, TrainClean,
     TriggerArtifacts,
 };
+use crate::dataset_bundle::Bundle;
 use crate::error::{core, io};
+use crate::job_files::{fetch_model, upload_figures};
 use crate::progress::JobProgress;
 
 /// Artifact name of the synthetic trigger (mask and pattern).
@@ -194,126 +194,124 @@ fn input_kind(s: Setting) -> pb::InputKind {
     }
 }
 
-impl Analyzer {
-    async fn analysis(&self, run_id: &str) -> Result<AnalyzeOutput, Status> {
-        let run_id = stage::parse_run_id("run_id", run_id)?;
-        self.shared.run_stage::<Analyze>(run_id, RunOnly {}).await
+/// The analyze job's result as the RPC returns it.
+fn analyze_response(a: &AnalyzeOutput) -> pb::AnalyzeResponse {
+    pb::AnalyzeResponse {
+        statistics: Some(statistics(a)),
+        grad_cam: Some(grad_cam(a)),
+        synthetic: Some(synthetic(a)),
+    }
+}
+
+fn statistics(a: &AnalyzeOutput) -> pb::ActivationStatistics {
+    let settings = a
+        .channel_means
+        .iter()
+        .map(|(s, norms)| {
+            let get =
+                |n: Norm, c: usize| norms.get(&n).and_then(|v| v.get(c)).copied().unwrap_or(0.0);
+            pb::SettingStats {
+                model: model_tag(*s) as i32,
+                input: input_kind(*s) as i32,
+                channels: (0..a.channels.max(0) as usize)
+                    .map(|c| pb::ChannelStat {
+                        channel: c as u32,
+                        l1: get(Norm::L1, c),
+                        l2: get(Norm::L2, c),
+                        linf: get(Norm::Linf, c),
+                        mean: get(Norm::Mean, c),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let separation = a
+        .separation
+        .iter()
+        .map(|(n, s)| pb::Separation {
+            norm: norm_to_proto(*n) as i32,
+            ratio: s.max_ratio,
+            top_channels: vec![s.top_channel as u32],
+        })
+        .collect();
+    pb::ActivationStatistics {
+        layer: a.layer.clone(),
+        channels: a.channels.max(0) as u32,
+        settings,
+        separation,
+        stats: Some(convert::artifact_to_proto(&a.stats)),
+    }
+}
+
+fn grad_cam(a: &AnalyzeOutput) -> pb::GradCamSummary {
+    let share = |s: Setting| {
+        a.gradcam
+            .mass_in_trigger
+            .get(&s)
+            .map(|m| m.mass_in_region)
+            .unwrap_or(0.0)
+    };
+    let heatmaps = a
+        .gradcam
+        .heatmaps
+        .iter()
+        .map(|h| {
+            let name = h.file.to_string_lossy().replace('\\', "/");
+            pb::Heatmap {
+                index: h.index.max(0) as u64,
+                triggered: h.setting.triggered_input(),
+                label: h.label,
+                predicted: h.predicted,
+                trigger_share: h.trigger_share.unwrap_or(0.0),
+                image: a.figure_refs.get(&name).map(convert::artifact_to_proto),
+            }
+        })
+        .collect();
+    pb::GradCamSummary {
+        heatmaps,
+        clean_trigger_share: share(Setting::BackdooredModelCleanInput),
+        triggered_trigger_share: share(Setting::BackdooredModelTriggeredInput),
+        montage: a
+            .figure_refs
+            .get("gradcam.png")
+            .map(convert::artifact_to_proto),
+    }
+}
+
+fn synthetic(a: &AnalyzeOutput) -> pb::SyntheticTriggers {
+    let s = &a.synthetic;
+    let best = pb::SyntheticTrigger {
+        mask: Some(convert::artifact_to_proto(&a.trigger.mask)),
+        pattern: Some(convert::artifact_to_proto(&a.trigger.pattern)),
+        target_label: s.suspect_label,
+    };
+    pb::SyntheticTriggers {
+        triggers: s
+            .summary
+            .labels
+            .iter()
+            .map(|l| pb::LabelTrigger {
+                label: l.label,
+                mask_l1: l.mask_l1,
+                anomaly_index: l.anomaly_index,
+                attack_success: l.attack_success,
+                trigger: (l.label == s.suspect_label).then(|| best.clone()),
+            })
+            .collect(),
+        flagged_labels: s.summary.flagged_labels.clone(),
+        best: Some(best),
     }
 }
 
 #[tonic::async_trait]
 impl AnalyzerService for Analyzer {
-    async fn statistics(
+    async fn analyze(
         &self,
-        req: Request<pb::StatisticsRequest>,
-    ) -> Result<Response<pb::StatisticsResponse>, Status> {
-        let a = self.analysis(&req.get_ref().run_id).await?;
-        let settings = a
-            .channel_means
-            .iter()
-            .map(|(s, norms)| {
-                let get = |n: Norm, c: usize| {
-                    norms.get(&n).and_then(|v| v.get(c)).copied().unwrap_or(0.0)
-                };
-                pb::SettingStats {
-                    model: model_tag(*s) as i32,
-                    input: input_kind(*s) as i32,
-                    channels: (0..a.channels.max(0) as usize)
-                        .map(|c| pb::ChannelStat {
-                            channel: c as u32,
-                            l1: get(Norm::L1, c),
-                            l2: get(Norm::L2, c),
-                            linf: get(Norm::Linf, c),
-                            mean: get(Norm::Mean, c),
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        let separation = a
-            .separation
-            .iter()
-            .map(|(n, s)| pb::Separation {
-                norm: norm_to_proto(*n) as i32,
-                ratio: s.max_ratio,
-                top_channels: vec![s.top_channel as u32],
-            })
-            .collect();
-        Ok(Response::new(pb::StatisticsResponse {
-            layer: a.layer.clone(),
-            channels: a.channels.max(0) as u32,
-            settings,
-            separation,
-            stats: Some(convert::artifact_to_proto(&a.stats)),
-        }))
-    }
-
-    async fn grad_cam(
-        &self,
-        req: Request<pb::GradCamRequest>,
-    ) -> Result<Response<pb::GradCamResponse>, Status> {
-        let a = self.analysis(&req.get_ref().run_id).await?;
-        let share = |s: Setting| {
-            a.gradcam
-                .mass_in_trigger
-                .get(&s)
-                .map(|m| m.mass_in_region)
-                .unwrap_or(0.0)
-        };
-        let heatmaps = a
-            .gradcam
-            .heatmaps
-            .iter()
-            .map(|h| {
-                let name = h.file.to_string_lossy().replace('\\', "/");
-                pb::Heatmap {
-                    index: h.index.max(0) as u64,
-                    triggered: h.setting.triggered_input(),
-                    label: h.label,
-                    predicted: h.predicted,
-                    trigger_share: h.trigger_share.unwrap_or(0.0),
-                    image: a.figure_refs.get(&name).map(convert::artifact_to_proto),
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::GradCamResponse {
-            heatmaps,
-            clean_trigger_share: share(Setting::BackdooredModelCleanInput),
-            triggered_trigger_share: share(Setting::BackdooredModelTriggeredInput),
-            montage: a
-                .figure_refs
-                .get("gradcam.png")
-                .map(convert::artifact_to_proto),
-        }))
-    }
-
-    async fn reverse_engineer(
-        &self,
-        req: Request<pb::ReverseEngineerRequest>,
-    ) -> Result<Response<pb::ReverseEngineerResponse>, Status> {
-        let a = self.analysis(&req.get_ref().run_id).await?;
-        let s = &a.synthetic;
-        let best = pb::SyntheticTrigger {
-            mask: Some(convert::artifact_to_proto(&a.trigger.mask)),
-            pattern: Some(convert::artifact_to_proto(&a.trigger.pattern)),
-            target_label: s.suspect_label,
-        };
-        Ok(Response::new(pb::ReverseEngineerResponse {
-            triggers: s
-                .summary
-                .labels
-                .iter()
-                .map(|l| pb::LabelTrigger {
-                    label: l.label,
-                    mask_l1: l.mask_l1,
-                    anomaly_index: l.anomaly_index,
-                    attack_success: l.attack_success,
-                    trigger: (l.label == s.suspect_label).then(|| best.clone()),
-                })
-                .collect(),
-            flagged_labels: s.summary.flagged_labels.clone(),
-            best: Some(best),
-        }))
+        req: Request<pb::AnalyzeRequest>,
+    ) -> Result<Response<pb::AnalyzeResponse>, Status> {
+        let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
+        let a = self.shared.run_stage::<Analyze>(run_id, RunOnly {}).await?;
+        Ok(Response::new(analyze_response(&a)))
     }
 
     async fn scan(

@@ -83,7 +83,7 @@ impl Stage for Repair {
 /// The output of `data`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataOutput {
-    /// The splits (see [`crate::bundle::Bundle`]).
+    /// The splits (see [`crate::dataset_bundle::Bundle`]).
     pub dataset: ArtifactRef,
     pub poisoned_indices: ArtifactRef,
     pub poisoned_count: u64,

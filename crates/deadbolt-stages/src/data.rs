@@ -14,8 +14,8 @@ use deadbolt_proto::v1::poisoner_service_server::{PoisonerService, PoisonerServi
 use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Stage, Work};
 use tonic::{Request, Response, Status};
 
-use crate::bundle::Bundle;
 use crate::contract::{Data, DataOutput, RunOnly};
+use crate::dataset_bundle::Bundle;
 use crate::error::{core, io};
 
 /// The work of the `data` stage: the dataset (an operator's or a team's
@@ -92,8 +92,13 @@ impl PoisonerService for Poisoner {
         let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
         let r = self.shared.run_stage::<Data>(run_id, RunOnly {}).await?;
         let run = self.shared.store.get_run(run_id).await?;
-        let spec: ExperimentSpec =
-            serde_json::from_value(run.spec_json).map_err(|e| JobError::encoding("run spec", e))?;
+        let Some(spec) = run.spec()?.experiment().cloned() else {
+            return Err(JobError::permanent(
+                tonic::Code::FailedPrecondition,
+                format!("run {run_id} is not an experiment"),
+            )
+            .into());
+        };
         Ok(Response::new(pb::PoisonResponse {
             dataset: Some(convert::artifact_to_proto(&r.dataset)),
             poisoned_count: r.poisoned_count,

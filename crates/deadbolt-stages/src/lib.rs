@@ -14,17 +14,17 @@
 //! compile time through [`deadbolt_runtime::Stage`]); a stage reads another
 //! stage's output only through its contract type, never through the other
 //! stage's module (a test checks that no stage module imports another).
-//! Shared machinery lives apart: the dataset artifact ([`bundle`]),
+//! Shared machinery lives apart: the dataset artifact ([`dataset_bundle`]),
 //! progress bridging ([`progress`]), model and figure transfer
-//! ([`common`]), and the mapping of core errors to job failures
+//! ([`job_files`]), and the mapping of core errors to job failures
 //! ([`error`]).
 
 pub mod analyze;
-pub mod bundle;
-pub mod common;
 pub mod contract;
 pub mod data;
+pub mod dataset_bundle;
 pub mod error;
+pub mod job_files;
 pub mod progress;
 pub mod prune;
 pub mod repair;
@@ -42,7 +42,7 @@ pub fn service(
     shared: Shared,
 ) -> Option<(tonic::service::Routes, &'static str, Handlers)> {
     use contract::*;
-    let limits = common::data_limits(&shared.config.limits);
+    let limits = job_files::data_limits(&shared.config.limits);
     Some(match kind {
         ServiceKind::Poisoner => (
             data::routes(shared),

@@ -21,17 +21,16 @@ use deadbolt_core::experiment::{self, PruneOutcome};
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::pruner_service_server::{PrunerService, PrunerServiceServer};
-use deadbolt_proto::validate::invalid_argument;
 use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Stage, Work};
 use deadbolt_store::CurvePoint;
 use tonic::{Request, Response, Status};
 
-use crate::bundle::Bundle;
-use crate::common::{fetch_model, relative, upload_figures};
 use crate::contract::{
     Analyze, Data, Prune, PruneOutput, Repair, RepairOutput, RunOnly, TrainBackdoored, TrainClean,
 };
+use crate::dataset_bundle::Bundle;
 use crate::error::core;
+use crate::job_files::{fetch_model, relative, upload_figures};
 use crate::progress::JobProgress;
 
 fn store_point(p: &deadbolt_core::prune::CurvePoint) -> CurvePoint {
@@ -188,43 +187,44 @@ fn point_to_proto(p: &deadbolt_core::prune::CurvePoint) -> pb::CurvePoint {
     convert::curve_point_to_proto(&store_point(p))
 }
 
+/// The prune job's result as the RPC returns it: every criterion of the
+/// run's spec, in criterion order.
+fn prune_response(r: &PruneOutput) -> pb::PruneResponse {
+    let criteria = r
+        .pruning
+        .iter()
+        .map(|(criterion, c)| {
+            let ckpt = c
+                .checkpoint
+                .as_ref()
+                .and_then(|p| r.checkpoints.get(&p.to_string_lossy().to_string()));
+            pb::CriterionPruning {
+                criterion: convert::criterion_to_proto(*criterion) as i32,
+                curve: c.validation_curve.iter().map(point_to_proto).collect(),
+                chosen: Some(point_to_proto(&c.chosen)),
+                pruned_channels: c.pruned_channels.iter().map(|&k| k as u32).collect(),
+                pruned_checkpoint: ckpt.map(convert::artifact_to_proto),
+                test_metrics: Some(pb::Metrics {
+                    acc: c.chosen.acc,
+                    asr: Some(c.chosen.asr),
+                    ra: Some(c.chosen.ra),
+                    ..Default::default()
+                }),
+            }
+        })
+        .collect();
+    pb::PruneResponse { criteria }
+}
+
 #[tonic::async_trait]
 impl PrunerService for Pruner {
     async fn prune(
         &self,
         req: Request<pb::PruneRequest>,
     ) -> Result<Response<pb::PruneResponse>, Status> {
-        let req = req.into_inner();
-        let run_id = stage::parse_run_id("run_id", &req.run_id)?;
-        let criterion = convert::criterion_from_proto("criterion", req.criterion)
-            .map_err(|_| invalid_argument("criterion", "must name a criterion"))?;
+        let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
         let r = self.shared.run_stage::<Prune>(run_id, RunOnly {}).await?;
-        let c = r.pruning.get(&criterion).ok_or_else(|| {
-            invalid_argument(
-                "criterion",
-                format!(
-                    "{} is not among the run's spec.defense.criteria",
-                    criterion.as_str()
-                ),
-            )
-        })?;
-        let ckpt = c
-            .checkpoint
-            .as_ref()
-            .and_then(|p| r.checkpoints.get(&p.to_string_lossy().to_string()));
-        Ok(Response::new(pb::PruneResponse {
-            criterion: convert::criterion_to_proto(criterion) as i32,
-            curve: c.validation_curve.iter().map(point_to_proto).collect(),
-            chosen: Some(point_to_proto(&c.chosen)),
-            pruned_channels: c.pruned_channels.iter().map(|&k| k as u32).collect(),
-            pruned_checkpoint: ckpt.map(convert::artifact_to_proto),
-            test_metrics: Some(pb::Metrics {
-                acc: c.chosen.acc,
-                asr: Some(c.chosen.asr),
-                ra: Some(c.chosen.ra),
-                ..Default::default()
-            }),
-        }))
+        Ok(Response::new(prune_response(&r)))
     }
 
     async fn repair(

@@ -17,9 +17,9 @@ use deadbolt_core::scan::Verdict;
 use deadbolt_runtime::{JobContext, JobError, Work};
 use deadbolt_store::ScanResult;
 
-use crate::common::{byom_options, byom_subject, upload_dir};
 use crate::contract::{Repair, RepairOutput, RunOnly, Scan};
 use crate::error::core;
+use crate::job_files::{scan_subject, upload_dir};
 use crate::progress::JobProgress;
 
 /// The work of the `repair` stage: the uploaded card and data read within
@@ -32,16 +32,11 @@ impl Work<Repair> for RepairWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<RepairOutput, JobError> {
         let t = Instant::now();
         let scan = ctx.output::<Scan>()?;
-        let (spec, files) = ctx.byom()?;
-        let opts: RepairOptions = byom_options(&spec.repair_options, "repair")?;
-        let subject = byom_subject(&spec, &files, &self.limits)?;
+        let (spec, files) = ctx.scan_spec()?;
+        let opts: &RepairOptions = &spec.repair_options;
+        let subject = scan_subject(&spec, &files, &self.limits)?;
         let out = ctx.work_dir.join("repair");
-        let report = core(repair::repair(
-            &subject,
-            &opts,
-            &out,
-            &JobProgress::new(ctx),
-        ))?;
+        let report = core(repair::repair(&subject, opts, &out, &JobProgress::new(ctx)))?;
         let files = upload_dir(ctx, &out, "repair")?;
         // the run also has the scan's verdict (on all the clean data): a
         // repair of a model the scan did not call backdoored is judged

@@ -11,9 +11,9 @@ use std::time::Instant;
 use deadbolt_core::scan::{self, ScanOptions};
 use deadbolt_runtime::{JobContext, JobError, Work};
 
-use crate::common::{byom_options, byom_subject, upload_dir};
 use crate::contract::{RunOnly, Scan, ScanOutput};
 use crate::error::core;
+use crate::job_files::{scan_subject, upload_dir};
 use crate::progress::JobProgress;
 
 /// The work of the `scan` stage: the uploaded card and data read within
@@ -25,11 +25,11 @@ pub struct ScanWork {
 impl Work<Scan> for ScanWork {
     fn run(&self, ctx: &JobContext, _input: RunOnly) -> Result<ScanOutput, JobError> {
         let t = Instant::now();
-        let (spec, files) = ctx.byom()?;
-        let opts: ScanOptions = byom_options(&spec.scan, "scan")?;
-        let subject = byom_subject(&spec, &files, &self.limits)?;
+        let (spec, files) = ctx.scan_spec()?;
+        let opts: &ScanOptions = &spec.scan;
+        let subject = scan_subject(&spec, &files, &self.limits)?;
         let out = ctx.work_dir.join("scan");
-        let report = core(scan::scan(&subject, &opts, &out, &JobProgress::new(ctx)))?;
+        let report = core(scan::scan(&subject, opts, &out, &JobProgress::new(ctx)))?;
         let files = upload_dir(ctx, &out, "scan")?;
         let label = report.analysed_label;
         let anomaly_index = report

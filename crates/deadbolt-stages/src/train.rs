@@ -32,8 +32,8 @@ use deadbolt_runtime::{convert, stage, JobContext, JobError, Shared, Work};
 use deadbolt_store::{metric_names, ArtifactRef};
 use tonic::{Request, Response, Status};
 
-use crate::bundle::Bundle;
 use crate::contract::{ModelTag, RunOnly, TrainBackdoored, TrainClean, TrainOutput};
+use crate::dataset_bundle::Bundle;
 use crate::error::{core, io};
 use crate::progress::JobProgress;
 

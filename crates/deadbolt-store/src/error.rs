@@ -36,6 +36,14 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    /// A stored value that does not decode (e.g. a run's spec written by a
+    /// version that no longer reads it).
+    #[error("stored {what} of {id} does not decode: {reason}")]
+    Corrupt {
+        what: &'static str,
+        id: String,
+        reason: String,
+    },
     /// An artifact name that could escape its prefix or is otherwise unusable.
     #[error("invalid artifact key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
@@ -127,7 +135,7 @@ impl deadbolt_proto::ServiceError for StoreError {
             StoreError::QuotaExceeded(_) => Code::ResourceExhausted,
             StoreError::FailedPrecondition(_) => Code::FailedPrecondition,
             StoreError::LeaseLost { .. } | StoreError::DriveLost { .. } => Code::Aborted,
-            StoreError::Checksum { .. } => Code::DataLoss,
+            StoreError::Checksum { .. } | StoreError::Corrupt { .. } => Code::DataLoss,
             StoreError::InvalidKey { .. } | StoreError::Invalid { .. } => Code::InvalidArgument,
             StoreError::InvalidUrl { .. } => Code::FailedPrecondition,
             StoreError::Database(
@@ -178,6 +186,14 @@ mod tests {
                     key: "k".into(),
                     expected: "a".into(),
                     actual: "b".into(),
+                },
+                Code::DataLoss,
+            ),
+            (
+                StoreError::Corrupt {
+                    what: "spec",
+                    id: "run x".into(),
+                    reason: "r".into(),
                 },
                 Code::DataLoss,
             ),

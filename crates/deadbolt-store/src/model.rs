@@ -128,6 +128,21 @@ pub struct Run {
     pub driver_expires_at: Option<DateTime<Utc>>,
 }
 
+impl Run {
+    /// The run's spec, typed: the one place a stored spec is decoded
+    /// ([`deadbolt_spec::RunSpec::from_stored`]); one that does not decode
+    /// is [`StoreError::Corrupt`] (DATA_LOSS).
+    pub fn spec(&self) -> crate::Result<deadbolt_spec::RunSpec> {
+        deadbolt_spec::RunSpec::from_stored(&self.spec_json).map_err(|e| {
+            crate::StoreError::Corrupt {
+                what: "spec",
+                id: format!("run {}", self.id),
+                reason: e.to_string(),
+            }
+        })
+    }
+}
+
 /// A run with everything a listing shows of it, read for a whole page at
 /// once (see `MetadataStore::list_run_pages`).
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -1,169 +1,111 @@
-//! Runs on a model a team brought ("bring your own model"): a **scan** (is
-//! it backdoored, toward which label, through which channels?) and
-//! optionally a **repair**, on a model and clean data the team uploaded.
+//! A scan run's request and files: a model a team brought ("bring your
+//! own model"), scanned (is it backdoored, toward which label, through
+//! which channels?) and optionally repaired, on clean data the team
+//! uploaded. The run's spec is a [`ScanSpec`] (`deadbolt_spec::run`); the
+//! scan runs as the `scan` job on the analyzer service, the repair as the
+//! `repair` job on the pruner service.
 //!
-//! Such a run's `spec_json` is `{"byom": <ByomSpec>}`, which no experiment
-//! spec can be (an experiment spec has no `byom` field), so every reader
-//! tells the two kinds apart with [`RunKind::of`]. The scan runs as the
-//! `scan` job on the analyzer service, the repair as the `repair` job on
-//! the pruner service (see [`crate::StageKind`]).
-//!
-//! The gateway checks all it can without libtorch: the uploads exist
-//! under the caller's team, the options are tables of known sections
-//! within the service's limits, and each table parses as the scan or
-//! repair options (`deadbolt_spec::byom`) with every value in range, so a
-//! bad option is INVALID_ARGUMENT at submit, naming it. The stages parse
-//! the same tables the same way ([`parse_section`]).
+//! The gateway checks all it can without libtorch ([`scan_spec`]): the
+//! uploads exist under the caller's team, the options are tables of known
+//! sections within the service's limits, and each table parses as the
+//! scan or repair options (`deadbolt_spec::byom`) with every value in
+//! range, so a bad option is INVALID_ARGUMENT at submit, naming it. The
+//! spec stores the options typed, so the stages read them as checked.
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use deadbolt_spec::byom::{RepairOptions, ScanOptions};
+use deadbolt_spec::{DataSplit, ScanSpec};
 
 use crate::policy::Limits;
 use crate::uploads::{self, UploadKind};
 
-/// The key of a bring-your-own-model run's spec.
-pub const ENVELOPE_KEY: &str = "byom";
-
-/// What a scan (and repair) run does.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ByomSpec {
-    /// The run's name (the model's upload name unless given).
-    pub name: String,
-    /// The model's upload name (model.safetensors + card.toml or card.json).
-    pub model: String,
-    /// The clean data's upload name (MNIST IDX files or CIFAR-10 batches).
-    pub data: String,
-    /// `object:` locations of the two uploads under the run's team (set by
-    /// the gateway, never by a client).
-    pub model_location: String,
-    pub data_location: String,
-    /// Which split of the data to use (`train`, `test` or `all`).
-    pub split: String,
-    /// Scan only, or scan and then repair.
-    pub repair: bool,
-    /// The layer to examine and prune (default: the card's, else the
-    /// architecture's).
-    #[serde(default)]
-    pub layer: Option<String>,
-    /// The `[scan]` table (the core's scan options), as JSON.
-    #[serde(default)]
-    pub scan: Value,
-    /// The `[repair]` table (the core's repair options), as JSON.
-    #[serde(default)]
-    pub repair_options: Value,
-}
-
-/// What kind of run a `spec_json` describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunKind {
-    /// A planted-backdoor experiment (data, two trainings, analyze, prune).
-    Experiment,
-    /// A scan (and maybe repair) of an uploaded model.
-    Byom,
-}
-
-impl RunKind {
-    pub fn of(spec_json: &Value) -> RunKind {
-        match spec_json {
-            Value::Object(m) if m.contains_key(ENVELOPE_KEY) => RunKind::Byom,
-            _ => RunKind::Experiment,
-        }
-    }
-}
-
-impl ByomSpec {
-    /// The run's `spec_json`.
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({ ENVELOPE_KEY: self })
-    }
-
-    /// Reads a run's `spec_json`; an error names what is wrong.
-    pub fn from_json(v: &Value) -> Result<ByomSpec, String> {
-        let inner = v
-            .get(ENVELOPE_KEY)
-            .ok_or_else(|| "not a scan run (no byom spec)".to_string())?;
-        serde_json::from_value(inner.clone()).map_err(|e| format!("byom spec: {e}"))
-    }
-
-    /// Builds the spec of a submitted scan: `options_toml` may hold `layer`,
-    /// `split`, a `[scan]` and a `[repair]` table. Errors name the field
-    /// (`options_toml.<key>`).
-    pub fn from_request(
-        team: &str,
-        name: &str,
-        model: &str,
-        data: &str,
-        repair: bool,
-        options_toml: &str,
-        limits: &Limits,
-    ) -> Result<ByomSpec, (String, String)> {
-        let field = |f: &str| format!("options_toml.{f}");
-        let model = strip_upload(model).map_err(|m| ("model".to_string(), m))?;
-        let data = strip_upload(data).map_err(|m| ("data".to_string(), m))?;
-        let table: toml::Table = toml::from_str(options_toml)
-            .map_err(|e| ("options_toml".to_string(), e.to_string()))?;
-        let mut spec = ByomSpec {
-            name: if name.trim().is_empty() {
-                model.clone()
-            } else {
-                name.trim().to_string()
-            },
-            model_location: uploads::location(team, UploadKind::Model, &model),
-            data_location: uploads::location(team, UploadKind::Dataset, &data),
-            model,
-            data,
-            split: "all".into(),
-            repair,
-            layer: None,
-            scan: Value::Object(Default::default()),
-            repair_options: Value::Object(Default::default()),
-        };
-        for (k, v) in table {
-            match (k.as_str(), v) {
-                ("layer", toml::Value::String(s)) => spec.layer = Some(s),
-                ("split", toml::Value::String(s)) => {
-                    if !["train", "test", "all"].contains(&s.as_str()) {
-                        return Err((field("split"), format!("{s:?}: train, test or all")));
-                    }
-                    spec.split = s;
-                }
-                ("scan", toml::Value::Table(t)) => spec.scan = to_json(&t),
-                ("repair", toml::Value::Table(t)) => spec.repair_options = to_json(&t),
-                ("layer" | "split", _) => return Err((field(&k), "must be a string".into())),
-                ("scan" | "repair", _) => return Err((field(&k), "must be a table".into())),
-                _ => {
-                    return Err((
-                        field(&k),
-                        "unknown option (layer, split, [scan], [repair])".into(),
-                    ))
-                }
+/// Builds the spec of a submitted scan: `options_toml` may hold `layer`,
+/// `split`, a `[scan]` and a `[repair]` table. Errors name the field
+/// (`options_toml.<key>`).
+pub fn scan_spec(
+    team: &str,
+    name: &str,
+    model: &str,
+    data: &str,
+    repair: bool,
+    options_toml: &str,
+    limits: &Limits,
+) -> Result<ScanSpec, (String, String)> {
+    let field = |f: &str| format!("options_toml.{f}");
+    let model = strip_upload(model).map_err(|m| ("model".to_string(), m))?;
+    let data = strip_upload(data).map_err(|m| ("data".to_string(), m))?;
+    let table: toml::Table =
+        toml::from_str(options_toml).map_err(|e| ("options_toml".to_string(), e.to_string()))?;
+    let mut tables = Tables::default();
+    for (k, v) in table {
+        match (k.as_str(), v) {
+            ("layer", toml::Value::String(s)) => tables.layer = Some(s),
+            ("split", toml::Value::String(s)) => {
+                tables.split = s
+                    .parse()
+                    .map_err(|_| (field("split"), format!("{s:?}: train, test or all")))?;
+            }
+            ("scan", toml::Value::Table(t)) => tables.scan = to_json(&t),
+            ("repair", toml::Value::Table(t)) => tables.repair = to_json(&t),
+            ("layer" | "split", _) => return Err((field(&k), "must be a string".into())),
+            ("scan" | "repair", _) => return Err((field(&k), "must be a table".into())),
+            _ => {
+                return Err((
+                    field(&k),
+                    "unknown option (layer, split, [scan], [repair])".into(),
+                ))
             }
         }
-        spec.check_limits(limits)?;
-        spec.check_options()?;
-        Ok(spec)
     }
+    tables.check_limits(limits)?;
+    let (scan, repair_options) = tables.check_options()?;
+    Ok(ScanSpec {
+        name: if name.trim().is_empty() {
+            model.clone()
+        } else {
+            name.trim().to_string()
+        },
+        model_location: uploads::location(team, UploadKind::Model, &model),
+        data_location: uploads::location(team, UploadKind::Dataset, &data),
+        model,
+        data,
+        split: tables.split,
+        repair,
+        layer: tables.layer,
+        scan,
+        repair_options,
+    })
+}
 
+/// The options of a scan request as given, before they are typed (the
+/// limits apply to the values a client set).
+#[derive(Debug, Default)]
+struct Tables {
+    layer: Option<String>,
+    split: DataSplit,
+    scan: Value,
+    repair: Value,
+}
+
+impl Tables {
     /// The `[scan]` and `[repair]` tables as the stages will read them:
     /// every key known, every value of its type and in range (a repair's
     /// `label` is checked against the class count by the job, which reads
     /// the card).
-    pub fn check_options(&self) -> Result<(), (String, String)> {
+    fn check_options(&self) -> Result<(ScanOptions, RepairOptions), (String, String)> {
         let within = |section: &str, e: deadbolt_spec::Error| match e.field() {
             Some(f) => (format!("options_toml.{section}.{f}"), e.to_string()),
             None => (format!("options_toml.{section}"), e.to_string()),
         };
-        parse_section::<ScanOptions>(&self.scan, "scan")?
-            .validate()
-            .map_err(|e| within("scan", e))?;
-        parse_section::<RepairOptions>(&self.repair_options, "repair")?
-            .validate(i64::MAX)
-            .map_err(|e| within("repair", e))
+        let scan = parse_section::<ScanOptions>(&self.scan, "scan")?;
+        scan.validate().map_err(|e| within("scan", e))?;
+        let repair = parse_section::<RepairOptions>(&self.repair, "repair")?;
+        repair.validate(i64::MAX).map_err(|e| within("repair", e))?;
+        Ok((scan, repair))
     }
 
     /// The options that cost time or memory, within the service's
@@ -172,7 +114,7 @@ impl ByomSpec {
     /// batches, bounded like `training.batch_size`; a `stats_images` of 0
     /// (all the uploaded images, a count not known at submit) counts as
     /// unbounded; the layer name is bounded like a run name.
-    pub fn check_limits(&self, l: &Limits) -> Result<(), (String, String)> {
+    fn check_limits(&self, l: &Limits) -> Result<(), (String, String)> {
         if let Some(layer) = &self.layer {
             if layer.len() > l.max_name_len {
                 return Err((
@@ -185,7 +127,7 @@ impl ByomSpec {
                 ));
             }
         }
-        let (scan, repair) = (&self.scan, &self.repair_options);
+        let (scan, repair) = (&self.scan, &self.repair);
         let checks: [(&Value, &str, &str, usize); 13] = [
             (scan, "scan", "cleanse.steps", l.max_synthetic_steps),
             (scan, "scan", "cleanse.images", l.max_synthetic_images),
@@ -301,9 +243,9 @@ fn strip_upload(s: &str) -> Result<String, String> {
     Ok(name.to_string())
 }
 
-/// Where a job finds a byom run's files once fetched.
+/// Where a job finds a scan run's files once fetched.
 #[derive(Debug, Clone)]
-pub struct ByomFiles {
+pub struct ScanFiles {
     /// The model's weights (`model.safetensors`).
     pub model: PathBuf,
     /// Its card (`card.toml` or `card.json`).
@@ -312,10 +254,10 @@ pub struct ByomFiles {
     pub data: PathBuf,
 }
 
-impl ByomFiles {
+impl ScanFiles {
     /// The files of the model folder `dir` (as uploaded): the one
     /// `.safetensors` file and the card.
-    pub fn find(model_dir: &Path, data: PathBuf) -> Result<ByomFiles, String> {
+    pub fn find(model_dir: &Path, data: PathBuf) -> Result<ScanFiles, String> {
         let mut weights = Vec::new();
         let mut cards = Vec::new();
         let entries = std::fs::read_dir(model_dir)
@@ -330,7 +272,7 @@ impl ByomFiles {
             }
         }
         match (weights.as_slice(), cards.as_slice()) {
-            ([w], [c]) => Ok(ByomFiles {
+            ([w], [c]) => Ok(ScanFiles {
                 model: w.clone(),
                 card: c.clone(),
                 data,
@@ -354,7 +296,7 @@ mod tests {
 
     #[test]
     fn kinds_and_round_trip() {
-        let s = ByomSpec::from_request(
+        let s = scan_spec(
             "team-a",
             "",
             "upload:vendor-net",
@@ -368,13 +310,13 @@ mod tests {
         assert_eq!(s.model_location, "object:teams/team-a/models/vendor-net");
         assert_eq!(s.data_location, "object:teams/team-a/datasets/digits");
         assert_eq!(s.layer.as_deref(), Some("conv2"));
-        assert_eq!(s.repair_options["fine_tune_epochs"], 2);
-        let v = s.to_json();
-        assert_eq!(RunKind::of(&v), RunKind::Byom);
-        assert_eq!(ByomSpec::from_json(&v).unwrap(), s);
+        assert_eq!(s.repair_options.fine_tune_epochs, 2);
+        assert_eq!(s.scan.cleanse.steps, 50);
+        assert_eq!(s.split, DataSplit::All);
+        let run = deadbolt_spec::RunSpec::Scan(s.clone());
         assert_eq!(
-            RunKind::of(&serde_json::json!({"name": "x", "seed": 1})),
-            RunKind::Experiment
+            deadbolt_spec::RunSpec::from_stored(&run.to_stored()).unwrap(),
+            run
         );
     }
 
@@ -382,7 +324,7 @@ mod tests {
     fn bad_requests_name_their_field() {
         let l = limits();
         let e = |model: &str, opts: &str| {
-            ByomSpec::from_request("t", "", model, "d", false, opts, &l)
+            scan_spec("t", "", model, "d", false, opts, &l)
                 .unwrap_err()
                 .0
         };
@@ -433,7 +375,7 @@ mod tests {
             assert_eq!(e("m", &opts), field, "{opts}");
         }
         // unbounded (the user's own machine): 0 is all the images
-        ByomSpec::from_request(
+        scan_spec(
             "t",
             "",
             "m",
@@ -472,7 +414,7 @@ mod tests {
         ] {
             assert_eq!(e("m", opts), field, "{opts}");
         }
-        ByomSpec::from_request(
+        scan_spec(
             "t",
             "",
             "m",

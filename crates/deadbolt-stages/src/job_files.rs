@@ -1,5 +1,5 @@
-//! What several stages do the same way: fetch a trained model, upload
-//! figures. Shared machinery, not any one stage's logic.
+//! The files a job fetches and uploads, the same way for several stages:
+//! a trained model, figures, report folders, a scan run's model and data.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,16 +86,6 @@ pub fn upload_dir(
     Ok(refs)
 }
 
-/// Options of a scan run's section (`scan` or `repair`) as the core's
-/// options type ([`deadbolt_runtime::byom::parse_section`]; the gateway
-/// checked them the same way at submit).
-pub fn byom_options<T: serde::de::DeserializeOwned + serde::Serialize>(
-    table: &serde_json::Value,
-    section: &str,
-) -> Result<T, JobError> {
-    deadbolt_runtime::byom::parse_section(table, section).map_err(|(f, m)| JobError::invalid(f, m))
-}
-
 /// The data limits of the stages, from the operator's `[limits]`: what a
 /// header, a card or an image folder may ask to be allocated.
 pub fn data_limits(l: &deadbolt_runtime::policy::Limits) -> deadbolt_core::data::DataLimits {
@@ -114,14 +104,15 @@ pub fn data_limits(l: &deadbolt_runtime::policy::Limits) -> deadbolt_core::data:
 }
 
 /// Opens the model and clean data of a scan run (fetched by
-/// [`JobContext::byom`]) on this process's device, within `limits`.
-pub fn byom_subject(
-    spec: &deadbolt_runtime::byom::ByomSpec,
-    files: &deadbolt_runtime::byom::ByomFiles,
+/// [`JobContext::scan_spec`]) on this process's device, within `limits`.
+pub fn scan_subject(
+    spec: &deadbolt_spec::ScanSpec,
+    files: &deadbolt_runtime::scan::ScanFiles,
     limits: &deadbolt_core::data::DataLimits,
 ) -> Result<deadbolt_core::scan::Subject, JobError> {
     let split: deadbolt_core::data::folder::Split = spec
         .split
+        .as_str()
         .parse()
         .map_err(|e| JobError::invalid("options_toml.split", format!("{e}")))?;
     let device = crate::error::core(deadbolt_core::device::resolve(
