@@ -11,5 +11,8 @@ scripts/setup.sh
 scripts/setup-test-deps.sh
 source scripts/env.sh
 scripts/validate-deploy.sh
+# the gateway image's build: deadbolt without libtorch (its crates are
+# shared with the build below, which then leaves the full binary in place)
+cargo build -p deadbolt-cli --no-default-features
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads "${DEADBOLT_TEST_THREADS:-2}"

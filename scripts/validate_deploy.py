@@ -32,6 +32,13 @@ grafana     dashboard structure, data source uids provisioned, variables.
 compose     docker-compose.yml: only the gateway port published, credentials
             only from the env file (deploy/compose.env.example defines them),
             hardened deadbolt containers, mounted files exist.
+images      images by role: deploy/Dockerfile builds `deadbolt` (target
+            worker, the default: libtorch) and `deadbolt-gateway` (target
+            gateway: deadbolt built with --no-default-features, no libtorch,
+            no Python), both non-root with the metrics port; the gateway
+            Deployment and compose service run the gateway image, every
+            other workload the worker image (the checks shown to reject
+            broken copies).
 
 Prints one line per area and exits 1 listing every failure.
 """
@@ -174,6 +181,15 @@ def pod_spec(doc: dict) -> dict:
     return doc["spec"]["template"]["spec"]
 
 
+def workloads(docs: list[dict]):
+    """(KIND/NAME, doc) of every workload (Deployment, Job, ...)."""
+    return ((f"{d['kind']}/{d['metadata']['name']}", d) for d in docs if d["kind"] in WORKLOADS)
+
+
+def is_gateway(d: dict) -> bool:
+    return d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway"
+
+
 def env_of(container: dict, configmaps: dict) -> dict:
     """A container's environment: its ConfigMap envFrom, then its env values."""
     env = {}
@@ -194,10 +210,7 @@ def check_workloads(area: str, docs: list[dict], secrets: dict) -> None:
             path_to_secret = str(v).startswith("/etc/deadbolt/tls/")
             check(area, path_to_secret or not CREDENTIAL.search(k),
                   f"ConfigMap {name} holds credential {k}")
-    for d in docs:
-        if d["kind"] not in WORKLOADS:
-            continue
-        wname = f"{d['kind']}/{d['metadata']['name']}"
+    for wname, d in workloads(docs):
         ps = pod_spec(d)
         psc = ps.get("securityContext") or {}
         check(area, ps.get("automountServiceAccountToken") is False, f"{wname}: mounts a service account token")
@@ -250,7 +263,7 @@ def check_workloads(area: str, docs: list[dict], secrets: dict) -> None:
             drain = float(env.get("DEADBOLT_DRAIN_SECS", 30))
             grace = ps.get("terminationGracePeriodSeconds", 30)
             # the process drains for drain_secs, then waits up to 10 s for
-            # its workers and 5 s for the gateway's runs (services.rs)
+            # its workers and 5 s for the gateway's runs (crates/deadbolt-cli/src/serve.rs)
             check(area, grace > drain + 15,
                   f"{wname}: terminationGracePeriodSeconds {grace} <= drain_secs {drain} + 15")
             check(area, "readinessProbe" in c, f"{wname}: no readiness probe")
@@ -381,12 +394,9 @@ def check_identities(area: str, docs: list[dict], secrets: dict) -> None:
     check(area, len(stage_tls) == len(set(stage_tls)) == len(STAGE_SERVICES),
           f"the stages do not each mount a distinct TLS Secret: {stage_tls}")
     # only the gateway reads its certificates; only the migrate Job the owner's URL
-    for d in docs:
-        if d["kind"] not in WORKLOADS:
-            continue
-        wname = f"{d['kind']}/{d['metadata']['name']}"
+    for wname, d in workloads(docs):
         used = secrets_read(d)
-        if not (d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway"):
+        if not is_gateway(d):
             check(area, not (used & GATEWAY_TLS_SECRETS), f"{wname}: reads the gateway's certificate Secret")
         if d["kind"] == "Job":
             env = env_of(pod_spec(d)["containers"][0], configmaps)
@@ -600,8 +610,9 @@ def check_overlay(name: str, docs: list[dict], crds: dict, secrets: dict) -> Non
             check(area, not gpu, f"{s}: requests a GPU in the {name} overlay")
 
 
-def kubernetes() -> tuple[dict, list[str]]:
-    """Renders and checks both overlays; returns the KEDA queries."""
+def kubernetes() -> tuple[dict, list[str], dict[str, list[dict]]]:
+    """Renders and checks both overlays; returns the KEDA queries and the
+    rendered overlays."""
     crds = load_crd_schemas()
     sec_docs = [d for d in yaml.safe_load_all((ROOT / "deploy/k8s/secrets.example.yaml").read_text()) if d]
     secrets = {}
@@ -626,7 +637,7 @@ def kubernetes() -> tuple[dict, list[str]]:
         schemas_bite(crds, rendered["gpu"])
         identities_bite(rendered["gpu"], secrets)
     n = {o: len(d) for o, d in rendered.items()}
-    return n, sorted(set(queries))
+    return n, sorted(set(queries)), rendered
 
 
 # --------------------------------------------------------------------------
@@ -767,6 +778,154 @@ def sql(queries: dict[str, list[str]]) -> str:
 
 
 # --------------------------------------------------------------------------
+# images by role
+# --------------------------------------------------------------------------
+
+# deploy/Dockerfile's targets and the image each is tagged as: the gateway's
+# without libtorch, the worker's (stage services, migrate Job) with it.
+IMAGES = {"gateway": "deadbolt-gateway", "worker": "deadbolt"}
+
+
+def image_name(ref: str) -> str:
+    """An image reference's name: no registry, path, tag or digest."""
+    return ref.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+
+
+def workload_images(docs: list[dict]) -> list[tuple[str, str, str]]:
+    """(workload, container, the image its role needs) of every container."""
+    out = []
+    for wname, d in workloads(docs):
+        want = IMAGES["gateway" if is_gateway(d) else "worker"]
+        ps = pod_spec(d)
+        for c in (ps.get("initContainers") or []) + ps["containers"]:
+            out.append((f"{wname}/{c['name']}", c["image"], want))
+    return out
+
+
+def image_problems(docs: list[dict]) -> list[str]:
+    return [f"{c}: image {img}, not {want}" for c, img, want in workload_images(docs)
+            if image_name(img) != want]
+
+
+def images_bite(docs: list[dict]) -> None:
+    """image_problems rejects a gateway on the worker image and a stage on the gateway's."""
+    def mutated(name: str, image: str) -> list[dict]:
+        b = copy.deepcopy(docs)
+        for d in b:
+            if d["kind"] == "Deployment" and d["metadata"]["name"] == name:
+                pod_spec(d)["containers"][0]["image"] = image
+        return b
+    check("images", not image_problems(docs), "the rendered overlay fails the image checks")
+    for name, image in (("gateway", "deadbolt:latest"), ("trainer", "deadbolt-gateway:latest")):
+        check("images", bool(image_problems(mutated(name, image))),
+              f"{name} on {image} passes the image checks")
+
+
+def dockerfile_stages(text: str) -> dict[str, dict]:
+    """The named stages of a Dockerfile, in order: base and instructions
+    (comments dropped, continuation lines joined)."""
+    lines = []
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("#"):
+            continue
+        if lines and lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1] + " " + raw.strip()
+        elif raw.strip():
+            lines.append(raw.strip())
+    stages: dict[str, dict] = {}
+    for line in lines:
+        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?$", line, re.I)
+        if m:
+            name = m.group(2) or f"#{len(stages)}"
+            stages[name] = {"base": m.group(1), "lines": []}
+        elif stages:
+            stages[list(stages)[-1]]["lines"].append(line)
+    return stages
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    stages = dockerfile_stages(text)
+    problems = []
+
+    def chain(name: str) -> list[str]:
+        """The instructions that make the image of a stage: its bases' first."""
+        out = []
+        while name in stages:
+            out = stages[name]["lines"] + out
+            name = stages[name]["base"]
+        return out
+
+    def built_by(lines: list[str]) -> str | None:
+        """The stage the image's deadbolt binary is copied from."""
+        for line in lines:
+            m = re.match(r"COPY\s+--from=(\S+)\s+\S*/deadbolt\s+/usr/local/bin/deadbolt$", line)
+            if m:
+                return m.group(1)
+        return None
+
+    if list(stages)[-1:] != ["worker"]:
+        problems.append("the last stage (the default target) is not `worker`")
+    for target in IMAGES:
+        if target not in stages:
+            problems.append(f"no `{target}` stage")
+            continue
+        lines = chain(target)
+        users = [l.split()[1] for l in lines if l.startswith("USER ")]
+        if not users or users[-1].split(":")[0] in ("0", "root"):
+            problems.append(f"{target}: the image runs as root")
+        if not any(l.startswith("EXPOSE ") and str(METRICS_PORT) in l.split() for l in lines):
+            problems.append(f"{target}: the metrics port {METRICS_PORT} is not exposed")
+        src = built_by(lines)
+        builds = [l for l in stages.get(src, {}).get("lines", []) if "cargo build" in l]
+        if not builds:
+            problems.append(f"{target}: its deadbolt is not copied from a stage that builds it")
+        no_torch = all("--no-default-features" in l for l in builds)
+        if target == "gateway":
+            if not no_torch or any("setup.sh" in l for l in stages.get(src, {}).get("lines", [])):
+                problems.append("gateway: its deadbolt is not built with --no-default-features alone")
+            heavy = [l for l in lines if re.search(r"python|libgomp|torch|/opt/deadbolt", l, re.I)]
+            if heavy:
+                problems.append(f"gateway: the image brings Python or libtorch: {heavy}")
+        elif builds and no_torch:
+            problems.append("worker: its deadbolt is built without libtorch")
+    return problems
+
+
+def images(rendered: dict[str, list[dict]]) -> None:
+    area = "images"
+    text = (ROOT / "deploy/Dockerfile").read_text()
+    for p in dockerfile_problems(text):
+        fail(area, f"Dockerfile: {p}")
+    # the Dockerfile checks reject broken copies
+    gw = text.index("\nFROM runtime AS gateway")
+    for what, broken in (
+            ("the gateway copying the worker's binary",
+             text.replace("COPY --from=build-gateway ", "COPY --from=build ")),
+            ("the gateway installing Python", text[:gw] + text[gw:].replace(
+                "\nUSER 10001:10001", "\nRUN apt-get install -y python3\nUSER 10001:10001", 1)),
+            ("the gateway built with libtorch",
+             text.replace("cargo build --release -p deadbolt-cli --no-default-features",
+                          "cargo build --release -p deadbolt-cli")),
+            ("the gateway image running as root", text[:gw] + text[gw:].replace("USER 10001:10001", "USER root", 1)),
+            ("the gateway as the default target", text + "\nFROM runtime AS gateway2\n")):
+        check(area, broken != text, f"cannot make a Dockerfile with {what} (the check's fixture is stale)")
+        check(area, bool(dockerfile_problems(broken)), f"a Dockerfile with {what} passes the checks")
+    for overlay, docs in rendered.items():
+        for p in image_problems(docs):
+            fail(area, f"k8s/{overlay}: {p}")
+    if "gpu" in rendered:
+        images_bite(rendered["gpu"])
+    svcs = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for s in SERVICES:
+        role = "gateway" if s == "gateway" else "worker"
+        build = svcs.get(s, {}).get("build") or {}
+        check(area, build.get("dockerfile") == "deploy/Dockerfile" and build.get("target") == role,
+              f"docker-compose.yml: {s} does not build deploy/Dockerfile's {role} target")
+        check(area, image_name(str(svcs.get(s, {}).get("image", ""))) == IMAGES[role],
+              f"docker-compose.yml: {s} is not tagged {IMAGES[role]}")
+
+
+# --------------------------------------------------------------------------
 # docker-compose
 # --------------------------------------------------------------------------
 
@@ -841,12 +1000,6 @@ def compose() -> None:
     for name, s in obs["services"].items():
         for p in s.get("ports") or []:
             check(area, str(p).startswith("127.0.0.1:"), f"compose.observe.yml: {name} publishes {p} beyond loopback")
-    # the image: non-root user, metrics port
-    df = (ROOT / "deploy/Dockerfile").read_text()
-    final = df.split("\nFROM ")[-1]
-    users = re.findall(r"^USER\s+(\S+)", final, re.M)
-    check(area, bool(users) and users[-1].split(":")[0] not in ("0", "root"), "Dockerfile: the image runs as root")
-    check(area, "9464" in final, "Dockerfile: the metrics port is not exposed")
     # a real compose parser, where one is installed (the plugin is not, here)
     if run(["docker", "compose", "version"]).returncode == 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -860,7 +1013,7 @@ def compose() -> None:
 
 
 def main() -> int:
-    n, keda = kubernetes()
+    n, keda, rendered = kubernetes()
     print(f"kubernetes: overlays rendered ({', '.join(f'{o}: {c} objects' for o, c in n.items())}), "
           f"validated against the API and vendored CRD schemas, hardening rules checked")
     sqls, proms = grafana()
@@ -870,6 +1023,9 @@ def main() -> int:
     print(f"sql: {sql({'KEDA': keda, 'dashboard': [grafana_sql_to_plain(q) for q in sqls]})}")
     compose()
     print("compose: only the gateway published, credentials from deploy/compose.env, hardened services")
+    images(rendered)
+    print("images: worker (libtorch, the default target) and gateway (no libtorch, no Python); "
+          "each workload on its role's image")
     if failures:
         print(f"\n{len(failures)} deployment check(s) failed:", file=sys.stderr)
         for f in failures:

@@ -4,53 +4,15 @@
 //! report.md and figures into `--out`.
 
 use anyhow::{Context, Result};
-use clap::Args;
 use std::path::{Path, PathBuf};
+
+use crate::args::{Inputs, RepairArgs, ScanArgs};
 
 use deadbolt_core::cleanse::CleanseSpec;
 use deadbolt_core::data::folder::Split;
 use deadbolt_core::progress::Progress;
 use deadbolt_core::repair::{self, Outcome, RepairOptions};
 use deadbolt_core::scan::{self, ScanOptions, Subject};
-use deadbolt_core::spec::{Criterion, DeviceSpec};
-
-/// What scan and repair share: the model, its card, the data.
-#[derive(Args, Debug, Clone)]
-pub struct Inputs {
-    /// The model: a PyTorch state_dict saved as safetensors.
-    pub model: PathBuf,
-    /// Model card (TOML or JSON: arch, input_shape, classes, mean, std).
-    /// Default: <stem>.card.toml, card.toml or card.json beside the model.
-    #[arg(long)]
-    pub card: Option<PathBuf>,
-    /// Clean labelled data: an image folder (<class>/*.png|jpg), MNIST IDX
-    /// files or CIFAR-10 batches.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// For IDX/CIFAR folders: which files to use (train, test or all).
-    #[arg(long, default_value = "test")]
-    pub split: String,
-    /// The layer to analyse and prune (default: the card's, else the
-    /// architecture's last conv feature map).
-    #[arg(long)]
-    pub layer: Option<String>,
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceSpec,
-    /// libtorch CPU threads (0: libtorch's default).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Reverse-engineering steps (every label takes each one).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Clean images used to reverse-engineer the triggers.
-    #[arg(long)]
-    pub images: Option<usize>,
-    /// Anomaly index above which a label is flagged.
-    #[arg(long)]
-    pub anomaly_threshold: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
 
 impl Inputs {
     fn open(&self) -> Result<Subject> {
@@ -83,56 +45,6 @@ impl Inputs {
     }
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct ScanArgs {
-    #[command(flatten)]
-    pub inputs: Inputs,
-    /// Where report.json, report.md and the figures go (default:
-    /// <model stem>-scan beside the model).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct RepairArgs {
-    #[command(flatten)]
-    pub inputs: Inputs,
-    /// Where model.safetensors (the repaired model), card.toml, report.json,
-    /// report.md and the figures go.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Pruning criterion (linf, l1, l2, linf-diff, fine-pruning, random).
-    #[arg(long, default_value = "linf")]
-    pub criterion: Criterion,
-    /// ASR the repaired model must not exceed (fraction).
-    #[arg(long, default_value_t = 0.05)]
-    pub target_asr: f64,
-    /// ACC the repaired model may lose (fraction).
-    #[arg(long, default_value_t = 0.02)]
-    pub max_acc_drop: f64,
-    /// Share of the clean data held out for the final figures.
-    #[arg(long, default_value_t = 0.3)]
-    pub holdout: f64,
-    /// Share of the tuning part used to choose k (the rest is fine-tuned on).
-    #[arg(long, default_value_t = 0.2)]
-    pub check_fraction: f64,
-    /// Share of the fine-tuning images added again stamped with the
-    /// synthetic trigger under their true labels (0: clean images only).
-    #[arg(long, default_value_t = 0.2)]
-    pub unlearn: f64,
-    /// Fine-tuning epochs on the tuning part after pruning.
-    #[arg(long, default_value_t = 5)]
-    pub fine_tune_epochs: usize,
-    #[arg(long, default_value_t = 0.01)]
-    pub fine_tune_lr: f64,
-    /// Repair against this label's trigger instead of the suspect's.
-    #[arg(long)]
-    pub label: Option<i64>,
-    /// Skip reverse-engineering the repaired model again.
-    #[arg(long)]
-    pub no_verify: bool,
-}
-
 fn default_scan_out(model: &Path) -> PathBuf {
     let stem = model
         .file_stem()
@@ -144,7 +56,7 @@ fn default_scan_out(model: &Path) -> PathBuf {
         .join(format!("{stem}-scan"))
 }
 
-pub fn scan(args: &ScanArgs, progress: &dyn Progress) -> Result<scan::ScanReport> {
+fn scan(args: &ScanArgs, progress: &dyn Progress) -> Result<scan::ScanReport> {
     let subject = args.inputs.open()?;
     let out = args
         .out
@@ -161,7 +73,7 @@ pub fn scan(args: &ScanArgs, progress: &dyn Progress) -> Result<scan::ScanReport
     Ok(report)
 }
 
-pub fn repair(args: &RepairArgs, progress: &dyn Progress) -> Result<repair::RepairReport> {
+fn repair(args: &RepairArgs, progress: &dyn Progress) -> Result<repair::RepairReport> {
     let subject = args.inputs.open()?;
     let opts = RepairOptions {
         cleanse: args.inputs.cleanse(),
@@ -187,8 +99,23 @@ pub fn repair(args: &RepairArgs, progress: &dyn Progress) -> Result<repair::Repa
     Ok(report)
 }
 
+/// `deadbolt scan`: prints [`scan_summary`].
+pub fn scan_command(args: &ScanArgs, progress: &dyn Progress) -> Result<()> {
+    print_json(&scan_summary(&scan(args, progress)?))
+}
+
+/// `deadbolt repair`: prints [`repair_summary`].
+pub fn repair_command(args: &RepairArgs, progress: &dyn Progress) -> Result<()> {
+    print_json(&repair_summary(&repair(args, progress)?))
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 /// One JSON line for scripts: the verdict and its headline figures.
-pub fn scan_summary(r: &scan::ScanReport) -> serde_json::Value {
+fn scan_summary(r: &scan::ScanReport) -> serde_json::Value {
     serde_json::json!({
         "verdict": r.verdict,
         "suspect_labels": r.suspect_labels,
@@ -203,7 +130,7 @@ pub fn scan_summary(r: &scan::ScanReport) -> serde_json::Value {
 }
 
 /// One JSON line for scripts: did the repair meet its budget, with what.
-pub fn repair_summary(r: &repair::RepairReport) -> serde_json::Value {
+fn repair_summary(r: &repair::RepairReport) -> serde_json::Value {
     serde_json::json!({
         "met": r.met(),
         "reasons": match &r.outcome { Outcome::Met => Vec::new(), Outcome::NotMet { reasons } => reasons.clone() },
