@@ -156,7 +156,7 @@ pub async fn start(shared: &Shared, kinds: &[ServiceKind]) -> Result<Running> {
 #[cfg(feature = "torch")]
 async fn start_stages(run: &mut Running, shared: &Shared, kinds: &[ServiceKind]) -> Result<()> {
     let internal = shared.config.internal_token.clone();
-    deadbolt_stages::bundle::keep_written(
+    deadbolt_stages::dataset_bundle::keep_written(
         kinds.contains(&ServiceKind::Poisoner)
             && kinds.iter().any(|k| {
                 matches!(

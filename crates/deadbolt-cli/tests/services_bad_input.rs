@@ -273,7 +273,7 @@ async fn bad_input_is_refused_and_a_corrupted_checkpoint_fails_only_its_job() {
     let mut analyzer =
         AnalyzerServiceClient::with_interceptor(channel(&all.url("analyzer")).await, internal);
     let e = analyzer
-        .statistics(pb::StatisticsRequest { run_id: id.clone() })
+        .analyze(pb::AnalyzeRequest { run_id: id.clone() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
