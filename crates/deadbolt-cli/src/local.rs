@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
-use deadbolt_core::cleanse::CleanseSpec;
+use deadbolt_core::byom::repair::{self, Outcome, RepairOptions};
+use deadbolt_core::byom::scan::{self, ScanOptions, Subject};
 use deadbolt_core::data::folder::Split;
+use deadbolt_core::defense::cleanse::CleanseSpec;
 use deadbolt_core::progress::Progress;
-use deadbolt_core::repair::{self, Outcome, RepairOptions};
-use deadbolt_core::scan::{self, ScanOptions, Subject};
 use deadbolt_core::spec::{Criterion, DeviceSpec};
 
 /// What scan and repair share: the model, its card, the data.

@@ -13,9 +13,10 @@ use deadbolt_core::data;
 use deadbolt_core::device;
 use deadbolt_core::eval;
 use deadbolt_core::model::Model;
+use deadbolt_core::pipeline::checkpointed::{self, TrainJob};
+use deadbolt_core::pipeline::prepare::Prepared;
 use deadbolt_core::poison::Attack;
 use deadbolt_core::spec::{AttackSpec, DatasetKind, DatasetSpec, DeviceSpec, ExperimentSpec};
-use deadbolt_core::workflow::{self, Prepared, TrainJob};
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::Config;
 
@@ -345,7 +346,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 device::describe(dev)
             );
-            let trained = workflow::train_checkpointed(
+            let trained = checkpointed::train_checkpointed(
                 TrainJob {
                     spec: &spec,
                     info: prep.model_info(&spec),
@@ -417,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = std::time::Instant::now();
             let report = if direct {
                 let spec = ExperimentSpec::from_file(&spec)?;
-                deadbolt_core::experiment::run(&spec, &out, &bars)?
+                deadbolt_core::pipeline::experiment::run(&spec, &out, &bars)?
             } else {
                 tokio_rt()?.block_on(services::experiment(&spec, &out, cli.quiet))?
             };
@@ -674,7 +675,7 @@ fn tokio_rt() -> Result<tokio::runtime::Runtime> {
 }
 
 /// The headline figures of a report on stdout.
-fn print_summary(r: &deadbolt_core::report::Report) {
+fn print_summary(r: &deadbolt_core::pipeline::report::Report) {
     let pct = |v: Option<f64>| {
         v.map(|v| format!("{:.2}%", 100.0 * v))
             .unwrap_or_else(|| "-".into())

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use deadbolt_core::report::Report;
+use deadbolt_core::pipeline::report::Report;
+use deadbolt_core::report::Document;
 use deadbolt_gateway::Gateway;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::experiment_service_client::ExperimentServiceClient;

@@ -119,7 +119,7 @@ pub fn byom_subject(
     spec: &deadbolt_runtime::byom::ByomSpec,
     files: &deadbolt_runtime::byom::ByomFiles,
     limits: &deadbolt_core::data::DataLimits,
-) -> Result<deadbolt_core::scan::Subject, JobError> {
+) -> Result<deadbolt_core::byom::scan::Subject, JobError> {
     let split: deadbolt_core::data::folder::Split = spec
         .split
         .parse()
@@ -127,7 +127,7 @@ pub fn byom_subject(
     let device = crate::error::core(deadbolt_core::device::resolve(
         deadbolt_core::spec::DeviceSpec::Auto,
     ))?;
-    crate::error::core(deadbolt_core::scan::open_with(
+    crate::error::core(deadbolt_core::byom::scan::open_with(
         &files.model,
         Some(&files.card),
         &files.data,

@@ -1,57 +1,147 @@
-//! Neural Cleanse for a model deadbolt did not train: a trigger per label,
-//! all labels optimised together, on normalised model inputs.
-//!
-//! For every label `l`: a mask `m_l = sigmoid(a_l)` (`[1, H, W]`) and a
-//! pattern `p_l = sigmoid(b_l)` (`[C, H, W]`, image space), stamped on a
-//! clean image `x` (image space) as `(1 - m) x + m p` and normalised, which
-//! on normalised inputs is `(1 - m) n(x) + m n(p)`. Loss per label:
-//! `CE(f(x'), l) + lambda_l |m_l|_1`, minimised with Adam.
-//!
-//! Batched across labels: every step stamps one minibatch of clean images
-//! with the triggers of a chunk of labels (all labels when
-//! `labels x minibatch <= max_batch`) and runs one forward and backward
-//! pass for the chunk; gradients go to the trigger parameters only.
-//!
-//! As in Neural Cleanse, `lambda_l` adapts per label: every
-//! [`WINDOW`] steps, a label whose trigger sent at least `success_target`
-//! of the window's images to it gets a larger penalty (x[`LAMBDA_STEP`]),
-//! otherwise a smaller one; the trigger kept for a label is the one with
-//! the smallest mask among the window ends that reached `success_target`
-//! (the last one when none did). So every label's mask norm is the size of
-//! a trigger that works, and the norms compare.
-//!
-//! The anomaly index of a label is Neural Cleanse's below-median deviation
-//! over 1.4826 MAD ([`crate::analysis::reverse::anomaly_indices`]), taken
-//! of the **logarithms** of the mask L1 norms ([`log_anomaly_indices`]):
-//! the natural trigger sizes of clean labels vary by a factor (on MNIST
-//! from about 50 to 140 pixels), so their spread is multiplicative, and on
-//! a linear scale one large label inflates the MAD and hides a backdoor
-//! label's small mask. (Measured on PyTorch-trained MNIST CNNs: a 4x4
-//! patch backdoor scores 2.2 on the linear scale and 4.1 on the log scale;
-//! clean labels stay below 1.1 on both.) The linear index is reported too.
-//! A label is flagged when its index exceeds `anomaly_threshold` and its
-//! trigger reaches `min_success` on the clean images of other labels.
+//! The two engines as they were before they became one
+//! ([`super::cleanse`]), verbatim but for paths: the experiment's
+//! (`analysis/reverse.rs`) and the scan's (`cleanse.rs`). Test-only, to
+//! show the one engine reproduces both bit for bit.
 
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-use crate::analysis::reverse::{anomaly_indices, LabelResult, ReverseSummary, Reversed};
-use crate::card::Normalizer;
+use super::cleanse::{
+    anomaly_indices, log_anomaly_indices, CleanseSpec, LabelResult, ReverseSummary, Reversed,
+    LAMBDA_STEP, MASK_INIT, SYNTHETIC_MINIBATCH, SYNTHETIC_MIN_SUCCESS, SYNTHETIC_SEED, WINDOW,
+};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::normalize::Normalizer;
 use crate::optim::TensorAdam;
 use crate::progress::Progress;
+use crate::spec::SyntheticSpec;
 use crate::trigger::Trigger;
 
-/// Steps between penalty updates and best-trigger checks.
-pub const WINDOW: usize = 10;
-/// Factor by which a label's penalty grows or shrinks.
-pub const LAMBDA_STEP: f64 = 1.4;
-/// Initial mask parameter: masks start small (sigmoid(-3) = 0.047).
-pub const MASK_INIT: f64 = -3.0;
+/// Reverse-engineers a trigger for every label of `model` from clean `data`
+/// (the first `spec.images` images are used). Deterministic given torch's
+/// global seed state (the minibatch order is a fixed cycle).
+pub fn synthetic(
+    model: &Model,
+    data: &Dataset,
+    spec: &SyntheticSpec,
+    progress: &dyn Progress,
+) -> Result<Reversed> {
+    let t0 = Instant::now();
+    let data = crate::data::shuffled_subset(data, spec.images, SYNTHETIC_SEED);
+    if data.is_empty() {
+        return Err(Error::EmptyDataset(
+            "no clean images for trigger reverse engineering".into(),
+        ));
+    }
+    let (c, h, w) = data.image_shape();
+    if (c, h, w) != model.info.input_shape {
+        return Err(Error::invalid(
+            "images",
+            format!(
+                "images are {:?} but the model takes {:?}",
+                (c, h, w),
+                model.info.input_shape
+            ),
+        ));
+    }
+    let classes = model.info.classes;
+    let dev = model.device();
+    let images = data.images.to_device(dev);
+    let n = data.len();
+    let l = classes;
+    let mut mask_p = Tensor::full([l, 1, h, w], MASK_INIT, (Kind::Float, dev));
+    let mut pat_p = Tensor::zeros([l, c, h, w], (Kind::Float, dev));
+    let (mut adam_m, mut adam_p) = (TensorAdam::new(&mask_p), TensorAdam::new(&pat_p));
+    let b = SYNTHETIC_MINIBATCH.min(n);
+    let targets = Tensor::arange(l, (Kind::Int64, dev)).repeat_interleave_self_int(b, 0, None);
+    progress.start("reverse-engineering triggers", spec.steps as u64);
+    let mut offset = 0i64;
+    for _step in 0..spec.steps {
+        if progress.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let idx: Vec<i64> = (0..b).map(|i| (offset + i) % n).collect();
+        offset = (offset + b) % n;
+        let x = images.index_select(0, &Tensor::from_slice(&idx).to_device(dev));
+        let mp = mask_p.detach().set_requires_grad(true);
+        let pp = pat_p.detach().set_requires_grad(true);
+        let m = mp.sigmoid();
+        let p = pp.sigmoid();
+        // [L, B, C, H, W]
+        let keep: Tensor = 1.0 - m.unsqueeze(1);
+        let stamped = x.unsqueeze(0) * keep + (&m * &p).unsqueeze(1);
+        let logits = model.forward_t(&stamped.view([l * b, c, h, w]), false);
+        let ce = logits
+            .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::None, -100, 0.0)
+            .view([l, b])
+            .mean_dim(1, false, Kind::Float);
+        let l1 = m.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
+        let loss = (&ce + &l1 * spec.lambda).sum(Kind::Float);
+        let grads = Tensor::f_run_backward(&[loss], &[&mp, &pp], false, false)?;
+        tch::no_grad(|| {
+            adam_m.step(&mut mask_p, &grads[0], spec.lr);
+            adam_p.step(&mut pat_p, &grads[1], spec.lr);
+        });
+        progress.inc(1);
+    }
+    // final triggers and their attack success on all the images
+    let masks = mask_p.sigmoid().to_device(Device::Cpu);
+    let patterns = pat_p.sigmoid().to_device(Device::Cpu);
+    let labels = data.labels.to_device(Device::Cpu);
+    let mut results = Vec::new();
+    let mut triggers = Vec::new();
+    for label in 0..l {
+        let trig = Trigger {
+            mask: masks.get(label),
+            pattern: patterns.get(label),
+        };
+        let others = labels.ne(label).nonzero().squeeze_dim(1);
+        let success = if others.size()[0] == 0 {
+            0.0
+        } else {
+            let x = trig.apply(&data.images.to_device(Device::Cpu).index_select(0, &others));
+            let pred = crate::eval::predict(model, &x, crate::eval::EVAL_BATCH);
+            crate::eval::share_equal(&pred, &pred.full_like(label))
+        };
+        results.push(LabelResult {
+            label,
+            mask_l1: trig.mask.sum(Kind::Double).double_value(&[]),
+            attack_success: success,
+            anomaly_index: 0.0,
+            flagged: false,
+            steps: spec.steps,
+        });
+        triggers.push(trig);
+    }
+    let norms: Vec<f64> = results.iter().map(|r| r.mask_l1).collect();
+    let index = anomaly_indices(&norms);
+    for (r, a) in results.iter_mut().zip(&index) {
+        r.anomaly_index = *a;
+        r.flagged = *a > spec.anomaly_threshold && r.attack_success >= SYNTHETIC_MIN_SUCCESS;
+    }
+    let mut flagged: Vec<&LabelResult> = results.iter().filter(|r| r.flagged).collect();
+    flagged.sort_by(|a, b| b.anomaly_index.total_cmp(&a.anomaly_index));
+    let flagged_labels = flagged.iter().map(|r| r.label).collect();
+    let seconds = t0.elapsed().as_secs_f64();
+    progress.finish("reverse engineering done");
+    tracing::info!(seconds, flagged = ?flagged_labels_dbg(&results), "reverse engineering done");
+    Ok(Reversed {
+        summary: ReverseSummary {
+            labels: results,
+            flagged_labels,
+            anomaly_index: index,
+            images: n as usize,
+            seconds,
+        },
+        triggers,
+    })
+}
 
-pub use deadbolt_spec::byom::CleanseSpec;
+fn flagged_labels_dbg(r: &[LabelResult]) -> Vec<i64> {
+    r.iter().filter(|x| x.flagged).map(|x| x.label).collect()
+}
 
 /// Triggers (image space) for `labels`, optimised together.
 fn optimise_chunk(
@@ -187,16 +277,9 @@ fn optimise_chunk(
         .collect())
 }
 
-/// Neural Cleanse's anomaly index of the logarithms of positive norms (see
-/// the module docs).
-pub fn log_anomaly_indices(norms: &[f64]) -> Vec<f64> {
-    let logs: Vec<f64> = norms.iter().map(|n| n.max(1e-6).ln()).collect();
-    anomaly_indices(&logs)
-}
-
 /// Share of the images of other labels that a trigger (image space) sends
 /// to `label`; `data` holds normalised images.
-pub fn trigger_success(
+fn trigger_success(
     model: &Model,
     norm: &Normalizer,
     data: &Dataset,
@@ -218,7 +301,7 @@ pub fn trigger_success(
 /// Reverse-engineers a trigger for every label of `model` from clean
 /// `data` (normalised model inputs). The triggers in the result are in
 /// image space (pattern in [0, 1]).
-pub fn reverse_engineer(
+pub fn byom(
     model: &Model,
     norm: &Normalizer,
     data: &Dataset,
@@ -227,7 +310,7 @@ pub fn reverse_engineer(
 ) -> Result<Reversed> {
     spec.validate()?;
     let t0 = Instant::now();
-    let data = crate::analysis::shuffled_subset(data, spec.images, spec.seed);
+    let data = crate::data::shuffled_subset(data, spec.images, spec.seed);
     if data.is_empty() {
         return Err(Error::EmptyDataset(
             "no clean images for trigger reverse engineering".into(),
@@ -303,67 +386,62 @@ pub fn reverse_engineer(
 
 #[cfg(test)]
 mod tests {
+    use super::super::cleanse::tests::toy;
+    use super::super::cleanse::{reverse_engineer, Settings};
     use super::*;
     use crate::progress::Silent;
 
-    #[test]
-    fn log_index_is_scale_free() {
-        // the mask norms of a PyTorch-trained MNIST CNN with a 4x4 patch backdoor toward 3
-        let n = [67.2, 119.4, 51.0, 22.0, 82.6, 62.0, 89.0, 90.7, 56.0, 91.6];
-        let a = log_anomaly_indices(&n);
-        let b = log_anomaly_indices(&n.map(|v| v * 3.0));
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-9);
+    fn same(a: &Reversed, b: &Reversed, what: &str) {
+        let (mut sa, mut sb) = (a.summary.clone(), b.summary.clone());
+        (sa.seconds, sb.seconds) = (0.0, 0.0);
+        assert_eq!(sa, sb, "{what}");
+        assert_eq!(a.triggers.len(), b.triggers.len(), "{what}");
+        for (i, (x, y)) in a.triggers.iter().zip(&b.triggers).enumerate() {
+            assert!(x.mask.equal(&y.mask), "{what}: mask of label {i}");
+            assert!(x.pattern.equal(&y.pattern), "{what}: pattern of label {i}");
         }
-        assert!(
-            a[3] > 3.0 && a.iter().enumerate().all(|(i, v)| i == 3 || *v < 1.5),
-            "{a:?}"
-        );
-        assert!(anomaly_indices(&n)[3] < 2.5, "the linear index hides it");
     }
 
     #[test]
-    fn batches_labels_in_chunks_and_checks_inputs() {
-        let m = crate::model::test_badnet(5, (16, 16), 0);
-        let x = crate::rng::uniform(&[20, 1, 16, 16], 1);
-        let y = Tensor::arange(20, (Kind::Int64, Device::Cpu)).remainder(5);
-        let d = Dataset::new(x, y, 5, "toy").unwrap();
-        let norm = Normalizer {
-            mean: vec![0.5],
-            std: vec![0.25],
-        };
-        // two labels per chunk: three chunks
-        let spec = CleanseSpec {
-            steps: 3,
-            minibatch: 4,
-            max_batch: 8,
-            ..CleanseSpec::default()
-        };
-        let r = reverse_engineer(&m, &norm, &norm_data(&d, &norm), &spec, &Silent).unwrap();
-        assert_eq!(r.triggers.len(), 5);
-        assert_eq!(r.summary.labels.len(), 5);
-        for t in &r.triggers {
-            assert_eq!(t.mask.size(), [1, 16, 16]);
-            let (lo, hi) = (
-                t.pattern.min().double_value(&[]),
-                t.pattern.max().double_value(&[]),
-            );
-            assert!(lo >= 0.0 && hi <= 1.0, "patterns are in image space");
-        }
-        let bad = CleanseSpec {
-            steps: 0,
-            ..CleanseSpec::default()
-        };
-        let e = reverse_engineer(&m, &norm, &d, &bad, &Silent).unwrap_err();
-        assert!(e.to_string().contains("cleanse.steps"), "{e}");
-        let e = reverse_engineer(&m, &norm, &d.select_vec(&[]), &spec, &Silent).unwrap_err();
-        assert!(matches!(e, Error::EmptyDataset(_)), "{e}");
-    }
+    fn one_engine_reproduces_both_bit_for_bit() {
+        for train in [false, true] {
+            let (m, d) = toy(train);
+            let spec = SyntheticSpec {
+                steps: 25,
+                images: 60,
+                ..Default::default()
+            };
+            let old = synthetic(&m, &d, &spec, &Silent).unwrap();
+            let new = reverse_engineer(&m, None, &d, &Settings::synthetic(&spec), &Silent).unwrap();
+            same(&old, &new, &format!("synthetic, trained {train}"));
 
-    fn norm_data(d: &Dataset, n: &Normalizer) -> Dataset {
-        Dataset {
-            images: n.apply(&d.images),
-            ..d.clone()
+            let norm = Normalizer {
+                mean: vec![0.2],
+                std: vec![0.3],
+            };
+            let nd = Dataset {
+                images: norm.apply(&d.images),
+                ..d.clone()
+            };
+            for (adapt, max_batch) in [(true, 8), (false, 8), (true, 512)] {
+                let spec = CleanseSpec {
+                    steps: 25,
+                    images: 60,
+                    minibatch: 4,
+                    max_batch,
+                    adapt,
+                    success_target: 0.3,
+                    ..CleanseSpec::default()
+                };
+                let old = byom(&m, &norm, &nd, &spec, &Silent).unwrap();
+                let settings = Settings::byom(&spec).unwrap();
+                let new = reverse_engineer(&m, Some(&norm), &nd, &settings, &Silent).unwrap();
+                same(
+                    &old,
+                    &new,
+                    &format!("byom adapt {adapt} max_batch {max_batch}, trained {train}"),
+                );
+            }
         }
     }
 }
