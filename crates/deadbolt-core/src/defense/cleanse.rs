@@ -593,7 +593,7 @@ pub fn load_trigger(path: &std::path::Path) -> Result<Trigger> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use crate::progress::Silent;
     use crate::spec::{PatchPattern, PatchPosition, TrainingSpec};
@@ -633,18 +633,8 @@ pub(super) mod tests {
     /// anomaly index is a median statistic over the labels.
     #[test]
     fn flags_the_planted_label_of_a_small_backdoored_model() {
-        let (n, classes, size) = (960i64, 8i64, 24i64);
-        let x = crate::rng::uniform(&[n, 1, size, size], 101) * 0.2;
-        let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
-        for i in 0..n {
-            let q = i % classes;
-            let _ = x
-                .get(i)
-                .narrow(1, 2 + (q / 3) * 7, 5)
-                .narrow(2, 2 + (q % 3) * 7, 5)
-                .g_add_scalar_(0.7);
-        }
-        let clean = Dataset::new(x, y, classes, "blobs").unwrap();
+        let (classes, size) = (8i64, 24i64);
+        let clean = blobs(960, classes, size, 101, (0.2, 0.7), (2, 7, 7));
         let attack = Attack::for_dataset(
             &AttackSpec {
                 trigger: TriggerSpec::Patch {
@@ -663,22 +653,7 @@ pub(super) mod tests {
         .unwrap();
         let poisoned = attack.poison(&clean).unwrap();
         let mut m = crate::model::test_badnet(classes, (size, size), 5);
-        let ts = TrainingSpec {
-            epochs: 8,
-            batch_size: 32,
-            lr: 0.03,
-            ..Default::default()
-        };
-        crate::train::train(
-            &mut m,
-            &poisoned.data,
-            &ts,
-            0,
-            crate::train::Start::fresh(),
-            &Silent,
-            |_, _, _| Ok(()),
-        )
-        .unwrap();
+        train(&mut m, &poisoned.data, 8);
         let metrics = crate::eval::evaluate(&m, &clean, Some(&attack)).unwrap();
         assert!(
             metrics.acc > 0.9 && metrics.asr.unwrap() > 0.9,
@@ -746,9 +721,7 @@ pub(super) mod tests {
             max_batch: 8,
             ..CleanseSpec::default()
         };
-        let settings = Settings::byom(&spec).unwrap();
-        let r =
-            reverse_engineer(&m, Some(&norm), &norm_data(&d, &norm), &settings, &Silent).unwrap();
+        let r = byom_run(&m, &d, &norm, &spec);
         assert_eq!(r.triggers.len(), 5);
         assert_eq!(r.summary.labels.len(), 5);
         for t in &r.triggers {
@@ -759,52 +732,146 @@ pub(super) mod tests {
             );
             assert!(lo >= 0.0 && hi <= 1.0, "patterns are in image space");
         }
+        let settings = Settings::byom(&spec).unwrap();
         let e =
             reverse_engineer(&m, Some(&norm), &d.select_vec(&[]), &settings, &Silent).unwrap_err();
         assert!(matches!(e, Error::EmptyDataset(_)), "{e}");
     }
 
-    /// A small model, briefly trained on six classes of blobs (so some
-    /// triggers work and some do not), and its data.
-    pub(in crate::defense) fn toy(train: bool) -> (Model, Dataset) {
-        let (n, classes, size) = (240i64, 6i64, 16i64);
-        let x = crate::rng::uniform(&[n, 1, size, size], 7) * 0.3;
+    /// Every label's mask norm and attack success on a small fixed-seed
+    /// model, in the experiment's and in the scan's settings, as the two
+    /// engines computed them before they became this one (which matched
+    /// them bit for bit: the test of `cleanse_legacy.rs` in this file's
+    /// history). A change of schedule, initialisation, batching, image
+    /// order or kept trigger moves them far beyond the tolerance, which
+    /// only absorbs rounding differences between CPUs.
+    #[test]
+    fn pinned_figures_of_both_settings() {
+        fn close(got: &[f64], want: &[f64]) -> bool {
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(want)
+                    .all(|(g, w)| (g - w).abs() <= 1e-5 * w.abs().max(1.0))
+        }
+        let (m, d) = toy();
+        let spec = SyntheticSpec {
+            steps: 25,
+            images: 60,
+            ..Default::default()
+        };
+        let r = reverse_engineer(&m, None, &d, &Settings::synthetic(&spec), &Silent).unwrap();
+        let synthetic = figures(&r);
+
+        let norm = Normalizer {
+            mean: vec![0.2],
+            std: vec![0.3],
+        };
+        let spec = CleanseSpec {
+            steps: 25,
+            images: 60,
+            minibatch: 4,
+            max_batch: 8,
+            success_target: 0.3,
+            ..CleanseSpec::default()
+        };
+        let byom = figures(&byom_run(&m, &d, &norm, &spec));
+        assert!(
+            close(&synthetic.0, &PINNED_SYNTHETIC_NORMS)
+                && close(&synthetic.1, &PINNED_SYNTHETIC_SUCCESS)
+                && close(&byom.0, &PINNED_BYOM_NORMS)
+                && close(&byom.1, &PINNED_BYOM_SUCCESS),
+            "mask norms and success: synthetic {synthetic:?}, byom {byom:?}"
+        );
+    }
+
+    const PINNED_SYNTHETIC_NORMS: [f64; 6] = [
+        45.27465534210205,
+        49.54147436097264,
+        48.19059250084683,
+        38.64966781111434,
+        34.72675878601149,
+        42.76539804134518,
+    ];
+    const PINNED_SYNTHETIC_SUCCESS: [f64; 6] = [
+        0.9090909361839294,
+        0.7818182110786438,
+        0.15217390656471252,
+        0.2978723347187042,
+        0.0,
+        0.28260868787765503,
+    ];
+    const PINNED_BYOM_NORMS: [f64; 6] = [
+        27.352667500264943,
+        34.42344792466611,
+        33.23413772881031,
+        24.549862198531628,
+        25.395940594375134,
+        27.477658607065678,
+    ];
+    const PINNED_BYOM_SUCCESS: [f64; 6] = [0.0, 0.1090909093618393, 0.0, 0.0, 0.0, 0.0];
+
+    /// `n` images of `classes` classes: uniform noise up to `noise`, and a
+    /// 5x5 blob lifted by `lift` at one of the places of a 3-column grid
+    /// (`first` row and column, `row_step` and `col_step` apart) per class.
+    fn blobs(
+        n: i64,
+        classes: i64,
+        size: i64,
+        seed: u64,
+        (noise, lift): (f64, f64),
+        (first, row_step, col_step): (i64, i64, i64),
+    ) -> Dataset {
+        let x = crate::rng::uniform(&[n, 1, size, size], seed) * noise;
         let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
         for i in 0..n {
             let q = i % classes;
             let _ = x
                 .get(i)
-                .narrow(1, 1 + (q / 3) * 7, 5)
-                .narrow(2, 1 + (q % 3) * 5, 5)
-                .g_add_scalar_(0.6);
+                .narrow(1, first + (q / 3) * row_step, 5)
+                .narrow(2, first + (q % 3) * col_step, 5)
+                .g_add_scalar_(lift);
         }
-        let d = Dataset::new(x, y, classes, "blobs").unwrap();
-        let mut m = crate::model::test_badnet(classes, (size, size), 2);
-        if train {
-            let ts = TrainingSpec {
-                epochs: 2,
-                batch_size: 32,
-                lr: 0.03,
-                ..Default::default()
-            };
-            crate::train::train(
-                &mut m,
-                &d,
-                &ts,
-                0,
-                crate::train::Start::fresh(),
-                &Silent,
-                |_, _, _| Ok(()),
-            )
-            .unwrap();
-        }
+        Dataset::new(x, y, classes, "blobs").unwrap()
+    }
+
+    /// Trains `m` on `d` for `epochs` (SGD, lr 0.03, batches of 32).
+    fn train(m: &mut Model, d: &Dataset, epochs: usize) {
+        let ts = TrainingSpec {
+            epochs,
+            batch_size: 32,
+            lr: 0.03,
+            ..Default::default()
+        };
+        let start = crate::train::Start::fresh();
+        crate::train::train(m, d, &ts, 0, start, &Silent, |_, _, _| Ok(())).unwrap();
+    }
+
+    /// A small model, briefly trained on six classes of blobs (so some
+    /// triggers work and some do not), and its data.
+    fn toy() -> (Model, Dataset) {
+        let d = blobs(240, 6, 16, 7, (0.3, 0.6), (1, 7, 5));
+        let mut m = crate::model::test_badnet(6, (16, 16), 2);
+        train(&mut m, &d, 2);
         (m, d)
     }
 
-    fn norm_data(d: &Dataset, n: &Normalizer) -> Dataset {
-        Dataset {
-            images: n.apply(&d.images),
+    /// The scan's settings on `d` normalised with `norm`.
+    fn byom_run(m: &Model, d: &Dataset, norm: &Normalizer, spec: &CleanseSpec) -> Reversed {
+        let normalised = Dataset {
+            images: norm.apply(&d.images),
             ..d.clone()
-        }
+        };
+        let settings = Settings::byom(spec).unwrap();
+        reverse_engineer(m, Some(norm), &normalised, &settings, &Silent).unwrap()
+    }
+
+    /// Every label's mask norm and attack success.
+    fn figures(r: &Reversed) -> (Vec<f64>, Vec<f64>) {
+        let l = &r.summary.labels;
+        (
+            l.iter().map(|l| l.mask_l1).collect(),
+            l.iter().map(|l| l.attack_success).collect(),
+        )
     }
 }

@@ -19,8 +19,6 @@
 //! its update rule with.
 
 pub mod cleanse;
-#[cfg(test)]
-mod cleanse_legacy;
 pub mod clp;
 pub mod gradcam;
 pub mod prune;
