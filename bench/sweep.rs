@@ -17,11 +17,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use deadbolt_core::analysis::stats;
-use deadbolt_core::experiment;
+use deadbolt_core::defense::prune;
+use deadbolt_core::defense::stats;
 use deadbolt_core::model::Model;
+use deadbolt_core::pipeline::experiment;
 use deadbolt_core::progress::Silent;
-use deadbolt_core::prune;
 use deadbolt_core::spec::{Criterion, ExperimentSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -46,7 +46,7 @@ impl Headline {
     /// From a report in memory (through a JSON value, which keeps every
     /// float as it is).
     #[cfg(feature = "torch")]
-    pub fn of(report: &deadbolt_core::report::Report) -> Result<Headline> {
+    pub fn of(report: &deadbolt_core::pipeline::report::Report) -> Result<Headline> {
         let value = serde_json::to_value(report).context("report")?;
         serde_json::from_value(value).context("report")
     }

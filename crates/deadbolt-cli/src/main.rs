@@ -170,7 +170,7 @@ fn experiment(
     let t0 = std::time::Instant::now();
     let report = if direct {
         let spec = deadbolt_spec::ExperimentSpec::from_file(spec)?;
-        deadbolt_core::experiment::run(&spec, out, bars)?
+        deadbolt_core::pipeline::experiment::run(&spec, out, bars)?
     } else {
         tokio_rt()?.block_on(embedded::experiment(spec, out, quiet))?
     };

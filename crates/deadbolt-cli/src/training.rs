@@ -10,7 +10,8 @@ use deadbolt_core::eval;
 use deadbolt_core::model::Model;
 use deadbolt_core::poison::Attack;
 use deadbolt_core::spec::{AttackSpec, DatasetKind, DatasetSpec, ExperimentSpec};
-use deadbolt_core::workflow::{self, Prepared, TrainJob};
+use deadbolt_core::pipeline::checkpointed::{self, TrainJob};
+use deadbolt_core::pipeline::prepare::Prepared;
 
 use crate::args::{EvaluateArgs, TrainArgs};
 use crate::progress::Bars;
@@ -59,7 +60,7 @@ pub fn train(args: TrainArgs, bars: &Bars) -> Result<()> {
         },
         device::describe(dev)
     );
-    let trained = workflow::train_checkpointed(
+    let trained = checkpointed::train_checkpointed(
         TrainJob {
             spec: &spec,
             info: prep.model_info(&spec),

@@ -24,6 +24,21 @@ pub struct Metrics {
     pub n_triggered: i64,
 }
 
+/// ACC, ASR and RA after pruning the first `k` channels of a ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub k: usize,
+    pub acc: f64,
+    pub asr: f64,
+    pub ra: f64,
+}
+
+/// Defense effectiveness rating of going from `before` to `after`:
+/// `(max(0, dASR) - max(0, dACC) + 1) / 2` with `d = before - after`.
+pub fn der(before: &CurvePoint, after: &CurvePoint) -> f64 {
+    ((before.asr - after.asr).max(0.0) - (before.acc - after.acc).max(0.0) + 1.0) / 2.0
+}
+
 /// Predicted labels for `images` (moved batch by batch to the model's device).
 pub fn predict(model: &Model, images: &Tensor, batch: usize) -> Tensor {
     logits(model, images, batch).argmax(1, false)

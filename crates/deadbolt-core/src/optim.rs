@@ -11,8 +11,7 @@
 //! int64 tensors).
 //!
 //! [`TensorAdam`] is the one Adam for loose tensors that are not a model's
-//! parameters (the reverse-engineered triggers of [`crate::analysis::reverse`]
-//! and [`crate::cleanse`]).
+//! parameters (the reverse-engineered triggers of [`crate::defense::cleanse`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;

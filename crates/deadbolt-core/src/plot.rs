@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::prune::CurvePoint;
+use crate::eval::CurvePoint;
 
 fn perr<E: std::fmt::Display>(path: &Path, e: E) -> Error {
     Error::Other(format!("{}: cannot draw figure: {e}", path.display()))

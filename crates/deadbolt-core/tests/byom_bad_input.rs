@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use deadbolt_core::byom::scan;
 use deadbolt_core::data::folder::Split;
 use deadbolt_core::model::{Model, ModelInfo};
-use deadbolt_core::scan;
 use deadbolt_core::spec::Arch;
 use tch::{Device, Tensor};
 

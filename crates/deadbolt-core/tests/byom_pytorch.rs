@@ -23,13 +23,13 @@
 
 use std::path::{Path, PathBuf};
 
-use deadbolt_core::analysis::reverse::load_trigger;
-use deadbolt_core::card::{self, ModelCard};
+use deadbolt_core::byom::card::{self, ModelCard};
+use deadbolt_core::byom::repair::{self, RepairOptions};
+use deadbolt_core::byom::scan::{self, ScanOptions, Verdict};
 use deadbolt_core::data::folder::Split;
 use deadbolt_core::data::idx;
+use deadbolt_core::defense::cleanse::load_trigger;
 use deadbolt_core::progress::Silent;
-use deadbolt_core::repair::{self, RepairOptions};
-use deadbolt_core::scan::{self, ScanOptions, Verdict};
 use tch::Device;
 
 const TARGET: i64 = 3;

@@ -11,12 +11,12 @@
 
 use std::path::Path;
 
-use deadbolt_core::card::{self, ModelCard};
-use deadbolt_core::cleanse::CleanseSpec;
+use deadbolt_core::byom::card::{self, ModelCard};
+use deadbolt_core::byom::repair::{self, RepairOptions};
+use deadbolt_core::byom::scan::{self, ScanOptions};
 use deadbolt_core::data::folder::Split;
+use deadbolt_core::defense::cleanse::CleanseSpec;
 use deadbolt_core::progress::Silent;
-use deadbolt_core::repair::{self, RepairOptions};
-use deadbolt_core::scan::{self, ScanOptions};
 use tch::{Device, Tensor};
 
 use deadbolt_test_support::torch::byom_torch as py;

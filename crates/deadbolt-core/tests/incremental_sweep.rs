@@ -6,10 +6,11 @@
 //! the reference's top two logits are not a near-tie.
 
 use deadbolt_core::data::Dataset;
+use deadbolt_core::defense::prune::{self, FeatureCache};
+use deadbolt_core::eval::CurvePoint;
 use deadbolt_core::model::{Model, ModelInfo};
 use deadbolt_core::poison::TriggeredSet;
 use deadbolt_core::progress::Silent;
-use deadbolt_core::prune::{self, CurvePoint, FeatureCache};
 use deadbolt_core::spec::{Arch, TrainingSpec};
 use deadbolt_core::train;
 use tch::{Device, Kind, Tensor};

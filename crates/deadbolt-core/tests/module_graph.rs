@@ -1,5 +1,11 @@
-//! The module graph of deadbolt-core has no cycle (DESIGN.md, "Crates and
-//! layers": lower layers never reach up).
+//! The module graph of deadbolt-core has no cycle and its layers hold
+//! (DESIGN.md, "Crates and layers": lower layers never reach up).
+//!
+//! Layers, lower to upper: the base (every top-level module but the three
+//! below), `defense`, and above it `pipeline` and `byom` side by side. The
+//! base names nothing of `defense`, `pipeline` or `byom`; `defense` names
+//! nothing of `pipeline` or `byom`; `pipeline` and `byom` name nothing of
+//! each other.
 //!
 //! Every `.rs` file under `src/` is parsed with `syn`; every path the code
 //! names — `use` trees (grouped, nested, renamed, globbed), `use super::…`,
@@ -7,8 +13,10 @@
 //! and paths inside macro invocations (`assert!(crate::x::y())`) — is
 //! resolved to an absolute module path and attributed to the top-level module
 //! it names (`src/foo.rs` and `src/foo/mod.rs` are module `foo`; anything
-//! nested under `foo` counts as `foo`). An edge `a -> b` means code in `a`
-//! names something in `b`. Doc comments (intra-doc links) are not
+//! nested under `foo` counts as `foo`), except that inside the layers
+//! `defense`, `pipeline` and `byom` each child module is a node of its own
+//! (`defense::prune`), so a cycle inside a layer is found too. An edge
+//! `a -> b` means code in `a` names something in `b`. Doc comments (intra-doc links) are not
 //! dependencies and are not counted; test modules inside a file are.
 //!
 //! The test fails naming each cycle as a chain of modules, with the paths
@@ -22,6 +30,57 @@ use syn::visit::{self, Visit};
 
 /// `a -> b` with the files and paths that make it.
 type Graph = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;
+
+/// The top-level modules that are layers above the base, lowest first;
+/// their child modules are nodes of the graph.
+const LAYERS: [&str; 3] = ["defense", "pipeline", "byom"];
+
+/// What each layer may not name.
+const FORBIDDEN: [(&str, &[&str]); 4] = [
+    ("base", &["defense", "pipeline", "byom"]),
+    ("defense", &["pipeline", "byom"]),
+    ("pipeline", &["byom"]),
+    ("byom", &["pipeline"]),
+];
+
+/// The graph node of an absolute module path: its top-level module, or in
+/// a layer, the layer's child module it lies in.
+fn node(abs: &[String], modules: &BTreeSet<Vec<String>>) -> Option<String> {
+    let head = abs.first()?;
+    if LAYERS.contains(&head.as_str()) && abs.len() > 1 && modules.contains(&abs[..2].to_vec()) {
+        return Some(format!("{head}::{}", abs[1]));
+    }
+    Some(head.clone())
+}
+
+/// The layer a node belongs to: `defense`, `pipeline`, `byom` or `base`.
+fn layer_of(node: &str) -> &str {
+    let head = node.split("::").next().unwrap_or(node);
+    LAYERS
+        .iter()
+        .find(|l| **l == head)
+        .copied()
+        .unwrap_or("base")
+}
+
+/// One line per edge that reaches where its layer may not.
+fn layer_violations(graph: &Graph) -> Vec<String> {
+    let mut out = Vec::new();
+    for (from, next) in graph {
+        let layer = layer_of(from);
+        let forbidden = FORBIDDEN
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map_or(&[][..], |(_, f)| *f);
+        for (to, why) in next {
+            if forbidden.contains(&layer_of(to)) {
+                let why: Vec<&String> = why.iter().take(3).collect();
+                out.push(format!("{layer}: {from} -> {to}: {why:?}"));
+            }
+        }
+    }
+    out
+}
 
 /// A source file: its path relative to `src/` and its text.
 struct Source {
@@ -230,20 +289,20 @@ impl Walker<'_> {
         let Some(abs) = resolve(&self.stack, segs, self.modules) else {
             return;
         };
-        let Some(from) = self.stack.first() else {
+        let Some(from) = node(&self.stack, self.modules) else {
             return; // lib.rs itself declares the modules
         };
         let Some(head) = abs.first() else {
             return; // the crate root
         };
         let to = if self.modules.contains(&vec![head.clone()]) {
-            head.clone()
+            node(&abs, self.modules).unwrap_or_else(|| head.clone())
         } else if let Some(m) = self.root_exports.get(head) {
             m.clone()
         } else {
             return;
         };
-        if &to != from {
+        if to != from {
             self.graph
                 .entry(from.clone())
                 .or_default()
@@ -532,13 +591,26 @@ fn core_module_graph_has_no_cycle() {
     let sources = read_sources(&src);
     assert!(sources.len() > 20, "read only {} files", sources.len());
     let graph = module_graph(&sources);
-    let modules: BTreeSet<String> = sources
-        .iter()
-        .filter_map(|s| file_module(&s.rel).first().cloned())
-        .collect();
+    let files: BTreeSet<Vec<String>> = sources.iter().map(|s| file_module(&s.rel)).collect();
+    let modules: BTreeSet<String> = files.iter().filter_map(|m| node(m, &files)).collect();
+    for layer in LAYERS {
+        assert!(modules.contains(layer), "no module {layer}: {modules:?}");
+    }
     // The walker sees the dependencies we know are there.
     assert!(graph["train"].contains_key("optim"), "{graph:#?}");
     assert!(graph["eval"].contains_key("model"), "{graph:#?}");
+    assert!(
+        graph["pipeline::experiment"].contains_key("defense::cleanse"),
+        "{graph:#?}"
+    );
+    assert!(
+        graph["byom::scan"].contains_key("defense::cleanse"),
+        "{graph:#?}"
+    );
+    assert!(
+        graph["defense::search"].contains_key("defense::prune"),
+        "{graph:#?}"
+    );
     for (i, layer) in layers(&graph, &modules).iter().enumerate() {
         eprintln!("layer {i}: {}", layer.join(", "));
     }
@@ -551,31 +623,13 @@ fn core_module_graph_has_no_cycle() {
     );
 }
 
-/// The pipeline (the experiment) and the bring-your-own-model commands
-/// (scan, repair) both sit on the defense layer and name nothing of each
-/// other; the defense layer names neither.
+/// The base names nothing of the layers; `defense` names nothing of
+/// `pipeline` or `byom`; `pipeline` and `byom` name nothing of each other.
 #[test]
-fn pipeline_and_byom_stay_apart() {
+fn layers_only_reach_down() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let graph = module_graph(&read_sources(&src));
-    let pipeline: &[&str] = &["experiment", "report", "workflow"];
-    let byom: &[&str] = &["scan", "repair"];
-    let above_defense = [pipeline, byom].concat();
-    let rules: [(&str, &[&str], &[&str]); 3] = [
-        ("pipeline", pipeline, byom),
-        ("byom", byom, pipeline),
-        ("defense", &["defense"], &above_defense),
-    ];
-    let mut broken = Vec::new();
-    for (layer, members, forbidden) in rules {
-        for from in members {
-            for (to, why) in graph.get(*from).into_iter().flatten() {
-                if forbidden.contains(&to.as_str()) {
-                    broken.push(format!("{layer}: {from} -> {to}: {why:?}"));
-                }
-            }
-        }
-    }
+    let broken = layer_violations(&graph);
     assert!(
         broken.is_empty(),
         "layer rules broken:\n{}",
@@ -707,4 +761,87 @@ fn checker_names_cycles() {
     assert_eq!(cycles.len(), 2, "{cycles:?}");
     assert!(cycles[0].starts_with("cycle a -> b -> a"), "{cycles:?}");
     assert!(cycles[1].starts_with("cycle c -> d -> c"), "{cycles:?}");
+}
+
+/// Each layer rule bites, however the edge is written, and edges that
+/// reach down pass; inside a layer, each child module is a node, so a
+/// cycle between two of them is found.
+#[test]
+fn layer_rules_bite() {
+    let g = fixture(&[
+        (
+            "lib.rs",
+            "pub mod data; pub mod eval; pub mod defense; pub mod pipeline; pub mod byom;",
+        ),
+        ("data.rs", "use crate::defense::stats::Norm;"),
+        (
+            "eval.rs",
+            "fn f() { crate::pipeline::run(); let _ = crate::byom::scan::open(); }",
+        ),
+        ("defense/mod.rs", "pub mod stats; pub mod prune;"),
+        ("defense/stats.rs", "use crate::data::Dataset;"),
+        (
+            "defense/prune.rs",
+            "use super::stats; use crate::{eval, pipeline::report::Report};
+             fn f() { assert!(crate::byom::card::ok()); }",
+        ),
+        ("pipeline/mod.rs", "pub mod report; pub fn run() {}"),
+        (
+            "pipeline/report.rs",
+            "use crate::defense::prune; use super::super::byom::scan::Verdict;",
+        ),
+        ("byom/mod.rs", "pub mod card; pub mod scan;"),
+        ("byom/card.rs", "use crate::eval::predict;"),
+        (
+            "byom/scan.rs",
+            "use super::card; fn f() -> crate::pipeline::report::Report { todo!() }",
+        ),
+    ]);
+    let mut broken: Vec<String> = layer_violations(&g)
+        .iter()
+        .map(|l| l.split(": [").next().unwrap_or_default().to_string())
+        .collect();
+    broken.sort();
+    assert_eq!(
+        broken,
+        [
+            "base: data -> defense::stats",
+            "base: eval -> byom::scan",
+            "base: eval -> pipeline",
+            "byom: byom::scan -> pipeline::report",
+            "defense: defense::prune -> byom::card",
+            "defense: defense::prune -> pipeline::report",
+            "pipeline: pipeline::report -> byom::scan",
+        ]
+    );
+    // edges that reach down or stay in a layer are no violation
+    let e = edges(&g);
+    for ok in [
+        edge("defense::stats", "data"),
+        edge("defense::prune", "defense::stats"),
+        edge("defense::prune", "eval"),
+        edge("pipeline::report", "defense::prune"),
+        edge("byom::card", "eval"),
+        edge("byom::scan", "byom::card"),
+    ] {
+        assert!(e.contains(&ok), "{ok:?} not in {e:?}");
+    }
+
+    // a cycle inside a layer
+    let g = fixture(&[
+        ("lib.rs", "pub mod defense;"),
+        ("defense/mod.rs", "pub mod prune; pub mod search;"),
+        ("defense/prune.rs", "use super::search::k_ladder;"),
+        (
+            "defense/search.rs",
+            "fn f() { crate::defense::prune::rank(); }",
+        ),
+    ]);
+    let cycles = describe_cycles(&g);
+    assert_eq!(cycles.len(), 1, "{cycles:?}");
+    assert!(
+        cycles[0].starts_with("cycle defense::prune -> defense::search -> defense::prune"),
+        "{}",
+        cycles[0]
+    );
 }

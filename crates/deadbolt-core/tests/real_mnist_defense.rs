@@ -38,9 +38,9 @@ fn linf_pruning_removes_the_badnets_backdoor_on_real_mnist() {
     let keep = std::env::var_os("DEADBOLT_TEST_OUT").map(PathBuf::from);
     let tmp = tempfile::tempdir().unwrap();
     let out = keep.unwrap_or_else(|| tmp.path().to_path_buf());
-    let r = deadbolt_core::experiment::run(&spec, &out, &Silent).unwrap();
+    let r = deadbolt_core::pipeline::experiment::run(&spec, &out, &Silent).unwrap();
 
-    let line = |name: &str, p: &deadbolt_core::prune::CurvePoint, k_t: Option<usize>| {
+    let line = |name: &str, p: &deadbolt_core::eval::CurvePoint, k_t: Option<usize>| {
         println!(
             "{name:<24} k={:>2} acc={:.4} asr={:.4} ra={:.4} (k for asr<=5% on test: {k_t:?})",
             p.k, p.acc, p.asr, p.ra
@@ -120,7 +120,7 @@ fn linf_pruning_removes_the_badnets_backdoor_on_real_mnist() {
     // pruning alone, k chosen on the validation curve as with
     // fine_tune_epochs = 0: within the ACC budget on test with few
     // channels (its test ASR is the figure that moves with the CPU, above)
-    let alone = deadbolt_core::prune::choose_k(
+    let alone = deadbolt_core::defense::prune::choose_k(
         &linf.validation_curve,
         spec.defense.target_asr,
         spec.defense.max_acc_drop,

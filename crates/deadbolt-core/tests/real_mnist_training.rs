@@ -3,9 +3,10 @@
 //! Run alone with `cargo test -p deadbolt-core --test real_mnist_training`.
 
 use deadbolt_core::device;
+use deadbolt_core::pipeline::checkpointed::{self, TrainJob};
+use deadbolt_core::pipeline::prepare::Prepared;
 use deadbolt_core::progress::Silent;
 use deadbolt_core::spec::ExperimentSpec;
-use deadbolt_core::workflow::{self, Prepared, TrainJob};
 
 fn spec(rate: f64) -> ExperimentSpec {
     let path = concat!(
@@ -27,7 +28,7 @@ fn train(rate: f64) -> deadbolt_core::eval::Metrics {
     );
     assert_eq!(prep.test.len(), 2000);
     let dir = tempfile::tempdir().unwrap();
-    let t = workflow::train_checkpointed(
+    let t = checkpointed::train_checkpointed(
         TrainJob {
             spec: &spec,
             info: prep.model_info(&spec),

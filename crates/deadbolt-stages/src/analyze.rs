@@ -1,4 +1,4 @@
-//! The `analyze` stage: [`deadbolt_core::experiment::stage_analyze`]
+//! The `analyze` stage: [`deadbolt_core::pipeline::experiment::stage_analyze`]
 //! (synthetic trigger, activation statistics in the four settings,
 //! Grad-CAM) on the two trained models. Writes the per-channel statistics
 //! to the metadata store (`put_neuron_stats`) and stores the figures and
@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::Bytes;
-use deadbolt_core::analysis::reverse;
-use deadbolt_core::analysis::stats::Norm;
-use deadbolt_core::analysis::Setting;
-use deadbolt_core::experiment::{self, AnalysisOutcome};
+use deadbolt_core::defense::cleanse;
+use deadbolt_core::defense::stats::Norm;
+use deadbolt_core::defense::Setting;
+use deadbolt_core::pipeline::experiment::{self, AnalysisOutcome};
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::analyzer_service_server::{AnalyzerService, AnalyzerServiceServer};
@@ -68,7 +68,7 @@ fn neuron_rows(a: &AnalysisOutcome) -> Vec<NeuronStat> {
 /// Stores the trigger file, and its mask and its pattern each alone.
 fn store_trigger(ctx: &JobContext, file: &std::path::Path) -> Result<TriggerArtifacts, JobError> {
     let trigger = ctx.put_file(TRIGGER_ARTIFACT, file, "application/octet-stream")?;
-    let t = core(reverse::load_trigger(file))?;
+    let t = core(cleanse::load_trigger(file))?;
     let part = |name: &str, tensor: &tch::Tensor| {
         let path = ctx.work_dir.join(format!("{name}.safetensors"));
         tch::Tensor::write_safetensors(&[(name, tensor)], &path)

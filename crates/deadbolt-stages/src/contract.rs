@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use deadbolt_core::analysis::stats::{Norm, Separation};
-use deadbolt_core::analysis::Setting;
+use deadbolt_core::defense::stats::{Norm, Separation};
+use deadbolt_core::defense::Setting;
 use deadbolt_core::eval::Metrics;
-use deadbolt_core::experiment::{AnalysisOutcome, TrainOutcome};
-use deadbolt_core::report::{
+use deadbolt_core::pipeline::experiment::{AnalysisOutcome, TrainOutcome};
+use deadbolt_core::pipeline::report::{
     CriterionReport, DataSummary, GradcamSummary, SyntheticSummary, TriggerSource,
 };
 use deadbolt_core::train::EpochReport;
@@ -207,7 +207,7 @@ pub struct PruneOutput {
 /// The output of `scan`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScanOutput {
-    pub verdict: deadbolt_core::scan::Verdict,
+    pub verdict: deadbolt_core::byom::scan::Verdict,
     pub reasons: Vec<String>,
     /// The analysed label (the top flagged one, else the most anomalous).
     pub suspect_label: i64,
@@ -232,8 +232,8 @@ pub struct RepairOutput {
     pub k: usize,
     pub pruned_channels: Vec<i64>,
     /// On the held-out part: the original and the repaired model.
-    pub original: deadbolt_core::repair::HeldOutFigures,
-    pub repaired: deadbolt_core::repair::HeldOutFigures,
+    pub original: deadbolt_core::byom::repair::HeldOutFigures,
+    pub repaired: deadbolt_core::byom::repair::HeldOutFigures,
     /// Every file the repair wrote (model, card, report, figures), by
     /// artifact name (`repair/<file>`).
     pub files: BTreeMap<String, ArtifactRef>,

@@ -1,5 +1,5 @@
 //! The `data` stage: load the base data, hold out validation, poison the
-//! training split ([`deadbolt_core::experiment::stage_data`]); stores the
+//! training split ([`deadbolt_core::pipeline::experiment::stage_data`]); stores the
 //! splits as one safetensors artifact (`data/dataset.safetensors`) and the
 //! poisoned indices (`data/poisoned_indices.json`). `PoisonerService` is
 //! its thin tonic adapter.
@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use deadbolt_core::experiment;
+use deadbolt_core::pipeline::experiment;
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::poisoner_service_server::{PoisonerService, PoisonerServiceServer};

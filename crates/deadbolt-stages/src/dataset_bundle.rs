@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use deadbolt_core::data::Dataset;
+use deadbolt_core::pipeline::prepare::Prepared;
 use deadbolt_core::poison::Attack;
 use deadbolt_core::spec::ExperimentSpec;
-use deadbolt_core::workflow::Prepared;
 use deadbolt_runtime::{JobContext, JobError};
 use tch::{Kind, Tensor};
 

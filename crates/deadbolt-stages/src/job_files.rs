@@ -109,7 +109,7 @@ pub fn scan_subject(
     spec: &deadbolt_spec::ScanSpec,
     files: &deadbolt_runtime::scan::ScanFiles,
     limits: &deadbolt_core::data::DataLimits,
-) -> Result<deadbolt_core::scan::Subject, JobError> {
+) -> Result<deadbolt_core::byom::scan::Subject, JobError> {
     let split: deadbolt_core::data::folder::Split = spec
         .split
         .as_str()
@@ -118,7 +118,7 @@ pub fn scan_subject(
     let device = crate::error::core(deadbolt_core::device::resolve(
         deadbolt_core::spec::DeviceSpec::Auto,
     ))?;
-    crate::error::core(deadbolt_core::scan::open_with(
+    crate::error::core(deadbolt_core::byom::scan::open_with(
         &files.model,
         Some(&files.card),
         &files.data,

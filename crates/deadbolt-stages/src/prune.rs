@@ -1,11 +1,11 @@
 //! The `prune` stage: runs
-//! [`deadbolt_core::experiment::stage_prune`] for every criterion of the
+//! [`deadbolt_core::pipeline::experiment::stage_prune`] for every criterion of the
 //! spec on the backdoored model (ranking with the real and/or the synthetic
 //! trigger), records each criterion's test curve (`put_pruning_curve`) and
 //! operating point (`set_pruning_choice`), stores the pruned checkpoints
 //! (`pruned/<criterion>[-synthetic]/model.safetensors`) and figures, and
 //! finally assembles the run's report with the core's
-//! [`deadbolt_core::experiment::assemble_report`] (`report/report.json`,
+//! [`deadbolt_core::pipeline::experiment::assemble_report`] (`report/report.json`,
 //! `report/report.md`, next to the figures under `report/`).
 //!
 //! The core sweeps all criteria together (they share cached activations),
@@ -16,8 +16,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use deadbolt_core::analysis::reverse;
-use deadbolt_core::experiment::{self, PruneOutcome};
+use deadbolt_core::defense::cleanse;
+use deadbolt_core::pipeline::experiment::{self, PruneOutcome};
+use deadbolt_core::report::Document;
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::pruner_service_server::{PrunerService, PrunerServiceServer};
@@ -33,7 +34,7 @@ use crate::error::core;
 use crate::job_files::{fetch_model, relative, upload_figures};
 use crate::progress::JobProgress;
 
-fn store_point(p: &deadbolt_core::prune::CurvePoint) -> CurvePoint {
+fn store_point(p: &deadbolt_core::eval::CurvePoint) -> CurvePoint {
     CurvePoint {
         k: p.k as i64,
         acc: p.acc,
@@ -59,8 +60,8 @@ impl Work<Prune> for PruneWork {
         let data = ctx.output::<Data>()?;
         let trig_path = ctx.work_dir.join("trigger.safetensors");
         ctx.download(&analysis.trigger.trigger, &trig_path)?;
-        let trig = core(reverse::load_trigger(&trig_path))?.to_device(tch::Device::Cpu);
-        let synthetic = reverse::synthetic_attack(
+        let trig = core(cleanse::load_trigger(&trig_path))?.to_device(tch::Device::Cpu);
+        let synthetic = cleanse::synthetic_attack(
             &trig,
             analysis.synthetic.suspect_label,
             bundle.train.classes,
@@ -183,7 +184,7 @@ pub fn routes(shared: Shared) -> tonic::service::Routes {
     )
 }
 
-fn point_to_proto(p: &deadbolt_core::prune::CurvePoint) -> pb::CurvePoint {
+fn point_to_proto(p: &deadbolt_core::eval::CurvePoint) -> pb::CurvePoint {
     convert::curve_point_to_proto(&store_point(p))
 }
 
@@ -233,7 +234,7 @@ impl PrunerService for Pruner {
     ) -> Result<Response<pb::RepairResponse>, Status> {
         let run_id = stage::parse_run_id("run_id", &req.get_ref().run_id)?;
         let r = self.shared.run_stage::<Repair>(run_id, RunOnly {}).await?;
-        let fig = |p: &deadbolt_core::repair::Proportion| pb::HeldOutFigure {
+        let fig = |p: &deadbolt_core::byom::repair::Proportion| pb::HeldOutFigure {
             value: p.value,
             low: p.low,
             high: p.high,

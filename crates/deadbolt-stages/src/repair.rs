@@ -1,5 +1,5 @@
 //! The `repair` stage of a scan run that asked for one: the core's
-//! [`deadbolt_core::repair::repair`] on the uploaded model and clean data
+//! [`deadbolt_core::byom::repair::repair`] on the uploaded model and clean data
 //! (a held-out part the repair never tunes on; k chosen with fine-tuning
 //! in the loop; figures with Wilson intervals; never a claim the figures
 //! do not show). Stores the repaired weights (original parameter names,
@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use deadbolt_core::repair::{self, Outcome, RepairOptions};
-use deadbolt_core::scan::Verdict;
+use deadbolt_core::byom::repair::{self, Outcome, RepairOptions};
+use deadbolt_core::byom::scan::Verdict;
 use deadbolt_runtime::{JobContext, JobError, Work};
 use deadbolt_store::ScanResult;
 

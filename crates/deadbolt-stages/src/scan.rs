@@ -1,6 +1,6 @@
 //! The `scan` stage of a scan run (bring your own model): opens the model
 //! and clean data the team uploaded (fetched and sha256-checked), runs the
-//! core's [`deadbolt_core::scan::scan`] (triggers reverse-engineered for
+//! core's [`deadbolt_core::byom::scan::scan`] (triggers reverse-engineered for
 //! every label, anomaly index, activation statistics, CLP, Grad-CAM, a
 //! verdict with its reasons), stores every file it wrote as `scan/<file>`
 //! and the verdict in the `scan_results` table. `AnalyzerService.Scan` is
@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use deadbolt_core::scan::{self, ScanOptions};
+use deadbolt_core::byom::scan::{self, ScanOptions};
 use deadbolt_runtime::{JobContext, JobError, Work};
 
 use crate::contract::{RunOnly, Scan, ScanOutput};

@@ -1,6 +1,6 @@
 //! The training stages `train-clean` and `train-backdoored`: train with
-//! [`deadbolt_core::experiment::stage_train`] (epoch checkpoints via
-//! `workflow::train_checkpointed`). Each epoch's checkpoint reaches the
+//! [`deadbolt_core::pipeline::experiment::stage_train`] (epoch checkpoints via
+//! `checkpointed::train_checkpointed`). Each epoch's checkpoint reaches the
 //! stage through the typed training observer ([`Progress::epoch_saved`])
 //! and is uploaded as `<tag>/epoch-<n>/model.safetensors` (+ `model.json`
 //! and the optimizer's `optimizer.safetensors`) and recorded, with the
@@ -19,11 +19,11 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use deadbolt_core::eval::Metrics;
-use deadbolt_core::experiment;
+use deadbolt_core::pipeline::checkpointed;
+use deadbolt_core::pipeline::experiment;
 use deadbolt_core::progress::Progress;
 use deadbolt_core::spec::ExperimentSpec;
 use deadbolt_core::train::EpochReport;
-use deadbolt_core::workflow;
 use deadbolt_proto::v1 as pb;
 use deadbolt_proto::v1::trainer_service_server::{TrainerService, TrainerServiceServer};
 use deadbolt_proto::validate::invalid_argument;
@@ -66,7 +66,11 @@ impl EpochUploader<'_> {
         let keep = self.ctx.keep_epochs().max(1);
         if report.epoch > keep {
             let old = report.epoch - keep;
-            for f in ["model.safetensors", "model.json", workflow::OPTIMIZER_STATE] {
+            for f in [
+                "model.safetensors",
+                "model.json",
+                checkpointed::OPTIMIZER_STATE,
+            ] {
                 self.ctx
                     .delete_artifact(&format!("{}/epoch-{old}/{f}", self.tag.as_str()))?;
             }
@@ -121,10 +125,10 @@ fn upload_epoch(
     let tag = tag.as_str();
     // the optimizer's state first: an epoch whose sidecar is stored has
     // all its files
-    let state = out.join(workflow::OPTIMIZER_STATE);
+    let state = out.join(checkpointed::OPTIMIZER_STATE);
     if state.is_file() {
         ctx.put_file(
-            &format!("{tag}/epoch-{epoch}/{}", workflow::OPTIMIZER_STATE),
+            &format!("{tag}/epoch-{epoch}/{}", checkpointed::OPTIMIZER_STATE),
             &state,
             "application/octet-stream",
         )?;
@@ -180,7 +184,7 @@ fn latest_epoch(ctx: &JobContext, tag: ModelTag) -> Result<Option<EpochCheckpoin
     let Some((n, w, s)) = best else {
         return Ok(None);
     };
-    let opt_name = format!("{prefix}{n}/{}", workflow::OPTIMIZER_STATE);
+    let opt_name = format!("{prefix}{n}/{}", checkpointed::OPTIMIZER_STATE);
     let optimizer = match recs.iter().find(|r| r.name == opt_name) {
         Some(r) => Some(ctx.artifacts.ref_from_record(r)?),
         None => None,
@@ -228,7 +232,7 @@ fn train(ctx: &JobContext, tag: ModelTag) -> Result<TrainOutput, JobError> {
         ctx.download(&c.weights, &out.join("model.safetensors"))?;
         ctx.download(&c.sidecar, &out.join("model.json"))?;
         if let Some(o) = &c.optimizer {
-            ctx.download(o, &out.join(workflow::OPTIMIZER_STATE))?;
+            ctx.download(o, &out.join(checkpointed::OPTIMIZER_STATE))?;
         }
         uploaded.insert(epoch);
         tracing::info!(run_id = %ctx.run_id(), tag = tag.as_str(), epoch, attempt = ctx.job.attempts, "resuming from epoch checkpoint");

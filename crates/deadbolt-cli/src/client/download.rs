@@ -11,7 +11,8 @@ use deadbolt_gateway::transfer::in_report;
 use super::{connect, get_run, status_error, Client};
 use crate::headline::Headline;
 #[cfg(feature = "torch")]
-use deadbolt_core::report::Report;
+use deadbolt_core::pipeline::report::Report;
+use deadbolt_core::report::Document;
 
 /// Where a file of a run's report lands in an output folder: `report/*`
 /// as `*`, the rest of what the gateway serves as the report (with

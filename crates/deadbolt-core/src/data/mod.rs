@@ -162,6 +162,24 @@ pub fn stratified_indices(
     (keep, held)
 }
 
+/// A seeded random subset of `n` samples in random order (all samples,
+/// shuffled, when `n` is 0 or at least the set's size). Datasets are often
+/// sorted by class (the MNIST IDX files are), so "the first n" would see
+/// only a few classes.
+pub fn shuffled_subset(ds: &Dataset, n: usize, seed: u64) -> Dataset {
+    ds.select_vec(&shuffled_indices(ds, n, seed))
+}
+
+/// The indices into `ds` that [`shuffled_subset`] picks, in its order.
+pub fn shuffled_indices(ds: &Dataset, n: usize, seed: u64) -> Vec<i64> {
+    let mut idx: Vec<i64> = (0..ds.len()).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    if n > 0 && n < idx.len() {
+        idx.truncate(n);
+    }
+    idx
+}
+
 /// Checks the files of `dir` against their expected sha256 (file name ->
 /// lowercase hex), naming the first that differs or is missing.
 pub fn verify_checksums(
@@ -373,6 +391,22 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shuffled_subset_mixes_classes() {
+        let y = tch::Tensor::arange(100, (tch::Kind::Int64, tch::Device::Cpu))
+            .divide_scalar_mode(10, "floor");
+        let x = tch::Tensor::zeros([100, 1, 2, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let ds = Dataset::new(x, y, 10, "sorted").unwrap();
+        let s = shuffled_subset(&ds, 20, 1);
+        assert_eq!(s.len(), 20);
+        let mut classes = s.labels_vec();
+        classes.sort();
+        classes.dedup();
+        assert!(classes.len() >= 6, "{classes:?}");
+        assert_eq!(s.labels_vec(), shuffled_subset(&ds, 20, 1).labels_vec());
+        assert_eq!(shuffled_subset(&ds, 0, 1).len(), 100);
+    }
 
     #[test]
     fn stratified_split_is_deterministic_and_stratified() {

@@ -1,6 +1,6 @@
 //! Choosing how many channels to prune with the fine-tuning in the loop,
-//! shared by `deadbolt experiment` ([`crate::experiment`]) and
-//! `deadbolt repair` ([`crate::repair`]): the ladder of ks tried, the
+//! shared by `deadbolt experiment` ([`crate::pipeline::experiment`]) and
+//! `deadbolt repair` ([`crate::byom::repair`]): the ladder of ks tried, the
 //! unlearning set the fine-tuning trains on, the search and its
 //! candidates, and held-out figures with Wilson intervals.
 
@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
+use crate::defense::prune;
 use crate::error::{Error, Result};
 use crate::eval::{self, EVAL_BATCH};
 use crate::model::Model;
 use crate::poison::Attack;
 use crate::progress::{EpochReport, Progress};
-use crate::prune;
 use crate::spec::byom::RepairOptions;
 use crate::spec::TrainingSpec;
 use crate::train;
@@ -129,7 +129,7 @@ pub fn unlearning_set(fit: &Dataset, attack: &Attack, fraction: f64, seed: u64) 
     if n == 0 {
         return fit.clone();
     }
-    let idx = crate::analysis::shuffled_indices(fit, n, seed);
+    let idx = crate::data::shuffled_indices(fit, n, seed);
     let some = fit.select_vec(&idx);
     Dataset {
         images: Tensor::cat(&[&fit.images, &attack.trigger.apply(&some.images)], 0),
@@ -276,7 +276,7 @@ pub fn search_k(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::reverse::synthetic_attack;
+    use crate::defense::cleanse::synthetic_attack;
     use tch::Device;
 
     #[test]

@@ -3,7 +3,7 @@
 //! the model (state_dict + card) and a small set of clean labelled images.
 //!
 //! Evidence, all written to `report.json` / `report.md` with figures:
-//! 1. **Neural Cleanse** ([`crate::cleanse`]): a trigger per label, all
+//! 1. **Neural Cleanse** ([`crate::defense::cleanse`]): a trigger per label, all
 //!    labels optimised together; the anomaly index of each label's mask
 //!    norm; flagged labels (index above the threshold, trigger working on
 //!    at least `min_success` of other labels' images).
@@ -11,7 +11,7 @@
 //!    and on the same images stamped with the suspect label's synthetic
 //!    trigger; channels whose l_inf ratio (triggered / clean) is a robust
 //!    outlier.
-//! 3. **CLP** ([`crate::clp`]): data-free channel Lipschitz scores of the
+//! 3. **CLP** ([`crate::defense::clp`]): data-free channel Lipschitz scores of the
 //!    layer's convolution, a second opinion on which channels stand out.
 //! 4. **Grad-CAM** of the suspect label on stamped images: the share of the
 //!    heat on the synthetic trigger's region, against its area share.
@@ -32,18 +32,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-use crate::analysis::gradcam;
-use crate::analysis::reverse::{save_trigger, ReverseSummary, Reversed};
-use crate::analysis::shuffled_subset;
-use crate::analysis::stats::{self, Norm};
-use crate::card::{self, LoadedModel, ModelCard, Normalizer};
-use crate::cleanse;
-use crate::clp::{self, ClpScores};
+use super::card::{self, LoadedModel, ModelCard};
 use crate::data::folder::{self, Source, Split};
-use crate::data::{DataLimits, Dataset};
+use crate::data::{shuffled_subset, DataLimits, Dataset};
+use crate::defense::cleanse::{self, save_trigger, ReverseSummary, Reversed, Settings};
+use crate::defense::clp::{self, ClpScores};
+use crate::defense::gradcam;
+use crate::defense::stats::{self, Norm};
+use crate::defense::{mad, median};
 use crate::error::{Error, Result};
+use crate::normalize::Normalizer;
 use crate::plot::{self, Rgb};
 use crate::progress::Progress;
+use crate::report::{figures_beside, Document};
 use crate::trigger::Trigger;
 
 /// An anomaly index at or above this decides `backdoored` on its own.
@@ -306,7 +307,7 @@ pub fn decide(
          its reversed trigger flips {:.1}% of other labels' images",
         r.anomaly_index,
         r.mask_l1,
-        crate::analysis::median(&reverse.labels.iter().map(|l| l.mask_l1).collect::<Vec<_>>()),
+        median(&reverse.labels.iter().map(|l| l.mask_l1).collect::<Vec<_>>()),
         100.0 * r.attack_success
     ));
     let strong_channels: Vec<i64> = activations
@@ -361,8 +362,8 @@ pub fn activation_evidence(
     let stamped = subject.norm.trigger_to_model(trigger).apply(&sample.images);
     let trig = stats::collect(model, &subject.layer, &stamped, STATS_BATCH)?;
     let separation = stats::separation(&clean, &trig, Norm::Linf);
-    let med = crate::analysis::median(&separation.ratios);
-    let spread = 1.4826 * crate::analysis::mad(&separation.ratios);
+    let med = median(&separation.ratios);
+    let spread = 1.4826 * mad(&separation.ratios);
     let mut outliers: Vec<i64> = separation
         .ratios
         .iter()
@@ -584,8 +585,13 @@ pub fn scan(
     timings.insert("clean_accuracy".to_string(), t.elapsed().as_secs_f64());
 
     let t = Instant::now();
-    let rev =
-        cleanse::reverse_engineer(model, &subject.norm, &subject.data, &opts.cleanse, progress)?;
+    let rev = cleanse::reverse_engineer(
+        model,
+        Some(&subject.norm),
+        &subject.data,
+        &Settings::byom(&opts.cleanse)?,
+        progress,
+    )?;
     timings.insert("reverse".to_string(), t.elapsed().as_secs_f64());
     let (label, trig) = rev.suspect();
     let trig = trig.clone();
@@ -713,7 +719,7 @@ pub fn scan(
         anomaly_threshold: opts.cleanse.anomaly_threshold,
         strong_anomaly: STRONG_ANOMALY,
         reverse: rev.summary.clone(),
-        linear_anomaly_index: crate::analysis::reverse::anomaly_indices(&norms),
+        linear_anomaly_index: cleanse::anomaly_indices(&norms),
         activations,
         clp,
         clp_activation_overlap: overlap,
@@ -726,12 +732,10 @@ pub fn scan(
     Ok(report)
 }
 
-impl ScanReport {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a scan report serializes")
-    }
+impl Document for ScanReport {
+    const WHAT: &'static str = "a scan report";
 
-    pub fn to_markdown(&self) -> String {
+    fn to_markdown(&self) -> String {
         let mut s = String::new();
         let name = |l: i64| {
             self.data
@@ -838,27 +842,15 @@ impl ScanReport {
             100.0 * g.area_share,
             100.0 * g.clean_mass
         );
-        let _ = writeln!(s, "## Figures\n");
-        for f in &self.figures {
-            let rel = f
-                .file_name()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| f.clone());
-            let _ = writeln!(s, "![{}]({})", rel.display(), rel.display());
-        }
+        figures_beside(&mut s, &self.figures);
         s
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::data::idx::write_atomic(&dir.join("report.json"), self.to_json().as_bytes())?;
-        crate::data::idx::write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::reverse::LabelResult;
+    use crate::defense::cleanse::LabelResult;
 
     fn reverse(norms: &[f64], success: f64, threshold: f64) -> ReverseSummary {
         let index = cleanse::log_anomaly_indices(norms);

@@ -32,10 +32,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::analysis::stats::{ActivationStats, Norm};
 use crate::data::Dataset;
+use crate::defense::stats::{ActivationStats, Norm};
 use crate::error::{Error, Result};
-use crate::eval::{self, EVAL_BATCH};
+use crate::eval::{self, CurvePoint, EVAL_BATCH};
 use crate::model::{HeadOp, LinearHead, Model};
 use crate::poison::TriggeredSet;
 use crate::spec::Criterion;
@@ -115,21 +115,6 @@ pub fn order_by(scores: &[f64], descending: bool) -> Vec<i64> {
         ord.then(a.cmp(&b))
     });
     idx.into_iter().map(|i| i as i64).collect()
-}
-
-/// ACC, ASR and RA after pruning the first `k` channels of a ranking.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct CurvePoint {
-    pub k: usize,
-    pub acc: f64,
-    pub asr: f64,
-    pub ra: f64,
-}
-
-/// Defense effectiveness rating of going from `before` to `after`:
-/// `(max(0, dASR) - max(0, dACC) + 1) / 2` with `d = before - after`.
-pub fn der(before: &CurvePoint, after: &CurvePoint) -> f64 {
-    ((before.asr - after.asr).max(0.0) - (before.acc - after.acc).max(0.0) + 1.0) / 2.0
 }
 
 /// The activations of a layer for a clean and a triggered evaluation set,
@@ -775,7 +760,7 @@ mod tests {
         let c = choose_k(&curve, 0.01, 0.005).unwrap();
         assert_eq!(c.k, 1);
         assert!(choose_k(&curve[1..], 0.05, 0.02).is_err());
-        assert!((der(&curve[0], &curve[2]) - (0.96 - 0.01 + 1.0) / 2.0).abs() < 1e-9);
+        assert!((eval::der(&curve[0], &curve[2]) - (0.96 - 0.01 + 1.0) / 2.0).abs() < 1e-9);
     }
 
     fn toy() -> (Model, Dataset, TriggeredSet) {

@@ -6,7 +6,7 @@
 //!    figures. The tuning part is split again into a **fit** part (what
 //!    fine-tuning trains on) and a **check** part (what chooses k).
 //! 2. On the tuning part: a trigger is reverse-engineered for every label
-//!    ([`crate::cleanse`]); the suspect label is the top flagged one (or
+//!    ([`crate::defense::cleanse`]); the suspect label is the top flagged one (or
 //!    the one asked for; when none is flagged, the most anomalous, and the
 //!    report says so).
 //! 3. The channels of the layer are ranked by the criterion (default
@@ -48,18 +48,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-use crate::analysis::reverse::{save_trigger, synthetic_attack};
-use crate::analysis::shuffled_subset;
-use crate::analysis::stats;
-use crate::card;
-use crate::cleanse;
+use super::card;
+use super::scan::{self, figure, DataInfo, Subject};
+use crate::data::shuffled_subset;
+use crate::defense::cleanse::{self, save_trigger, synthetic_attack, Settings};
+use crate::defense::prune;
+use crate::defense::stats;
 use crate::error::{Error, Result};
-use crate::eval::{self, EVAL_BATCH};
+use crate::eval::{self, CurvePoint, EVAL_BATCH};
 use crate::model::Model;
+use crate::normalize::Normalizer;
 use crate::plot;
 use crate::progress::Progress;
-use crate::prune::{self, CurvePoint};
-use crate::scan::{self, figure, DataInfo, Subject};
+use crate::report::{figures_beside, Document};
 use crate::train;
 
 pub use deadbolt_spec::byom::RepairOptions;
@@ -172,7 +173,8 @@ pub fn repair(
     }
 
     let t = Instant::now();
-    let rev = cleanse::reverse_engineer(model, &subject.norm, &tuning, &opts.cleanse, progress)?;
+    let nc = Settings::byom(&opts.cleanse)?;
+    let rev = cleanse::reverse_engineer(model, Some(&subject.norm), &tuning, &nc, progress)?;
     timings.insert("reverse".to_string(), t.elapsed().as_secs_f64());
     let label = opts.label.unwrap_or_else(|| rev.suspect().0);
     let trig = rev.triggers[label as usize].clone();
@@ -294,8 +296,7 @@ pub fn repair(
 
     let verification = if opts.verify {
         let t = Instant::now();
-        let after =
-            cleanse::reverse_engineer(&fixed, &subject.norm, &tuning, &opts.cleanse, progress)?;
+        let after = cleanse::reverse_engineer(&fixed, Some(&subject.norm), &tuning, &nc, progress)?;
         let l = label as usize;
         Some(Verification {
             flagged_labels: after.summary.flagged_labels.clone(),
@@ -363,12 +364,12 @@ impl RepairReport {
     pub fn met(&self) -> bool {
         self.outcome == Outcome::Met
     }
+}
 
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a repair report serializes")
-    }
+impl Document for RepairReport {
+    const WHAT: &'static str = "a repair report";
 
-    pub fn to_markdown(&self) -> String {
+    fn to_markdown(&self) -> String {
         let mut s = String::new();
         let o = &self.options;
         let status = if self.met() {
@@ -510,26 +511,14 @@ impl RepairReport {
              the weights), with its card.\n",
             self.repaired_model.display()
         );
-        let _ = writeln!(s, "## Figures\n");
-        for f in &self.figures {
-            let rel = f
-                .file_name()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| f.clone());
-            let _ = writeln!(s, "![{}]({})", rel.display(), rel.display());
-        }
+        figures_beside(&mut s, &self.figures);
         s
-    }
-
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::data::idx::write_atomic(&dir.join("report.json"), self.to_json().as_bytes())?;
-        crate::data::idx::write_atomic(&dir.join("report.md"), self.to_markdown().as_bytes())
     }
 }
 
 /// Predictions of a model for images in [0, 1] (normalised with the card's
 /// mean/std), on the CPU.
-pub fn predict_images(model: &Model, norm: &card::Normalizer, images: &Tensor) -> Tensor {
+pub fn predict_images(model: &Model, norm: &Normalizer, images: &Tensor) -> Tensor {
     eval::predict(
         model,
         &norm.apply(&images.to_device(Device::Cpu)),

@@ -37,8 +37,8 @@ use tch::{Device, Kind, Tensor};
 use crate::data::DataLimits;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelInfo};
+use crate::normalize::Normalizer;
 use crate::spec::Arch;
-use crate::trigger::Trigger;
 
 /// What the card says about a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,54 +273,6 @@ impl ModelCard {
     /// The card as TOML text.
     pub fn to_toml_string(&self) -> String {
         toml::to_string(self).expect("a card serializes")
-    }
-}
-
-/// Per-channel `(x - mean) / std`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Normalizer {
-    pub mean: Vec<f64>,
-    pub std: Vec<f64>,
-}
-
-impl Normalizer {
-    fn column(v: &[f64], device: Device) -> Tensor {
-        Tensor::from_slice(&v.iter().map(|x| *x as f32).collect::<Vec<_>>())
-            .view([-1, 1, 1])
-            .to_device(device)
-    }
-
-    /// Images in [0, 1] (`[N, C, H, W]` or `[C, H, W]`) to model inputs.
-    pub fn apply(&self, x: &Tensor) -> Tensor {
-        let dev = x.device();
-        (x - Self::column(&self.mean, dev)) / Self::column(&self.std, dev)
-    }
-
-    /// Model inputs back to images in [0, 1] (up to rounding).
-    pub fn undo(&self, x: &Tensor) -> Tensor {
-        let dev = x.device();
-        x * Self::column(&self.std, dev) + Self::column(&self.mean, dev)
-    }
-
-    /// A trigger in image space (pattern in [0, 1]) as a trigger on model
-    /// inputs: the same mask, the normalised pattern.
-    pub fn trigger_to_model(&self, t: &Trigger) -> Trigger {
-        Trigger {
-            mask: t.mask.shallow_clone(),
-            pattern: self.apply(&t.pattern),
-        }
-    }
-
-    /// A trigger on model inputs back in image space.
-    pub fn trigger_to_image(&self, t: &Trigger) -> Trigger {
-        Trigger {
-            mask: t.mask.shallow_clone(),
-            pattern: self.undo(&t.pattern),
-        }
-    }
-
-    pub fn is_identity(&self) -> bool {
-        self.mean.iter().all(|m| *m == 0.0) && self.std.iter().all(|s| *s == 1.0)
     }
 }
 
@@ -630,23 +582,6 @@ std = [0.3081]
         std::fs::write(&p, format!("{CARD}\n#{}", "x".repeat(2 << 20))).unwrap();
         let e = ModelCard::from_file(&p).unwrap_err();
         assert!(matches!(e, Error::TooLarge { .. }), "{e}");
-    }
-
-    #[test]
-    fn normalizer_round_trips_and_commutes_with_stamping() {
-        let n = Normalizer {
-            mean: vec![0.5, 0.2, 0.1],
-            std: vec![0.25, 0.5, 2.0],
-        };
-        let x = crate::rng::uniform(&[2, 3, 6, 6], 1);
-        assert!(n.undo(&n.apply(&x)).allclose(&x, 1e-5, 1e-6, false));
-        let t = Trigger {
-            mask: crate::rng::uniform(&[1, 6, 6], 2),
-            pattern: crate::rng::uniform(&[3, 6, 6], 3),
-        };
-        let a = n.apply(&t.apply(&x));
-        let b = n.trigger_to_model(&t).apply(&n.apply(&x));
-        assert!(a.allclose(&b, 1e-5, 1e-5, false));
     }
 
     #[test]

@@ -19,28 +19,30 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-use crate::analysis::gradcam::{self, RegionMass};
-use crate::analysis::reverse::{self, Reversed};
-use crate::analysis::stats::{self, Norm};
-use crate::analysis::{shuffled_indices, shuffled_subset, Setting};
-use crate::data::Dataset;
+use super::checkpointed::{self, TrainJob};
+use super::prepare::Prepared;
+use super::report::{
+    CriterionReport, DataSummary, FineTuneSearch, GradcamSummary, HeatmapImage, ModelFigures,
+    Report, SyntheticSummary, TriggerSource,
+};
+use crate::data::{shuffled_indices, shuffled_subset, Dataset};
+use crate::defense::cleanse::{self, Reversed, Settings};
+use crate::defense::gradcam::{self, RegionMass};
+use crate::defense::prune::{self, Choice};
 use crate::defense::search;
+use crate::defense::stats::{self, Norm};
+use crate::defense::Setting;
 use crate::error::{Error, Result};
-use crate::eval::{self, Metrics};
+use crate::eval::{self, CurvePoint, Metrics};
 use crate::model::{CheckpointMeta, Model, ModelInfo};
 use crate::plot::{self, Rgb};
 use crate::poison::Attack;
 use crate::progress::Progress;
-use crate::prune::{self, Choice, CurvePoint};
-use crate::report::{
-    CriterionReport, DataSummary, FineTuneSearch, GradcamSummary, HeatmapImage, ModelFigures,
-    Report, SyntheticSummary, TriggerSource,
-};
+use crate::report::Document;
 use crate::spec::byom::RepairOptions;
 use crate::spec::{Criterion, ExperimentSpec};
 use crate::train::EpochReport;
 use crate::trigger::Trigger;
-use crate::workflow::{self, Prepared, TrainJob};
 
 /// Images whose Grad-CAM mass is averaged per setting.
 pub const GRADCAM_IMAGES: usize = 200;
@@ -125,9 +127,9 @@ pub fn stage_train(
         input_shape: data.image_shape(),
     };
     let spec_text = spec.to_toml_string();
-    let resume = workflow::existing_checkpoint(out)
+    let resume = checkpointed::existing_checkpoint(out)
         .is_some_and(|m| m.spec.as_deref() == Some(spec_text.as_str()) && m.model == info);
-    let trained = workflow::train_checkpointed(
+    let trained = checkpointed::train_checkpointed(
         TrainJob {
             spec,
             info,
@@ -195,11 +197,17 @@ pub fn stage_reverse(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(Reversed, SyntheticSummary, Vec<PathBuf>)> {
-    let rev = reverse::reverse_engineer(backdoored, val, &spec.defense.synthetic, progress)?;
+    let rev = cleanse::reverse_engineer(
+        backdoored,
+        None,
+        val,
+        &Settings::synthetic(&spec.defense.synthetic),
+        progress,
+    )?;
     let (suspect, trig) = rev.suspect();
     let dir = out.join("synthetic");
     let trigger_file = dir.join("trigger.safetensors");
-    reverse::save_trigger(trig, &trigger_file)?;
+    cleanse::save_trigger(trig, &trigger_file)?;
     let mut figures = Vec::new();
     figure(&mut figures, dir.join("mask.png"), |p| {
         Rgb::from_tensor(&trig.mask)?.save_png(p, 8)
@@ -525,13 +533,13 @@ pub fn stage_prune(
             };
             let chosen = curve[k];
             let validation_point = validation_curve[k];
-            let der = prune::der(&curve[0], &chosen);
+            let der = eval::der(&curve[0], &chosen);
             let pruned_channels = ranking.order[..k].to_vec();
             let (mut fine_tuned, mut fine_tuned_der) = (None, None);
             if fine_tune_search.is_some() {
                 let mut p = point(&eval::evaluate(&pruned, test, Some(eval_attack))?);
                 p.k = k;
-                fine_tuned_der = Some(prune::der(&curve[0], &p));
+                fine_tuned_der = Some(eval::der(&curve[0], &p));
                 fine_tuned = Some(p);
             }
             let dir = out
@@ -771,8 +779,8 @@ pub fn run(spec: &ExperimentSpec, out: &Path, progress: &dyn Progress) -> Result
     timings.insert("analyze".to_string(), secs(t));
 
     let t = Instant::now();
-    let trig = reverse::load_trigger(&analysis.synthetic.trigger_file)?.to_device(Device::Cpu);
-    let synthetic = reverse::synthetic_attack(
+    let trig = cleanse::load_trigger(&analysis.synthetic.trigger_file)?.to_device(Device::Cpu);
+    let synthetic = cleanse::synthetic_attack(
         &trig,
         analysis.synthetic.suspect_label,
         prepared.train.classes,
