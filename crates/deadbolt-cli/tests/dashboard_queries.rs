@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{Column, PgPool, Row, ValueRef};

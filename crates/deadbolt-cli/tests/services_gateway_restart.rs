@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use deadbolt_store::JobStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
-use deadbolt_store::{ArtifactStore, JobStatus};
+use deadbolt_store::ArtifactStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_trainer_cannot_overwrite_the_winner() {
