@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{Column, PgPool, Row, ValueRef};
@@ -373,13 +372,7 @@ async fn dashboard_and_autoscaler_queries_run_on_a_finished_run() {
     let mut c = gateway(&all.url("gateway")).await;
     let sub = submit_toml(&mut c, &spec, "dashboard-queries").await;
     let (_, run) = watch(&mut c, &sub.run_id, Duration::from_secs(240)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "run failed: {}\n{}",
-        run.error,
-        all.log_tail()
-    );
+    assert_succeeded(&run, &all.log_tail());
     let run_secs = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
     let most = poller.await.unwrap();

@@ -13,14 +13,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use deadbolt_proto::v1 as pb;
 use deadbolt_test_support::specs::mnist_dir;
 use futures::StreamExt;
-use sha2::Digest;
 use tonic::Code;
 
 /// The serving process's peak resident memory may not pass this (it runs
@@ -44,43 +42,15 @@ fn vm_hwm(pid: u32) -> u64 {
     kib << 10
 }
 
-fn chunks(kind: pb::UploadKind, name: &str, file: &str, body: &[u8]) -> Vec<pb::UploadChunk> {
-    let mut msgs = vec![pb::UploadChunk {
-        header: Some(pb::UploadHeader {
-            kind: kind as i32,
-            name: name.into(),
-            file: file.into(),
-            sha256: hex::encode(sha2::Sha256::digest(body)),
-            size: body.len() as u64,
-        }),
-        data: Vec::new(),
-    }];
-    for c in body.chunks(1 << 20) {
-        msgs.push(pb::UploadChunk {
-            header: None,
-            data: c.to_vec(),
-        });
-    }
-    msgs
-}
-
 async fn upload(c: &mut Keyed, kind: pb::UploadKind, name: &str, file: &str, body: &[u8]) {
-    c.upload(futures::stream::iter(chunks(kind, name, file, body)))
+    let msgs = common::upload::messages(
+        common::upload::header(kind, name, file, body),
+        body,
+        1 << 20,
+    );
+    c.upload(futures::stream::iter(msgs))
         .await
         .unwrap_or_else(|e| panic!("upload {name}/{file}: {e:?}"));
-}
-
-/// `n` records of an IDX file, spread over it, with the count rewritten.
-fn cut_idx(src: &Path, header: usize, record: usize, n: usize) -> Vec<u8> {
-    let b = std::fs::read(src).unwrap();
-    let total = (b.len() - header) / record;
-    let mut out = b[..header].to_vec();
-    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
-    for i in 0..n {
-        let at = header + (i * total / n) * record;
-        out.extend_from_slice(&b[at..at + record]);
-    }
-    out
 }
 
 /// The real digits cut small: (file name, bytes) of the four IDX files.
@@ -176,30 +146,10 @@ fn submit(id: &str, spec: &str) -> pb::SubmitExperimentRequest {
     }
 }
 
-/// Waits for the run to end; the run.
+/// Waits for the run to end (the server's log tail when it does not); the
+/// run.
 async fn finished(c: &mut Keyed, run_id: &str, timeout: Duration, server: &Proc) -> pb::Run {
-    let mut s = c
-        .watch_experiment(pb::WatchExperimentRequest {
-            run_id: run_id.into(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(timeout, async { while s.next().await.is_some() {} })
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "run {run_id} did not end in {timeout:?}\n{}",
-                server.log_tail()
-            )
-        });
-    c.get_experiment(pb::GetExperimentRequest {
-        run_id: run_id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    watch_logged(c, run_id, timeout, Some(server)).await.1
 }
 
 /// The run failed in a stage with a typed error whose message names `what`.
@@ -255,21 +205,7 @@ async fn hostile_inputs_are_refused_typed_and_bounded() {
     let metrics = all.addrs["metrics"].clone();
     let key = |team: &str| {
         admin(&cfg, &["team-create", team]);
-        admin(
-            &cfg,
-            &[
-                "key-create",
-                "--team",
-                team,
-                "--name",
-                team,
-                "--scopes",
-                "submit,read",
-            ],
-        )["key"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        team_key(&cfg, team, team, "submit,read")
     };
     let (honest, hostile, crowd) = (key("honest"), key("hostile"), key("crowd"));
     let mut h = as_key(&url, Some(&honest)).await;

@@ -100,27 +100,7 @@ async fn keys_scopes_and_teams_are_enforced() {
         .unwrap()
         .into_inner()
         .run_id;
-    let mut s = ca
-        .watch_experiment(pb::WatchExperimentRequest {
-            run_id: run_id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(240), async {
-        use futures::StreamExt;
-        while s.next().await.is_some() {}
-    })
-    .await
-    .unwrap();
-    let run = ca
-        .get_experiment(pb::GetExperimentRequest {
-            run_id: run_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, run) = watch(&mut ca, &run_id, Duration::from_secs(240)).await;
     assert_eq!(run.status, pb::JobStatus::Succeeded as i32, "{}", run.error);
     assert_eq!(
         as_key(&url, Some(&a_read))

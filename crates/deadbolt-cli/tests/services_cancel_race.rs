@@ -22,21 +22,10 @@ async fn cancelled_runs_stay_cancelled_and_finished_runs_cannot_be_cancelled() {
     let d = dir.path();
     let spec = tiny_spec(d, 1, 600);
     let pg = Pg::fresh().await;
-    let moto = Moto::shared();
-    let bucket = format!("race-{}", uuid::Uuid::new_v4().simple());
-    moto.create_bucket(&bucket);
+    let (moto, art_url) = s3_bucket("race");
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let all = serve_all(
-        d,
-        &config(
-            pg.url(),
-            &format!("s3://{bucket}/race"),
-            &work,
-            &moto.config(),
-        ),
-    )
-    .0;
+    let all = serve_all(d, &config(pg.url(), &art_url, &work, &moto.config())).0;
     let mut c = gateway(&all.url("gateway")).await;
 
     // a finished run cannot be cancelled

@@ -10,7 +10,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use deadbolt_store::JobStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,58 +19,22 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
     let d = dir.path();
     let spec = tiny_spec(d, 4, 3000);
     let pg = Pg::fresh().await;
-    let moto = Moto::shared();
-    let bucket = format!("drain-{}", uuid::Uuid::new_v4().simple());
-    moto.create_bucket(&bucket);
-    let art_url = format!("s3://{bucket}/drain");
-    let base = |name: &str, extra: &str| {
-        let work = d.join(format!("work-{name}"));
-        std::fs::create_dir_all(&work).unwrap();
-        config_with_lease(
-            pg.url(),
-            &art_url,
-            &work,
-            20.0,
-            &format!("drain_secs = 20.0\n{extra}\n{}", moto.config()),
-        )
-    };
+    let (moto, art_url) = s3_bucket("drain");
+    let extra = format!("drain_secs = 20.0\n{}", moto.config());
     let Cluster {
         others,
         mut trainers,
         gateway: gw,
-    } = cluster(d, base, &[]);
+    } = cluster(d, fault_config(d, pg.url(), &art_url, 20.0, &extra), &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "drain-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
     let store = deadbolt_store::connect(pg.url()).await.unwrap();
 
     // epoch 1 of the clean model stored: SIGTERM its trainer
-    let holder = wait_for(
-        "epoch 1 of the clean model",
-        Duration::from_secs(120),
-        || {
-            let store = store.clone();
-            async move {
-                store
-                    .get_artifact(id, "clean/epoch-1/model.safetensors")
-                    .await
-                    .ok()?;
-                let j = store
-                    .list_jobs(id)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .find(|j| j.stage == "train-clean")?;
-                assert_eq!(j.status, JobStatus::Leased, "signalled too late: {j:?}");
-                pid_of(j.leased_by.as_deref()?)
-            }
-        },
-    )
-    .await;
-    let victim = trainers
-        .iter()
-        .position(|t| t.pid() == holder)
-        .expect("the holder is a trainer");
+    let holder =
+        train_clean_holder(&store, id, "clean/epoch-1/model.safetensors", "signalled").await;
+    let victim = index_of(&trainers, holder);
     let survivor = trainers[1 - victim].pid();
     let signalled = Instant::now();
     trainers[victim].signal("TERM");
@@ -92,12 +55,7 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
         || {
             let store = store.clone();
             async move {
-                let j = store
-                    .list_jobs(id)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .find(|j| j.stage == "train-clean")?;
+                let j = job_of(store.as_ref(), id, "train-clean").await?;
                 (j.leased_by.as_deref().and_then(pid_of) == Some(survivor)).then_some(())
             }
         },
@@ -117,23 +75,11 @@ async fn a_draining_trainer_hands_its_job_over_at_once() {
     assert!(leftover.is_empty(), "work folders left: {leftover:?}");
 
     let (events, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "run failed: {}\n{}",
-        run.error,
-        trainers[1 - victim].log_tail()
-    );
+    assert_succeeded(&run, &trainers[1 - victim].log_tail());
     assert!(events
         .iter()
         .any(|e| e.stage == "train-clean" && e.kind == "released"));
-    let job = store
-        .list_jobs(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|j| j.stage == "train-clean")
-        .unwrap();
+    let job = job_of(store.as_ref(), id, "train-clean").await.unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(
         job.attempts, 1,

@@ -9,7 +9,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use deadbolt_store::JobStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,18 +18,12 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     let d = dir.path();
     let spec = tiny_spec(d, 3, 3000);
     let pg = Pg::fresh().await;
-    let art = d.join("artifacts");
-    let art_url = art.display().to_string();
-    let base = |name: &str, extra: &str| {
-        let work = d.join(format!("work-{name}"));
-        std::fs::create_dir_all(&work).unwrap();
-        config(pg.url(), &art_url, &work, extra)
-    };
+    let art_url = d.join("artifacts").display().to_string();
     let Cluster {
         others,
         mut trainers,
         gateway: gw,
-    } = cluster(d, base, &[]);
+    } = cluster(d, fault_config(d, pg.url(), &art_url, 3.0, ""), &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "fault-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
@@ -39,33 +32,8 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     // wait for epoch 1's complete checkpoint of the clean model (its
     // sidecar is recorded last: a checkpoint without one is not resumed
     // from), then kill its trainer
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let victim = loop {
-        assert!(
-            Instant::now() < deadline,
-            "epoch 1 checkpoint never recorded"
-        );
-        let recorded = store
-            .get_artifact(id, "clean/epoch-1/model.json")
-            .await
-            .is_ok();
-        let job = store
-            .list_jobs(id)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|j| j.stage == "train-clean");
-        if let (true, Some(j)) = (recorded, job) {
-            assert_eq!(j.status, JobStatus::Leased, "killed too late: {j:?}");
-            let holder = j.leased_by.clone().unwrap();
-            let pid: u32 = holder.split('-').nth(1).unwrap().parse().unwrap();
-            break trainers
-                .iter()
-                .position(|t| t.pid() == pid)
-                .expect("holder is a trainer");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let holder = train_clean_holder(&store, id, "clean/epoch-1/model.json", "killed").await;
+    let victim = index_of(&trainers, holder);
     trainers[victim].kill();
     let survivor = trainers[1 - victim].pid();
     eprintln!(
@@ -75,20 +43,8 @@ async fn killed_trainer_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     );
 
     let (_events, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "run failed: {}\n{}",
-        run.error,
-        trainers[1 - victim].log_tail()
-    );
-    let job = store
-        .list_jobs(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|j| j.stage == "train-clean")
-        .unwrap();
+    assert_succeeded(&run, &trainers[1 - victim].log_tail());
+    let job = job_of(store.as_ref(), id, "train-clean").await.unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(job.attempts, 2, "{job:?}");
     assert!(job

@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use deadbolt_store::JobStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,13 +42,7 @@ async fn a_new_gateway_resumes_runs_in_flight() {
     let gw2 = serve(d, "gateway-2", "gateway", &gw_config);
     let mut c = gateway(&gw2.url("gateway")).await;
     let (events, run) = watch(&mut c, &run_id, Duration::from_secs(180)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "{}\n{}",
-        run.error,
-        gw2.log_tail()
-    );
+    assert_succeeded(&run, &gw2.log_tail());
     // the data stage was called by both gateways (two "started" events)
     let data_started = events
         .iter()

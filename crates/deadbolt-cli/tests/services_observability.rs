@@ -65,16 +65,14 @@ async fn prometheus_sees_the_jobs_and_200_watchers_get_every_event() {
     let d = dir.path();
     let spec = tiny_spec(d, 1, 1200);
     let pg = Pg::fresh().await;
-    let moto = Moto::shared();
-    let bucket = format!("obs-{}", uuid::Uuid::new_v4().simple());
-    moto.create_bucket(&bucket);
+    let (moto, art_url) = s3_bucket("obs");
     let work = d.join("work");
     std::fs::create_dir_all(&work).unwrap();
     let all = serve_all(
         d,
         &config(
             pg.url(),
-            &format!("s3://{bucket}/obs"),
+            &art_url,
             &work,
             &format!("metrics_listen = \"127.0.0.1:0\"\n{}", moto.config()),
         ),
@@ -138,13 +136,7 @@ async fn prometheus_sees_the_jobs_and_200_watchers_get_every_event() {
     }
     let (_, run) = watch(&mut c, &watched, Duration::from_secs(300)).await;
     let watched_secs = t_watched.elapsed().as_secs_f64();
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "{}\n{}",
-        run.error,
-        all.log_tail()
-    );
+    assert_succeeded(&run, &all.log_tail());
     let store = deadbolt_store::connect(pg.url()).await.unwrap();
     let id: uuid::Uuid = watched.parse().unwrap();
     let want: Vec<i64> = store

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 use deadbolt_store::JobStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,21 +26,9 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
     let d = dir.path();
     let spec = tiny_spec(d, 2, 3000);
     let pg = Pg::fresh().await;
-    let moto = Moto::shared();
-    let bucket = format!("pause-{}", uuid::Uuid::new_v4().simple());
-    moto.create_bucket(&bucket);
-    let art_url = format!("s3://{bucket}/pause");
-    let base = |name: &str, extra: &str| {
-        let work = d.join(format!("work-{name}"));
-        std::fs::create_dir_all(&work).unwrap();
-        config_with_lease(
-            pg.url(),
-            &art_url,
-            &work,
-            lease.as_secs_f64(),
-            &format!("{extra}\n{}", moto.config()),
-        )
-    };
+    let (moto, art_url) = s3_bucket("pause");
+    let s3 = moto.config();
+    let base = fault_config(d, pg.url(), &art_url, lease.as_secs_f64(), &s3);
     let once = d.join("failpoint-fired");
     let once = once.to_str().unwrap().to_string();
     let env = [
@@ -125,13 +112,7 @@ async fn a_worker_paused_before_its_commit_loses_the_job_within_a_lease() {
     assert_eq!(taken.leased_by.as_deref().and_then(pid_of), Some(b.pid()));
 
     let (_, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "run failed: {}\n{}",
-        run.error,
-        b.log_tail()
-    );
+    assert_succeeded(&run, &b.log_tail());
 
     let records = || async {
         store

@@ -18,10 +18,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::upload::{header, messages, paced, sha256_hex as sha};
 use common::*;
 use deadbolt_proto::v1 as pb;
 use futures::StreamExt;
-use sha2::Digest;
 use tonic::Code;
 
 const QUOTA_BYTES: u64 = 4_000_000;
@@ -29,43 +29,8 @@ const QUOTA_FILES: u64 = 3;
 /// The gateway's fixed request timeout in this test.
 const REQUEST_TIMEOUT_S: f64 = 2.0;
 
-fn sha(b: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(b))
-}
-
 fn body(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
-}
-
-fn header(kind: pb::UploadKind, name: &str, file: &str, b: &[u8]) -> pb::UploadHeader {
-    pb::UploadHeader {
-        kind: kind as i32,
-        name: name.into(),
-        file: file.into(),
-        sha256: sha(b),
-        size: b.len() as u64,
-    }
-}
-
-/// An upload's messages: the header, then `b` in pieces of `piece` bytes,
-/// `pause` before each piece.
-fn paced(
-    h: pb::UploadHeader,
-    b: Vec<u8>,
-    piece: usize,
-    pause: Duration,
-) -> impl futures::Stream<Item = pb::UploadChunk> + Send + 'static {
-    let pieces: Vec<Vec<u8>> = b.chunks(piece).map(|c| c.to_vec()).collect();
-    let first = futures::stream::once(async move {
-        pb::UploadChunk {
-            header: Some(h),
-            data: Vec::new(),
-        }
-    });
-    first.chain(futures::stream::iter(pieces).then(move |data| async move {
-        tokio::time::sleep(pause).await;
-        pb::UploadChunk { header: None, data }
-    }))
 }
 
 async fn upload(
@@ -73,7 +38,7 @@ async fn upload(
     h: pb::UploadHeader,
     b: &[u8],
 ) -> Result<pb::UploadResponse, tonic::Status> {
-    c.upload(paced(h, b.to_vec(), 256 << 10, Duration::ZERO))
+    c.upload(futures::stream::iter(messages(h, b, 256 << 10)))
         .await
         .map(|r| r.into_inner())
 }
@@ -129,26 +94,9 @@ async fn downloads_and_uploads_go_through_the_gateway_team_scoped() {
     let url = all.url("gateway");
     admin(&cfg, &["team-create", "team-a"]);
     admin(&cfg, &["team-create", "team-b"]);
-    let key = |team: &str, name: &str, scopes: &str| {
-        admin(
-            &cfg,
-            &[
-                "key-create",
-                "--team",
-                team,
-                "--name",
-                name,
-                "--scopes",
-                scopes,
-            ],
-        )["key"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let a = key("team-a", "a", "submit,read");
-    let a_read = key("team-a", "a-read", "read");
-    let b = key("team-b", "b", "submit,read");
+    let a = team_key(&cfg, "team-a", "a", "submit,read");
+    let a_read = team_key(&cfg, "team-a", "a-read", "read");
+    let b = team_key(&cfg, "team-b", "b", "submit,read");
     let mut ca = as_key(&url, Some(&a)).await;
     let mut ca_read = as_key(&url, Some(&a_read)).await;
     let mut cb = as_key(&url, Some(&b)).await;
@@ -280,7 +228,7 @@ async fn downloads_and_uploads_go_through_the_gateway_team_scoped() {
     let t = Instant::now();
     cb.upload(paced(
         header(Dataset, "slow", "s", &slow),
-        slow.clone(),
+        &slow,
         256 << 10,
         Duration::from_millis(250),
     ))
@@ -296,7 +244,7 @@ async fn downloads_and_uploads_go_through_the_gateway_team_scoped() {
     let e = cb
         .upload(paced(
             header(Dataset, "late", "l", &late),
-            late.clone(),
+            &late,
             50_000,
             Duration::from_millis(1600),
         ))
@@ -352,14 +300,8 @@ async fn downloads_and_uploads_go_through_the_gateway_team_scoped() {
         .unwrap();
 
     // ---- the run's report, downloaded with no storage settings ----
-    let (events, run) = watch_keyed(&mut ca, &run_id, Duration::from_secs(300)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "{}\n{events:#?}\n{}",
-        run.error,
-        all.log_tail()
-    );
+    let (events, run) = watch(&mut ca, &run_id, Duration::from_secs(300)).await;
+    assert_succeeded(&run, &format!("{events:#?}\n{}", all.log_tail()));
     let mine = d.join("mine");
     let mut report = std::process::Command::new(bin());
     report
@@ -472,37 +414,4 @@ async fn downloads_and_uploads_go_through_the_gateway_team_scoped() {
     );
     assert!(!d.join("stolen/report.json").exists());
     eprintln!("services_transfer: {:.1} s", t0.elapsed().as_secs_f64());
-}
-
-/// Watches a run to its end with a keyed client; returns the events and
-/// the final run.
-async fn watch_keyed(
-    c: &mut Keyed,
-    run_id: &str,
-    timeout: Duration,
-) -> (Vec<pb::RunEvent>, pb::Run) {
-    let mut s = c
-        .watch_experiment(pb::WatchExperimentRequest {
-            run_id: run_id.into(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    tokio::time::timeout(timeout, async {
-        while let Some(e) = s.next().await {
-            events.push(e.unwrap());
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("run {run_id} did not finish within {timeout:?}"));
-    let run = c
-        .get_experiment(pb::GetExperimentRequest {
-            run_id: run_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (events, run)
 }

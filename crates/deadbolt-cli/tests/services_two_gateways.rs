@@ -9,7 +9,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_takes_over_a_dead_gateways_run() {
@@ -18,20 +17,9 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
     let d = dir.path();
     let spec = tiny_spec(d, 3, 3000);
     let pg = Pg::fresh().await;
-    let moto = Moto::shared();
-    let bucket = format!("gw-{}", uuid::Uuid::new_v4().simple());
-    moto.create_bucket(&bucket);
-    let art_url = format!("s3://{bucket}/gw");
-    let base = |name: &str, extra: &str| {
-        let work = d.join(format!("work-{name}"));
-        std::fs::create_dir_all(&work).unwrap();
-        config(
-            pg.url(),
-            &art_url,
-            &work,
-            &format!("{extra}\n{}", moto.config()),
-        )
-    };
+    let (moto, art_url) = s3_bucket("gw");
+    let s3 = moto.config();
+    let base = fault_config(d, pg.url(), &art_url, 3.0, &s3);
     let (stages, peer_config) = serve_stages(d, &base("stages", ""), false);
     let mut gws = vec![
         serve(d, "gateway-1", "gateway", &base("g1", &peer_config)),
@@ -73,13 +61,7 @@ async fn a_second_gateway_takes_over_a_dead_gateways_run() {
 
     let mut c2 = gateway(&g2.url("gateway")).await;
     let (events, run) = watch(&mut c2, &run_id, Duration::from_secs(240)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "run failed: {}\n{}",
-        run.error,
-        g2.log_tail()
-    );
+    assert_succeeded(&run, &g2.log_tail());
     let drivers: Vec<&str> = events
         .iter()
         .filter(|e| e.kind == "driver")

@@ -7,54 +7,27 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
+use common::upload::sha256_hex;
 use common::*;
 use deadbolt_proto::v1 as pb;
 use deadbolt_test_support::specs::mnist_dir;
-use sha2::Digest;
 use tonic::Code;
 
 const LIMIT: u64 = 2_000_000;
 
-/// `n` records of an IDX file spread evenly over it (the files are sorted
-/// by class), header `header` bytes, records of `record` bytes, with the
-/// count in the header rewritten.
-fn cut_idx(src: &Path, dst: &Path, header: usize, record: usize, n: usize) {
-    let b = std::fs::read(src).unwrap();
-    let total = (b.len() - header) / record;
-    let mut out = b[..header].to_vec();
-    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
-    for i in 0..n {
-        let at = header + (i * total / n) * record;
-        out.extend_from_slice(&b[at..at + record]);
-    }
-    std::fs::write(dst, out).unwrap();
-}
-
+/// A dataset upload's header claiming `sha256` and `size`.
 fn header(name: &str, file: &str, sha256: String, size: u64) -> pb::UploadHeader {
     pb::UploadHeader {
-        kind: pb::UploadKind::Dataset as i32,
-        name: name.into(),
-        file: file.into(),
         sha256,
         size,
+        ..upload::header(pb::UploadKind::Dataset, name, file, &[])
     }
 }
 
 fn chunks(h: pb::UploadHeader, body: &[u8]) -> impl futures::Stream<Item = pb::UploadChunk> {
-    let mut msgs = vec![pb::UploadChunk {
-        header: Some(h),
-        data: Vec::new(),
-    }];
-    for c in body.chunks(100_000) {
-        msgs.push(pb::UploadChunk {
-            header: None,
-            data: c.to_vec(),
-        });
-    }
-    futures::stream::iter(msgs)
+    futures::stream::iter(upload::messages(h, body, 100_000))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,66 +52,41 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
     let url = all.url("gateway");
     admin(&cfg, &["team-create", "team-a"]);
     admin(&cfg, &["team-create", "team-b"]);
-    let key = |team: &str, name: &str, scopes: &str| {
-        admin(
-            &cfg,
-            &[
-                "key-create",
-                "--team",
-                team,
-                "--name",
-                name,
-                "--scopes",
-                scopes,
-            ],
-        )["key"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let a = key("team-a", "a", "submit,read");
-    let a_read = key("team-a", "a-read", "read");
-    let b = key("team-b", "b", "submit,read");
+    let a = team_key(&cfg, "team-a", "a", "submit,read");
+    let a_read = team_key(&cfg, "team-a", "a-read", "read");
+    let b = team_key(&cfg, "team-b", "b", "submit,read");
 
     // a dataset folder and a trigger image, uploaded with the CLI
     let digits = d.join("digits");
     std::fs::create_dir_all(&digits).unwrap();
     let m = mnist_dir();
-    cut_idx(
-        &m.join("train-images-idx3-ubyte"),
-        &digits.join("train-images-idx3-ubyte"),
-        16,
-        784,
-        1200,
-    );
-    cut_idx(
-        &m.join("train-labels-idx1-ubyte"),
-        &digits.join("train-labels-idx1-ubyte"),
-        8,
-        1,
-        1200,
-    );
-    cut_idx(
-        &m.join("t10k-images-idx3-ubyte"),
-        &digits.join("t10k-images-idx3-ubyte"),
-        16,
-        784,
-        300,
-    );
-    cut_idx(
-        &m.join("t10k-labels-idx1-ubyte"),
-        &digits.join("t10k-labels-idx1-ubyte"),
-        8,
-        1,
-        300,
-    );
+    std::fs::write(
+        digits.join("train-images-idx3-ubyte"),
+        cut_idx(&m.join("train-images-idx3-ubyte"), 16, 784, 1200),
+    )
+    .unwrap();
+    std::fs::write(
+        digits.join("train-labels-idx1-ubyte"),
+        cut_idx(&m.join("train-labels-idx1-ubyte"), 8, 1, 1200),
+    )
+    .unwrap();
+    std::fs::write(
+        digits.join("t10k-images-idx3-ubyte"),
+        cut_idx(&m.join("t10k-images-idx3-ubyte"), 16, 784, 300),
+    )
+    .unwrap();
+    std::fs::write(
+        digits.join("t10k-labels-idx1-ubyte"),
+        cut_idx(&m.join("t10k-labels-idx1-ubyte"), 8, 1, 300),
+    )
+    .unwrap();
     let mark = d.join("mark.png");
     image::GrayImage::from_fn(3, 3, |x, y| {
         image::Luma([if (x + y) % 2 == 0 { 255 } else { 0 }])
     })
     .save(&mark)
     .unwrap();
-    let upload = |kind: &str, name: &str, files: Vec<std::path::PathBuf>| {
+    let upload_cli = |kind: &str, name: &str, files: Vec<std::path::PathBuf>| {
         let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         let mut args = vec!["upload", kind, name];
         args.extend(files.iter().map(String::as_str));
@@ -149,10 +97,10 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    let printed = upload("dataset", "digits", files);
+    let printed = upload_cli("dataset", "digits", files);
     assert_eq!(printed.matches("upload:digits").count(), 4, "{printed}");
-    let printed = upload("trigger", "mark", vec![mark.clone()]);
-    let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&mark).unwrap()));
+    let printed = upload_cli("trigger", "mark", vec![mark.clone()]);
+    let sha = sha256_hex(&std::fs::read(&mark).unwrap());
     assert!(
         printed.contains("upload:mark") && printed.contains(&sha),
         "{printed}"
@@ -179,36 +127,8 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
         .unwrap()
         .into_inner()
         .run_id;
-    let mut events = Vec::new();
-    let mut s = ca
-        .watch_experiment(pb::WatchExperimentRequest {
-            run_id: run_id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(300), async {
-        while let Some(e) = futures::StreamExt::next(&mut s).await {
-            events.push(e.unwrap());
-        }
-    })
-    .await
-    .expect("the run ends");
-    let run = ca
-        .get_experiment(pb::GetExperimentRequest {
-            run_id: run_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "{}\n{events:#?}\n{}",
-        run.error,
-        all.log_tail()
-    );
+    let (events, run) = watch(&mut ca, &run_id, Duration::from_secs(300)).await;
+    assert_succeeded(&run, &format!("{events:#?}\n{}", all.log_tail()));
     let log = all.log_text();
     assert!(
         log.lines()
@@ -234,10 +154,10 @@ async fn uploaded_data_and_triggers_feed_a_run_of_their_team_only() {
 
     // refused uploads store nothing
     let body = std::fs::read(digits.join("t10k-labels-idx1-ubyte")).unwrap();
-    let good_sha = hex::encode(sha2::Sha256::digest(&body));
+    let good_sha = sha256_hex(&body);
     let n = body.len() as u64;
     let big = vec![7u8; LIMIT as usize + 1];
-    let big_sha = hex::encode(sha2::Sha256::digest(&big));
+    let big_sha = sha256_hex(&big);
     let cases: Vec<(&str, pb::UploadHeader, &[u8], &str)> = vec![
         (
             "bad-sha",

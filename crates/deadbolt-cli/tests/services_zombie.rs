@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use deadbolt_proto::v1 as pb;
-use deadbolt_store::{ArtifactStore, JobStatus};
+use deadbolt_store::ArtifactStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_trainer_cannot_overwrite_the_winner() {
@@ -22,57 +21,20 @@ async fn a_paused_trainer_cannot_overwrite_the_winner() {
     let d = dir.path();
     let spec = tiny_spec(d, 4, 3000);
     let pg = Pg::fresh().await;
-    let moto = Moto::shared();
-    let bucket = format!("zombie-{}", uuid::Uuid::new_v4().simple());
-    moto.create_bucket(&bucket);
-    let art_url = format!("s3://{bucket}/zombie");
-    let base = |name: &str, extra: &str| {
-        let work = d.join(format!("work-{name}"));
-        std::fs::create_dir_all(&work).unwrap();
-        config_with_lease(
-            pg.url(),
-            &art_url,
-            &work,
-            2.0,
-            &format!("{extra}\n{}", moto.config()),
-        )
-    };
+    let (moto, art_url) = s3_bucket("zombie");
+    let s3 = moto.config();
     let Cluster {
         others,
         trainers,
         gateway: gw,
-    } = cluster(d, base, &[]);
+    } = cluster(d, fault_config(d, pg.url(), &art_url, 2.0, &s3), &[]);
     let mut c = gateway(&gw.url("gateway")).await;
     let run_id = submit_toml(&mut c, &spec, "zombie-1").await.run_id;
     let id: uuid::Uuid = run_id.parse().unwrap();
     let store = deadbolt_store::connect(pg.url()).await.unwrap();
 
-    let holder = wait_for(
-        "epoch 1 of the clean model",
-        Duration::from_secs(120),
-        || {
-            let store = store.clone();
-            async move {
-                store
-                    .get_artifact(id, "clean/epoch-1/model.safetensors")
-                    .await
-                    .ok()?;
-                let j = store
-                    .list_jobs(id)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .find(|j| j.stage == "train-clean")?;
-                assert_eq!(j.status, JobStatus::Leased, "paused too late: {j:?}");
-                pid_of(j.leased_by.as_deref()?)
-            }
-        },
-    )
-    .await;
-    let z = trainers
-        .iter()
-        .position(|t| t.pid() == holder)
-        .expect("the holder is a trainer");
+    let holder = train_clean_holder(&store, id, "clean/epoch-1/model.safetensors", "paused").await;
+    let z = index_of(&trainers, holder);
     trainers[z].signal("STOP");
     eprintln!(
         "paused {} after {:.1} s",
@@ -81,20 +43,8 @@ async fn a_paused_trainer_cannot_overwrite_the_winner() {
     );
 
     let (_, run) = watch(&mut c, &run_id, Duration::from_secs(240)).await;
-    assert_eq!(
-        run.status,
-        pb::JobStatus::Succeeded as i32,
-        "run failed: {}\n{}",
-        run.error,
-        trainers[1 - z].log_tail()
-    );
-    let job = store
-        .list_jobs(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|j| j.stage == "train-clean")
-        .unwrap();
+    assert_succeeded(&run, &trainers[1 - z].log_tail());
+    let job = job_of(store.as_ref(), id, "train-clean").await.unwrap();
     assert_eq!(job.attempts, 2, "{job:?}");
     assert_eq!(
         job.leased_by.as_deref().and_then(pid_of),

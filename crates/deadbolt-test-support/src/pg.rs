@@ -99,6 +99,31 @@ async fn drop_database(admin: &str, db: &str) {
     }
 }
 
+/// Drops the database `db` from a thread of its own (the caller may be
+/// inside a runtime, or exiting), waiting for it.
+fn drop_blocking(admin: String, db: String) {
+    let dropper = std::thread::spawn(move || {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(drop_database(&admin, &db)),
+            Err(e) => eprintln!("could not drop test database {db}: {e}"),
+        }
+    });
+    let _ = dropper.join();
+}
+
+impl Pg {
+    /// Drops the database when the test process exits: for a database
+    /// held by a shared fixture ([`crate::fixture`]), which is never
+    /// dropped.
+    pub fn drop_at_exit(&self) {
+        let (admin, db) = (self.admin.clone(), self.db.clone());
+        crate::fixture::at_exit(move || drop_blocking(admin, db));
+    }
+}
+
 impl Drop for Pg {
     /// A database not dropped yet (a panicking test, a forgotten `drop_db`)
     /// is dropped here, on a thread of its own as this may run inside a
@@ -107,17 +132,6 @@ impl Drop for Pg {
         if self.dropped.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (admin, db) = (self.admin.clone(), self.db.clone());
-        let dropper =
-            std::thread::spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(drop_database(&admin, &db)),
-                    Err(e) => eprintln!("could not drop test database {db}: {e}"),
-                }
-            });
-        let _ = dropper.join();
+        drop_blocking(self.admin.clone(), self.db.clone());
     }
 }

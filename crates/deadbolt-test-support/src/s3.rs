@@ -90,7 +90,9 @@ impl Moto {
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        crate::fixture::die_with_fixture(&mut cmd);
+        let child = cmd
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -102,7 +102,9 @@ pub fn serve_env(
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config).unwrap();
     let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    crate::fixture::die_with_fixture(&mut cmd);
+    let mut child = cmd
         .args(["serve", "--config"])
         .arg(&cfg)
         .args(["--services", services])
@@ -264,34 +266,64 @@ pub async fn submit_toml(
     .into_inner()
 }
 
-/// Watches a run to its end; returns the events and the final run.
-pub async fn watch(
-    c: &mut ExperimentServiceClient<Channel>,
+/// Watches a run to its end over any client transport (a plain channel,
+/// a keyed one); returns the events and the final run. Panics after
+/// `timeout`.
+pub async fn watch<T>(
+    c: &mut ExperimentServiceClient<T>,
     run_id: &str,
     timeout: Duration,
-) -> (Vec<pb::RunEvent>, pb::Run) {
+) -> (Vec<pb::RunEvent>, pb::Run)
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    watch_logged(c, run_id, timeout, None).await
+}
+
+/// [`watch`], with the tail of `server`'s log in the panic message when
+/// the run does not end in time.
+pub async fn watch_logged<T>(
+    c: &mut ExperimentServiceClient<T>,
+    run_id: &str,
+    timeout: Duration,
+    server: Option<&Proc>,
+) -> (Vec<pb::RunEvent>, pb::Run)
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let mut s = c
         .watch_experiment(pb::WatchExperimentRequest {
             run_id: run_id.into(),
             after_seq: 0,
         })
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("watching run {run_id}: {e:?}"))
         .into_inner();
     let mut events = Vec::new();
     tokio::time::timeout(timeout, async {
         while let Some(e) = s.next().await {
-            events.push(e.unwrap());
+            events.push(e.unwrap_or_else(|e| panic!("watching run {run_id}: {e:?}")));
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("run {run_id} did not finish within {timeout:?}"));
+    .unwrap_or_else(|_| {
+        panic!(
+            "run {run_id} did not finish within {timeout:?}\n{}",
+            server.map(Proc::log_tail).unwrap_or_default()
+        )
+    });
     let run = c
         .get_experiment(pb::GetExperimentRequest {
             run_id: run_id.into(),
         })
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("getting run {run_id}: {e:?}"))
         .into_inner();
     (events, run)
 }

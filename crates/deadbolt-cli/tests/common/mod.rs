@@ -4,13 +4,15 @@
 
 use std::path::Path;
 
+pub use deadbolt_test_support::fixture;
 pub use deadbolt_test_support::pg::Pg;
 pub use deadbolt_test_support::s3::Moto;
 pub use deadbolt_test_support::serve::{
     channel, config, config_with, config_with_lease, gateway, internal, peers, pid_of, submit_toml,
-    wait_for, watch, Proc,
+    wait_for, watch, watch_logged, Proc,
 };
 pub use deadbolt_test_support::specs::{repo, tiny_spec, tiny_spec_local};
+pub use deadbolt_test_support::upload;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_deadbolt")
@@ -41,6 +43,96 @@ pub struct Cluster {
     pub others: Proc,
     pub trainers: Vec<Proc>,
     pub gateway: Proc,
+}
+
+/// The `base` of a fault test's [`cluster`]: each process gets a work
+/// folder of its own (`<dir>/work-<name>`), the lease (heartbeats at a
+/// sixth of it), the test's `extra` config (top-level keys first, then
+/// tables such as `[s3]`) and the process's own (the gateway's `[peers]`).
+pub fn fault_config<'a>(
+    dir: &'a Path,
+    database_url: &'a str,
+    artifact_url: &'a str,
+    lease_secs: f64,
+    extra: &'a str,
+) -> impl Fn(&str, &str) -> String + 'a {
+    move |name, own| {
+        let work = dir.join(format!("work-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        config_with_lease(
+            database_url,
+            artifact_url,
+            &work,
+            lease_secs,
+            &format!("{extra}\n{own}"),
+        )
+    }
+}
+
+/// A bucket of its own on the shared S3 server: the server and the
+/// artifact URL `s3://<prefix>-<uuid>/<prefix>`.
+pub fn s3_bucket(prefix: &str) -> (std::sync::Arc<Moto>, String) {
+    let moto = Moto::shared();
+    let bucket = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    moto.create_bucket(&bucket);
+    (moto, format!("s3://{bucket}/{prefix}"))
+}
+
+/// The job of `stage` of run `id`, if it exists.
+pub async fn job_of(
+    store: &dyn deadbolt_store::MetadataStore,
+    id: uuid::Uuid,
+    stage: &str,
+) -> Option<deadbolt_store::Job> {
+    store
+        .list_jobs(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.stage == stage)
+}
+
+/// Waits (2 minutes at most) until `artifact` of run `id` is recorded
+/// while the clean model's training job is still leased; the pid of the
+/// worker leasing it. A job no longer leased by then fails the test
+/// (`"{what} too late"`: the fault would land after the training).
+pub async fn train_clean_holder(
+    store: &std::sync::Arc<dyn deadbolt_store::MetadataStore>,
+    id: uuid::Uuid,
+    artifact: &str,
+    what: &str,
+) -> u32 {
+    wait_for(
+        &format!("{artifact} of run {id}"),
+        std::time::Duration::from_secs(120),
+        || {
+            let store = store.clone();
+            async move {
+                store.get_artifact(id, artifact).await.ok()?;
+                let j = job_of(store.as_ref(), id, "train-clean").await?;
+                assert_eq!(
+                    j.status,
+                    deadbolt_store::JobStatus::Leased,
+                    "{what} too late: {j:?}"
+                );
+                pid_of(j.leased_by.as_deref()?)
+            }
+        },
+    )
+    .await
+}
+
+/// The index in `procs` of the process with pid `pid`.
+pub fn index_of(procs: &[Proc], pid: u32) -> usize {
+    procs
+        .iter()
+        .position(|p| p.pid() == pid)
+        .unwrap_or_else(|| {
+            panic!(
+                "pid {pid} is none of {:?}",
+                procs.iter().map(|p| &p.name).collect::<Vec<_>>()
+            )
+        })
 }
 
 pub fn cluster(
@@ -138,6 +230,33 @@ pub fn uninterrupted(dir: &Path, epochs: usize) -> (Vec<f64>, serde_json::Value)
     (losses, read("report.json"))
 }
 
+/// The run succeeded; else the test fails with the run's error and
+/// `context` (a log tail, the events).
+pub fn assert_succeeded(run: &deadbolt_proto::v1::Run, context: &str) {
+    assert_eq!(
+        run.status,
+        deadbolt_proto::v1::JobStatus::Succeeded as i32,
+        "run {} did not succeed: {}\n{context}",
+        run.id,
+        run.error
+    );
+}
+
+/// `n` records of an IDX file spread evenly over it (the files are sorted
+/// by class), after its header of `header` bytes, records of `record`
+/// bytes, with the count in the header rewritten.
+pub fn cut_idx(src: &Path, header: usize, record: usize, n: usize) -> Vec<u8> {
+    let b = std::fs::read(src).unwrap();
+    let total = (b.len() - header) / record;
+    let mut out = b[..header].to_vec();
+    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    for i in 0..n {
+        let at = header + (i * total / n) * record;
+        out.extend_from_slice(&b[at..at + record]);
+    }
+    out
+}
+
 /// The fields of a status's BadRequest violations.
 pub fn field_of(st: &tonic::Status) -> Vec<String> {
     tonic_types::StatusExt::get_details_bad_request(st)
@@ -153,6 +272,26 @@ pub fn admin(cfg: &Path, args: &[&str]) -> serde_json::Value {
     all.extend_from_slice(args);
     let text = cli(&all);
     serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(serde_json::Value::Null)
+}
+
+/// `admin key-create --team TEAM --name NAME --scopes SCOPES`: the new
+/// key.
+pub fn team_key(cfg: &Path, team: &str, name: &str, scopes: &str) -> String {
+    admin(
+        cfg,
+        &[
+            "key-create",
+            "--team",
+            team,
+            "--name",
+            name,
+            "--scopes",
+            scopes,
+        ],
+    )["key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("admin key-create printed no key for team {team}"))
+        .to_string()
 }
 
 pub type AddKey =
