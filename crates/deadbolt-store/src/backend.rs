@@ -109,8 +109,11 @@ impl<DB: Backend> Q<DB> {
         DB::fetch_optional(on.into(), self).await
     }
 
+    /// The one row (RowNotFound when there is none, as sqlx's `fetch_one`).
     pub async fn fetch_one<'a, O: Record>(self, on: impl Into<Exec<'a, DB>>) -> sqlx::Result<O> {
-        DB::fetch_one(on.into(), self).await
+        DB::fetch_optional(on.into(), self)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)
     }
 
     pub async fn fetch_all<'a, O: Record>(
@@ -143,11 +146,6 @@ pub(crate) trait Backend: Database {
         ex: Exec<'_, Self>,
         q: Q<Self>,
     ) -> impl Future<Output = sqlx::Result<Option<O>>> + Send;
-
-    fn fetch_one<O: Record>(
-        ex: Exec<'_, Self>,
-        q: Q<Self>,
-    ) -> impl Future<Output = sqlx::Result<O>> + Send;
 
     fn fetch_all<O: Record>(
         ex: Exec<'_, Self>,
@@ -183,45 +181,32 @@ macro_rules! backend_io {
             Ok(done.rows_affected())
         }
 
-        async fn fetch_optional<O: $crate::backend::Record>(
-            ex: $crate::backend::Exec<'_, Self>,
-            q: $crate::backend::Q<Self>,
-        ) -> sqlx::Result<Option<O>> {
-            let (sql, args) = q.into_parts()?;
-            let query = sqlx::query_as_with::<Self, O, _>(sql, args);
-            match ex {
-                $crate::backend::Exec::Pool(pool) => query.fetch_optional(pool).await,
-                $crate::backend::Exec::Tx(tx) => query.fetch_optional(&mut **tx).await,
-            }
-        }
+        $crate::backend::backend_fetch!(fetch_optional, Option<O>);
+        $crate::backend::backend_fetch!(fetch_all, Vec<O>);
+    };
+}
 
-        async fn fetch_one<O: $crate::backend::Record>(
-            ex: $crate::backend::Exec<'_, Self>,
-            q: $crate::backend::Q<Self>,
-        ) -> sqlx::Result<O> {
-            let (sql, args) = q.into_parts()?;
-            let query = sqlx::query_as_with::<Self, O, _>(sql, args);
-            match ex {
-                $crate::backend::Exec::Pool(pool) => query.fetch_one(pool).await,
-                $crate::backend::Exec::Tx(tx) => query.fetch_one(&mut **tx).await,
-            }
-        }
+pub(crate) use backend_io;
 
-        async fn fetch_all<O: $crate::backend::Record>(
+/// A fetching method of [`Backend`] (of [`backend_io`]): runs `q` decoding
+/// rows as `O`, returning `$out` as sqlx's method `$name` does.
+macro_rules! backend_fetch {
+    ($name:ident, $out:ty) => {
+        async fn $name<O: $crate::backend::Record>(
             ex: $crate::backend::Exec<'_, Self>,
             q: $crate::backend::Q<Self>,
-        ) -> sqlx::Result<Vec<O>> {
+        ) -> sqlx::Result<$out> {
             let (sql, args) = q.into_parts()?;
             let query = sqlx::query_as_with::<Self, O, _>(sql, args);
             match ex {
-                $crate::backend::Exec::Pool(pool) => query.fetch_all(pool).await,
-                $crate::backend::Exec::Tx(tx) => query.fetch_all(&mut **tx).await,
+                $crate::backend::Exec::Pool(pool) => query.$name(pool).await,
+                $crate::backend::Exec::Tx(tx) => query.$name(&mut **tx).await,
             }
         }
     };
 }
 
-pub(crate) use backend_io;
+pub(crate) use backend_fetch;
 
 /// A UUID column: native `UUID` on Postgres, hyphenated `TEXT` on SQLite
 /// (the encodings live in the backend modules).

@@ -33,16 +33,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/post
 
 impl Backend for Postgres {
     const BACKEND: &'static str = "postgres";
-    const DIALECT: Dialect = Dialect {
-        now: "now()",
-        later: "now() + make_interval(secs => {})",
-        each: "SELECT jsonb_array_elements_text({})",
-        each_id: "SELECT jsonb_array_elements_text({})::uuid",
-        skip_locked: "FOR NO KEY UPDATE SKIP LOCKED",
-        share_lock: "FOR SHARE",
-        update_lock: "FOR UPDATE",
-        begin: "BEGIN",
-    };
+    const DIALECT: Dialect = Dialect::Postgres;
     const EVENT_LOCK: Option<Stmt> = Some(Stmt::event_lock);
     const NOTIFY: Option<Stmt> = Some(Stmt::notify);
 

@@ -5,7 +5,7 @@
 //! A file holds the statements of one repository, each starting with a
 //! `-- name: <statement>` line; other `--` lines are comments. Where the
 //! dialects differ, a statement holds a token that [`Dialect::expand`]
-//! replaces:
+//! replaces (the texts are in `TOKENS`):
 //! - `{now}`: the current time;
 //! - `{later $n}`: the time that the [`Later`](crate::sql::Later) bound as
 //!   `$n` stands for;
@@ -31,31 +31,41 @@
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-/// What differs between the SQL of the backends (see the module docs).
-#[derive(Debug)]
-pub(crate) struct Dialect {
-    /// `{now}`.
-    pub now: &'static str,
-    /// `{later $n}`, where `$n` is a `Later`; `{}` stands for the placeholder.
-    pub later: &'static str,
-    /// `{each $n}`; `{}` stands for the placeholder.
-    pub each: &'static str,
-    /// `{each_id $n}`; `{}` stands for the placeholder.
-    pub each_id: &'static str,
-    /// `{skip_locked}`.
-    pub skip_locked: &'static str,
-    /// `{share_lock}`.
-    pub share_lock: &'static str,
-    /// `{update_lock}`.
-    pub update_lock: &'static str,
-    /// `{begin}`.
-    pub begin: &'static str,
+/// The SQL dialect of a backend (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Postgres,
+    Sqlite,
 }
+
+/// What each token stands for: (token, on Postgres, on SQLite). In a
+/// text with `{}`, the token takes a placeholder (`{later $4}`), which
+/// stands where the `{}` is. Postgres reads its own clock (so that workers
+/// on machines with skewed clocks agree on lease expiry) and locks rows;
+/// SQLite binds the application's clock and has one writer at a time.
+const TOKENS: &[(&str, &str, &str)] = &[
+    ("now", "now()", "$1"),
+    ("later", "now() + make_interval(secs => {})", "{}"),
+    (
+        "each",
+        "SELECT jsonb_array_elements_text({})",
+        "SELECT value FROM json_each({})",
+    ),
+    (
+        "each_id",
+        "SELECT jsonb_array_elements_text({})::uuid",
+        "SELECT value FROM json_each({})",
+    ),
+    ("skip_locked", "FOR NO KEY UPDATE SKIP LOCKED", ""),
+    ("share_lock", "FOR SHARE", ""),
+    ("update_lock", "FOR UPDATE", ""),
+    ("begin", "BEGIN", "BEGIN IMMEDIATE"),
+];
 
 impl Dialect {
     /// Expands the tokens of `template`; Err names an unknown or unclosed
-    /// token, or a placeholder token without its `$n`.
-    pub fn expand(&self, template: &str) -> Result<String, String> {
+    /// token, or a token with a missing or unexpected placeholder.
+    pub fn expand(self, template: &str) -> Result<String, String> {
         let mut out = String::with_capacity(template.len() + 64);
         let mut rest = template;
         while let Some(start) = rest.find('{') {
@@ -68,35 +78,24 @@ impl Dialect {
                 .ok_or_else(|| format!("unclosed token at {:?}", &rest[start..]))?;
             let token = &rest[start + 1..start + len];
             let (name, arg) = token.split_once(' ').unwrap_or((token, ""));
-            let placeholder = |pattern: &str| {
-                let valid = arg.len() > 1
-                    && arg.starts_with('$')
-                    && arg[1..].bytes().all(|b| b.is_ascii_digit());
-                if valid {
-                    Ok(pattern.replace("{}", arg))
-                } else {
-                    Err(format!("token {{{token}}} needs a placeholder ($n)"))
-                }
+            let Some(&(_, pg, lite)) = TOKENS.iter().find(|(t, ..)| *t == name) else {
+                return Err(format!("unknown token {{{token}}}"));
             };
-            let bare = |text: &'static str| {
-                if arg.is_empty() {
-                    Ok(text.to_string())
-                } else {
-                    Err(format!("token {{{token}}} takes no argument"))
-                }
+            let text = match self {
+                Dialect::Postgres => pg,
+                Dialect::Sqlite => lite,
             };
-            let expanded = match name {
-                "now" => bare(self.now),
-                "later" => placeholder(self.later),
-                "each" => placeholder(self.each),
-                "each_id" => placeholder(self.each_id),
-                "skip_locked" => bare(self.skip_locked),
-                "share_lock" => bare(self.share_lock),
-                "update_lock" => bare(self.update_lock),
-                "begin" => bare(self.begin),
-                _ => Err(format!("unknown token {{{token}}}")),
-            }?;
-            out.push_str(&expanded);
+            let placeholder = arg.len() > 1
+                && arg.starts_with('$')
+                && arg[1..].bytes().all(|b| b.is_ascii_digit());
+            match (pg.contains("{}"), placeholder, arg.is_empty()) {
+                (true, true, _) => out.push_str(&text.replace("{}", arg)),
+                (false, _, true) => out.push_str(text),
+                (true, false, _) => {
+                    return Err(format!("token {{{token}}} needs a placeholder ($n)"))
+                }
+                (false, _, false) => return Err(format!("token {{{token}}} takes no argument")),
+            }
             rest = &rest[start + len + 1..];
         }
         if let Some(end) = rest.find('}') {
@@ -192,7 +191,7 @@ impl Statements {
     /// Reads every file and expands every statement for `dialect`; Err
     /// names the first statement that is missing, not declared, or has a
     /// bad token.
-    pub fn build(dialect: &Dialect) -> Result<Statements, String> {
+    pub fn build(dialect: Dialect) -> Result<Statements, String> {
         let mut parsed = Vec::new();
         for (file, text) in FILES {
             for (name, body) in parse(file, text)? {
@@ -228,39 +227,38 @@ impl Statements {
 mod tests {
     use super::*;
 
-    fn test_dialect() -> Dialect {
-        Dialect {
-            now: "NOW",
-            later: "LATER({})",
-            each: "EACH({})",
-            each_id: "IDS({})",
-            skip_locked: "SKIP",
-            share_lock: "SHARE",
-            update_lock: "UPDATE",
-            begin: "BEGIN",
-        }
-    }
-
     #[test]
-    fn dialect_expands_tokens() {
-        let d = test_dialect();
-        let sql = d
-            .expand("a = {now}, b = {later $3} WHERE x IN ({each $4}) {skip_locked}")
-            .unwrap();
-        assert_eq!(sql, "a = NOW, b = LATER($3) WHERE x IN (EACH($4)) SKIP");
-        assert_eq!(d.expand("SELECT 1 {share_lock}").unwrap(), "SELECT 1 SHARE");
+    fn dialects_expand_tokens() {
+        let (pg, lite) = (Dialect::Postgres, Dialect::Sqlite);
+        let t = "a = {now}, b = {later $3} WHERE x IN ({each $4}) {skip_locked}";
         assert_eq!(
-            d.expand("SELECT 1 {update_lock}").unwrap(),
-            "SELECT 1 UPDATE"
+            pg.expand(t).unwrap(),
+            "a = now(), b = now() + make_interval(secs => $3) \
+             WHERE x IN (SELECT jsonb_array_elements_text($4)) FOR NO KEY UPDATE SKIP LOCKED"
         );
-        assert_eq!(d.expand("id IN ({each_id $1})").unwrap(), "id IN (IDS($1))");
-        assert_eq!(d.expand("{begin}").unwrap(), "BEGIN");
-        assert_eq!(d.expand("SELECT 1").unwrap(), "SELECT 1");
+        assert_eq!(
+            lite.expand(t).unwrap(),
+            "a = $1, b = $3 WHERE x IN (SELECT value FROM json_each($4)) "
+        );
+        assert_eq!(
+            pg.expand("SELECT 1 {share_lock}").unwrap(),
+            "SELECT 1 FOR SHARE"
+        );
+        assert_eq!(
+            pg.expand("SELECT 1 {update_lock}").unwrap(),
+            "SELECT 1 FOR UPDATE"
+        );
+        assert_eq!(lite.expand("SELECT 1 {update_lock}").unwrap(), "SELECT 1 ");
+        assert_eq!(
+            pg.expand("id IN ({each_id $1})").unwrap(),
+            "id IN (SELECT jsonb_array_elements_text($1)::uuid)"
+        );
+        assert_eq!(lite.expand("{begin}").unwrap(), "BEGIN IMMEDIATE");
+        assert_eq!(pg.expand("SELECT 1").unwrap(), "SELECT 1");
     }
 
     #[test]
     fn bad_tokens_are_refused() {
-        let d = test_dialect();
         for bad in [
             "SELECT {nope}",
             "SELECT {now",
@@ -271,7 +269,9 @@ mod tests {
             "{now $1}",
             "a } b {now}",
         ] {
-            assert!(d.expand(bad).is_err(), "{bad}");
+            for d in [Dialect::Postgres, Dialect::Sqlite] {
+                assert!(d.expand(bad).is_err(), "{d:?}: {bad}");
+            }
         }
     }
 
@@ -301,12 +301,9 @@ mod tests {
         for (backend, dialect) in [
             (
                 "postgres",
-                &<sqlx::Postgres as crate::backend::Backend>::DIALECT,
+                <sqlx::Postgres as crate::backend::Backend>::DIALECT,
             ),
-            (
-                "sqlite",
-                &<sqlx::Sqlite as crate::backend::Backend>::DIALECT,
-            ),
+            ("sqlite", <sqlx::Sqlite as crate::backend::Backend>::DIALECT),
         ] {
             let table = Statements::build(dialect).unwrap_or_else(|e| panic!("{backend}: {e}"));
             assert_eq!(table.texts.len(), Stmt::ALL.len());
@@ -317,10 +314,10 @@ mod tests {
                 assert!(!sql.trim().is_empty(), "{backend} {stmt:?}");
             }
         }
-        let pg = Statements::build(&<sqlx::Postgres as crate::backend::Backend>::DIALECT).unwrap();
+        let pg = Statements::build(Dialect::Postgres).unwrap();
         assert!(pg.get(Stmt::fence_check).as_str().ends_with("FOR SHARE"));
         assert_eq!(pg.get(Stmt::begin_write).as_str(), "BEGIN");
-        let lite = Statements::build(&<sqlx::Sqlite as crate::backend::Backend>::DIALECT).unwrap();
+        let lite = Statements::build(Dialect::Sqlite).unwrap();
         assert_eq!(lite.get(Stmt::begin_write).as_str(), "BEGIN IMMEDIATE");
         assert!(lite
             .get(Stmt::job_lease)

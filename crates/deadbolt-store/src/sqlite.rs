@@ -32,16 +32,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 
 impl Backend for Sqlite {
     const BACKEND: &'static str = "sqlite";
-    const DIALECT: Dialect = Dialect {
-        now: "$1",
-        later: "{}",
-        each: "SELECT value FROM json_each({})",
-        each_id: "SELECT value FROM json_each({})",
-        skip_locked: "",
-        share_lock: "",
-        update_lock: "",
-        begin: "BEGIN IMMEDIATE",
-    };
+    const DIALECT: Dialect = Dialect::Sqlite;
     const EVENT_LOCK: Option<Stmt> = None;
     const NOTIFY: Option<Stmt> = None;
 

@@ -131,7 +131,7 @@ impl FencedWrite {
 impl<DB: Backend> SqlStore<DB> {
     /// Wraps `pool` (already migrated) with the statements of its dialect.
     pub(crate) fn new(pool: Pool<DB>, failpoints: Failpoints) -> Result<Self> {
-        let statements = Statements::build(&DB::DIALECT).map_err(|e| {
+        let statements = Statements::build(DB::DIALECT).map_err(|e| {
             StoreError::Database(sqlx::Error::Configuration(
                 format!("the {} statement table: {e}", DB::BACKEND).into(),
             ))
