@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use deadbolt_spec::{BlendPattern, ExperimentSpec, PatchPattern, TriggerSpec};
 use deadbolt_store::artifacts::ArtifactStore;
-use deadbolt_store::model::sha256_hex;
+use deadbolt_store::sha256_hex;
 
 use crate::error::JobError;
 

@@ -13,7 +13,7 @@ use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use deadbolt_runtime::server::{self, Guard};
-use deadbolt_store::MetadataStore;
+use deadbolt_store::repos::Health;
 use deadbolt_test_support::pg::Pg;
 
 /// (local address, peer address, TCP_NODELAY) of each connected TCP socket

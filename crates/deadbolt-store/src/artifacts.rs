@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
-use crate::model::{sha256_hex, ArtifactRecord};
+use crate::records::{sha256_hex, ArtifactRecord};
 
 /// Where an artifact lives and what its bytes hash to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +148,7 @@ fn validate_key(key: &str) -> Result<()> {
     let mut parts = key.splitn(3, '/');
     let ok = match (parts.next(), parts.next()) {
         (Some("runs"), Some(id)) => Uuid::parse_str(id).is_ok(),
-        (Some("teams"), Some(team)) => crate::model::validate_team_name(team).is_ok(),
+        (Some("teams"), Some(team)) => crate::records::validate_team_name(team).is_ok(),
         _ => false,
     };
     if !ok {
@@ -382,7 +382,7 @@ impl ArtifactStore {
     }
 
     /// Deletes the object of `r` (after the metadata record is gone, see
-    /// `MetadataStore::delete_artifact`). A missing object is Ok, so a
+    /// `ArtifactRepo::delete_artifact`). A missing object is Ok, so a
     /// repeated or interrupted delete can be run again.
     pub async fn delete(&self, r: &ArtifactRef) -> Result<()> {
         self.delete_key(&r.key).await

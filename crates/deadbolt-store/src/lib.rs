@@ -1,10 +1,12 @@
 //! deadbolt-store: run metadata and artifacts.
 //!
-//! - [`MetadataStore`]: one async trait over the run metadata (runs, the
-//!   stage-job queue with leases, metrics, neuron statistics, pruning curves,
-//!   artifact records, progress events, teams and API keys, dashboard
-//!   views), with a Postgres implementation ([`PgStore`]) and an embedded
-//!   SQLite one ([`SqliteStore`]); [`connect`] picks one from a URL.
+//! - [`MetadataStore`]: the run metadata as one repository trait per entity
+//!   ([`repos`]: runs, run claims, the stage-job queue with leases, results
+//!   (metrics, neuron statistics, pruning curves, scan results), artifact
+//!   records, progress events, teams and API keys, health), with a Postgres
+//!   implementation ([`PgStore`]) and an embedded SQLite one
+//!   ([`SqliteStore`]); [`connect`] picks one from a URL. Callers hold an
+//!   `Arc<dyn MetadataStore>` and `use deadbolt_store::repos::*;`.
 //! - [`ArtifactStore`]: artifacts in object storage (local filesystem or
 //!   S3-compatible), keyed `runs/<run_id>/<name>`, with sha256 checksums
 //!   verified on read.
@@ -24,19 +26,21 @@
 //! - a stage job's writes carry its [`Fence`] (job id + lease token) and are
 //!   refused with [`StoreError::LeaseLost`] once that lease is no longer
 //!   current; a draining worker gives its job back with
-//!   [`MetadataStore::release_job`] (no attempt counted);
+//!   [`JobRepo::release_job`] (no attempt counted);
 //! - runs belong to a team ([`Run::team`]; `client_request_id` is unique per
 //!   team); API keys belong to a team, carry [`Scope`]s, and are stored
-//!   only as their sha256 ([`MetadataStore::authenticate`] turns a key into
+//!   only as their sha256 ([`AccessRepo::authenticate`] turns a key into
 //!   a [`Principal`]); the team [`LOCAL_TEAM`] always exists;
-//! - driving a run is leased in the store ([`MetadataStore::claim_run`],
+//! - driving a run is leased in the store ([`RunClaimRepo::claim_run`],
 //!   `claim_runs`, `renew_run`, `release_run`), and the driver's status
-//!   changes go through [`MetadataStore::set_run_status_fenced`]
+//!   changes go through [`RunClaimRepo::set_run_status_fenced`]
 //!   ([`StoreError::DriveLost`] once another driver took over).
 //!
-//! Both metadata backends are one implementation (`sql.rs`): shared row
-//! types and queries, with the dialects differing only in time functions,
-//! row locking and transaction start.
+//! Both metadata backends are one implementation ([`SqlStore`], generic
+//! over the backend, one module per repository in `sql/`): shared row types
+//! and statements (`queries/*.sql`, expanded once per dialect when a store
+//! is built, see `queries.rs`), with the dialects differing only in time
+//! functions, row locking and transaction start.
 //!
 //! Tests: `cargo test -p deadbolt-store` runs every case of the metadata
 //! suite as its own test on each backend (`sqlite_file::<case>`,
@@ -48,12 +52,15 @@
 //! `deadbolt-test-support`.
 
 pub mod artifacts;
+mod backend;
 pub mod changes;
 pub mod error;
 pub mod liveness;
 pub mod metadata;
-pub mod model;
 pub mod postgres;
+mod queries;
+pub mod records;
+pub mod repos;
 mod rows;
 mod sql;
 pub mod sqlite;
@@ -65,8 +72,10 @@ pub use changes::{Change, ChangeKind};
 pub use error::{Result, StoreError};
 pub use liveness::{Failpoints, SessionLimits};
 pub use metadata::{connect, connect_with, connect_with_options, MetadataStore};
-pub use model::*;
 pub use postgres::PgStore;
+pub use records::*;
+pub use repos::*;
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// A reused client_request_id must carry the same name and spec. The

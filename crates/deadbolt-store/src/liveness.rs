@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::model::Fence;
+use crate::records::Fence;
 
 /// The lease the limits assume when none is given (the services' default).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);

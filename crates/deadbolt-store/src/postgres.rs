@@ -1,6 +1,7 @@
 //! The production metadata store: Postgres.
 //!
-//! The queries are the shared ones of `crate::sql`. Times come from the
+//! [`PgStore`] is the shared [`SqlStore`] on Postgres: the statements are
+//! those of `queries/*.sql` in this dialect. Times come from the
 //! database clock (`now()`), so workers on machines with skewed clocks agree
 //! on lease expiry. Leasing a job and claiming runs to drive lock the rows
 //! with `FOR NO KEY UPDATE SKIP LOCKED`, so concurrent leasers (claimers)
@@ -16,42 +17,74 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgValueRef};
-use sqlx::types::Json;
-use sqlx::{Connection, Decode, Postgres};
+use sqlx::{Connection, Decode, Pool, Postgres};
 use uuid::Uuid;
 
-use crate::error::{map_db, map_db_missing, Result, StoreError};
+use crate::backend::{backend_io, encode_as, At, Backend, Clock, Id, Later};
+use crate::changes::Changes;
+use crate::error::{Result, StoreError};
 use crate::liveness::{Failpoints, SessionLimits};
-use crate::model::*;
-use crate::rows::*;
-use crate::sql::*;
+use crate::queries::{Dialect, Stmt};
+use crate::sql::SqlStore;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
-const DIALECT: Dialect = Dialect {
-    now: "now()",
-    later: "now() + make_interval(secs => {})",
-    each: "SELECT jsonb_array_elements_text({})",
-    each_id: "SELECT jsonb_array_elements_text({})::uuid",
-    skip_locked: "FOR NO KEY UPDATE SKIP LOCKED",
-    share_lock: "FOR SHARE",
-    update_lock: "FOR UPDATE",
-    begin: "BEGIN",
-    // 0x6465_6164_6576_7473, "deadevts".
-    event_lock: Some("SELECT pg_advisory_xact_lock(7234295460267455603)"),
-    notify: Some("SELECT pg_notify('deadbolt_changes', $1)"),
-};
+impl Backend for Postgres {
+    const BACKEND: &'static str = "postgres";
+    const DIALECT: Dialect = Dialect::Postgres;
+    const EVENT_LOCK: Option<Stmt> = Some(Stmt::event_lock);
+    const NOTIFY: Option<Stmt> = Some(Stmt::notify);
+
+    backend_io!();
+
+    /// One `LISTEN deadbolt_changes` connection per store (the first
+    /// subscriber starts it), forwarding other processes' changes. It
+    /// reconnects by itself; notifications sent while it was down are
+    /// lost, which only delays waiters until their fallback poll.
+    fn listen(pool: &Pool<Self>, changes: &Changes) {
+        let pool = pool.clone();
+        changes.listen_once(|tx| {
+            let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            handle.spawn(async move {
+                loop {
+                    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "change listener cannot connect");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            continue;
+                        }
+                    };
+                    if let Err(e) = listener.listen(crate::changes::CHANNEL).await {
+                        tracing::warn!(error = %e, "change listener cannot listen");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        continue;
+                    }
+                    loop {
+                        match listener.recv().await {
+                            Ok(n) => {
+                                if let Some(change) = crate::changes::Change::parse(n.payload()) {
+                                    let _ = tx.send(change);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "change listener lost its connection");
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    }
+}
 
 /// Metadata in Postgres.
-#[derive(Debug, Clone)]
-pub struct PgStore {
-    pool: PgPool,
-    changes: crate::changes::Changes,
-    failpoints: Failpoints,
-}
+pub type PgStore = SqlStore<Postgres>;
 
 impl PgStore {
     /// Connects to `url` (postgres://...) with the session limits of the
@@ -102,7 +135,7 @@ impl PgStore {
             lock_ms = limits.lock.as_millis() as u64,
             "postgres metadata store ready"
         );
-        Ok(Self::wrap(pool))
+        Self::new(pool, Failpoints::from_env())
     }
 
     /// Checks, without DDL, that the schema is migrated: every migration of
@@ -177,71 +210,9 @@ impl PgStore {
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         MIGRATOR.run(&pool).await?;
         tracing::info!("postgres metadata store ready");
-        Ok(Self::wrap(pool))
-    }
-
-    fn wrap(pool: PgPool) -> Self {
-        Self {
-            pool,
-            changes: Default::default(),
-            failpoints: Failpoints::from_env(),
-        }
-    }
-
-    /// The store's test hooks (see [`crate::liveness`]).
-    pub fn failpoints(&self) -> &Failpoints {
-        &self.failpoints
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// One `LISTEN deadbolt_changes` connection per store (the first
-    /// subscriber starts it), forwarding other processes' changes. It
-    /// reconnects by itself; notifications sent while it was down are
-    /// lost, which only delays waiters until their fallback poll.
-    fn start_listener(&self) {
-        let pool = self.pool.clone();
-        self.changes.listen_once(|tx| {
-            let Ok(handle) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            handle.spawn(async move {
-                loop {
-                    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "change listener cannot connect");
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                            continue;
-                        }
-                    };
-                    if let Err(e) = listener.listen(crate::changes::CHANNEL).await {
-                        tracing::warn!(error = %e, "change listener cannot listen");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        continue;
-                    }
-                    loop {
-                        match listener.recv().await {
-                            Ok(n) => {
-                                if let Some(change) = crate::changes::Change::parse(n.payload()) {
-                                    let _ = tx.send(change);
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "change listener lost its connection");
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-        });
+        Self::new(pool, Failpoints::from_env())
     }
 }
-
-sql_store!(PgStore, Postgres, "postgres", DIALECT);
 
 // `Clock` is bound as `$1` but unused: Postgres reads its own clock; a
 // `Later` is the seconds to add to it.

@@ -1,13 +1,13 @@
 //! The row types of the metadata tables and views: decoded
 //! (`sqlx::FromRow`) the same way from both backends, converted into the
-//! domain types of [`crate::model`].
+//! records of [`crate::records`].
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::model::*;
-use crate::sql::Id;
+use crate::backend::Id;
+use crate::records::*;
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct RunRow {

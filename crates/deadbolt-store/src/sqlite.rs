@@ -1,6 +1,7 @@
 //! The embedded metadata store: one SQLite file in WAL mode.
 //!
-//! The queries are the shared ones of `crate::sql`. Ids are stored as
+//! [`SqliteStore`] is the shared [`SqlStore`] on SQLite: the statements
+//! are those of `queries/*.sql` in this dialect. Ids are stored as
 //! hyphenated UUID text and times as fixed-width RFC 3339 UTC text
 //! (`YYYY-MM-DDTHH:MM:SS.ffffffZ`), so times compare correctly as text; "now"
 //! and "later" come from the application's clock. SQLite has one writer at a time: the leasing
@@ -13,44 +14,37 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
-use serde_json::Value;
 use sqlx::error::BoxDynError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    SqliteValueRef,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous, SqliteValueRef,
 };
-use sqlx::types::Json;
-use sqlx::{Decode, Sqlite};
+use sqlx::{Decode, Pool, Sqlite};
 use uuid::Uuid;
 
-use crate::error::{map_db, map_db_missing, Result, StoreError};
+use crate::backend::{backend_io, encode_as, At, Backend, Clock, Id, Later};
+use crate::changes::Changes;
+use crate::error::{Result, StoreError};
 use crate::liveness::{Failpoints, SessionLimits};
-use crate::model::*;
-use crate::rows::*;
-use crate::sql::*;
+use crate::queries::{Dialect, Stmt};
+use crate::sql::SqlStore;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
-const DIALECT: Dialect = Dialect {
-    now: "$1",
-    later: "{}",
-    each: "SELECT value FROM json_each({})",
-    each_id: "SELECT value FROM json_each({})",
-    skip_locked: "",
-    share_lock: "",
-    update_lock: "",
-    begin: "BEGIN IMMEDIATE",
-    event_lock: None,
-    notify: None,
-};
+impl Backend for Sqlite {
+    const BACKEND: &'static str = "sqlite";
+    const DIALECT: Dialect = Dialect::Sqlite;
+    const EVENT_LOCK: Option<Stmt> = None;
+    const NOTIFY: Option<Stmt> = None;
+
+    backend_io!();
+
+    /// Changes reach only this process's subscribers (the embedded store
+    /// runs every service in one process).
+    fn listen(_pool: &Pool<Self>, _changes: &Changes) {}
+}
 
 /// Metadata in a SQLite file (the embedded default).
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
-    changes: crate::changes::Changes,
-    failpoints: Failpoints,
-}
+pub type SqliteStore = SqlStore<Sqlite>;
 
 impl SqliteStore {
     /// Opens (creating when missing) the SQLite file at `path` and migrates
@@ -83,11 +77,7 @@ impl SqliteStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         tracing::info!(path = %path.display(), "sqlite metadata store ready");
-        Ok(Self {
-            pool,
-            changes: Default::default(),
-            failpoints: Failpoints::from_env(),
-        })
+        Self::new(pool, Failpoints::from_env())
     }
 
     /// A private in-memory database (one connection, gone when dropped), for
@@ -104,29 +94,9 @@ impl SqliteStore {
             .connect_with(opts)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self {
-            pool,
-            changes: Default::default(),
-            failpoints: Failpoints::default(),
-        })
-    }
-
-    /// Changes reach only this process's subscribers (the embedded store
-    /// runs every service in one process).
-    fn start_listener(&self) {}
-
-    /// The store's test hooks (see [`crate::liveness`]).
-    pub fn failpoints(&self) -> &Failpoints {
-        &self.failpoints
-    }
-
-    /// The underlying pool (for ad-hoc dashboard queries and tests).
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        Self::new(pool, Failpoints::default())
     }
 }
-
-sql_store!(SqliteStore, Sqlite, "sqlite", DIALECT);
 
 encode_as!(Sqlite:
     Id => String, |id| id.0.hyphenated().to_string();

@@ -1,4 +1,7 @@
-//! Domain types of the metadata store.
+//! The records of the metadata store: runs, stage jobs and their leases,
+//! results, artifacts, events, teams and API keys (the domain types the
+//! repositories of [`crate::repos`] read and write; not models = networks,
+//! which live in deadbolt-core).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -122,7 +125,7 @@ pub struct Run {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The driver (gateway replica) that holds or last held the drive lease
-    /// of the run, if any (see `MetadataStore::claim_run`).
+    /// of the run, if any (see `RunClaimRepo::claim_run`).
     pub driver_id: Option<String>,
     /// When that drive lease expires (or expired); None when released.
     pub driver_expires_at: Option<DateTime<Utc>>,
@@ -144,7 +147,7 @@ impl Run {
 }
 
 /// A run with everything a listing shows of it, read for a whole page at
-/// once (see `MetadataStore::list_run_pages`).
+/// once (see `RunRepo::list_run_pages`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunPage {
     pub run: Run,
