@@ -391,9 +391,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dev = device::resolve(d)?;
             let (model, _) = Model::load(&model, dev)?;
-            let kind: DatasetKind = kind
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--kind: {e}"))?;
+            let kind: DatasetKind = kind.parse().map_err(|e| anyhow::anyhow!("--kind: {e}"))?;
             let splits = data::load(&DatasetSpec {
                 kind,
                 path: Some(dir),

@@ -154,7 +154,8 @@ impl Attack {
         let noise = self.noise_indices(&all_labels, &idx);
         if let (AttackTrigger::Warp(warp), false) = (&self.trigger, noise.is_empty()) {
             let it = Tensor::from_slice(&noise).to_device(ds.images.device());
-            let warped = warp.apply_noisy(&images.index_select(0, &it), self.spec.seed ^ NOISE_SEED);
+            let warped =
+                warp.apply_noisy(&images.index_select(0, &it), self.spec.seed ^ NOISE_SEED);
             let _ = images.index_copy_(0, &it, &warped);
         }
         Ok(PoisonedDataset {
@@ -385,14 +386,22 @@ mod tests {
         assert!(noise.iter().all(|i| !p.poisoned.contains(i)));
         let new = p.data.labels_vec();
         for i in 0..40usize {
-            let want = if p.poisoned.contains(&(i as i64)) { 1 } else { labels[i] };
+            let want = if p.poisoned.contains(&(i as i64)) {
+                1
+            } else {
+                labels[i]
+            };
             assert_eq!(new[i], want, "label of {i}");
         }
         let AttackTrigger::Warp(w) = &a.trigger else {
             panic!("not a warp")
         };
-        assert!(rows(&p.data.images, &p.poisoned)
-            .allclose(&w.apply(&rows(&d.images, &p.poisoned)), 1e-6, 1e-6, false));
+        assert!(rows(&p.data.images, &p.poisoned).allclose(
+            &w.apply(&rows(&d.images, &p.poisoned)),
+            1e-6,
+            1e-6,
+            false
+        ));
         // noise-mode images differ from the clean and from the exact warp
         let (pn, dn) = (rows(&p.data.images, &noise), rows(&d.images, &noise));
         assert!(!pn.allclose(&dn, 1e-4, 1e-4, false));

@@ -1139,7 +1139,10 @@ mod tests {
         assert!(!a.trigger.clean_label());
         assert_eq!(a.trigger.kind_str(), "wanet");
         // both round-trip
-        for t in ["kind = \"sig\"\ntest_delta = 0.3", "kind = \"wanet\"\nk = 8\ns = 1.0"] {
+        for t in [
+            "kind = \"sig\"\ntest_delta = 0.3",
+            "kind = \"wanet\"\nk = 8\ns = 1.0",
+        ] {
             let s = ExperimentSpec::from_toml_str(&with_trigger(t)).unwrap();
             assert_eq!(
                 ExperimentSpec::from_toml_str(&s.to_toml_string()).unwrap(),
@@ -1157,15 +1160,30 @@ mod tests {
         for (trigger, key) in [
             ("kind = \"sig\"\ndelta = 0", "attack.trigger.delta"),
             ("kind = \"sig\"\ndelta = 1.5", "attack.trigger.delta"),
-            ("kind = \"sig\"\ntest_delta = -0.1", "attack.trigger.test_delta"),
+            (
+                "kind = \"sig\"\ntest_delta = -0.1",
+                "attack.trigger.test_delta",
+            ),
             ("kind = \"sig\"\nfrequency = 0", "attack.trigger.frequency"),
-            ("kind = \"sig\"\nfrequency = inf", "attack.trigger.frequency"),
+            (
+                "kind = \"sig\"\nfrequency = inf",
+                "attack.trigger.frequency",
+            ),
             ("kind = \"wanet\"\nk = 1", "attack.trigger.k"),
             ("kind = \"wanet\"\ns = 0", "attack.trigger.s"),
             ("kind = \"wanet\"\ns = nan", "attack.trigger.s"),
-            ("kind = \"wanet\"\ngrid_rescale = 0", "attack.trigger.grid_rescale"),
-            ("kind = \"wanet\"\ncross_ratio = -1", "attack.trigger.cross_ratio"),
-            ("kind = \"wanet\"\ncross_ratio = 9.5", "attack.trigger.cross_ratio"),
+            (
+                "kind = \"wanet\"\ngrid_rescale = 0",
+                "attack.trigger.grid_rescale",
+            ),
+            (
+                "kind = \"wanet\"\ncross_ratio = -1",
+                "attack.trigger.cross_ratio",
+            ),
+            (
+                "kind = \"wanet\"\ncross_ratio = 9.5",
+                "attack.trigger.cross_ratio",
+            ),
         ] {
             assert_eq!(field(&with_trigger(trigger)).0, key, "{trigger}");
         }
@@ -1202,12 +1220,16 @@ mod tests {
 
     #[test]
     fn fashion_mnist_is_a_dataset_kind() {
-        let s = ExperimentSpec::from_toml_str(&MIN.replace("\"mnist\"", "\"fashion-mnist\""))
-            .unwrap();
+        let s =
+            ExperimentSpec::from_toml_str(&MIN.replace("\"mnist\"", "\"fashion-mnist\"")).unwrap();
         assert_eq!(s.dataset.kind, DatasetKind::FashionMnist);
         assert_eq!(s.dataset.kind.input_shape(), (1, 28, 28));
         assert_eq!(s.dataset.kind.train_images(), 60_000);
-        for k in [DatasetKind::Mnist, DatasetKind::Cifar10, DatasetKind::FashionMnist] {
+        for k in [
+            DatasetKind::Mnist,
+            DatasetKind::Cifar10,
+            DatasetKind::FashionMnist,
+        ] {
             assert_eq!(k.as_str().parse::<DatasetKind>().unwrap(), k);
         }
         let e = "fashion".parse::<DatasetKind>().unwrap_err().to_string();

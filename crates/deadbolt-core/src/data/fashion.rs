@@ -188,6 +188,9 @@ mod tests {
         let e = load_with(Some(dir.path()), &mut Budget::new(&limits))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("sha256 mismatch") && e.contains("train-images"), "{e}");
+        assert!(
+            e.contains("sha256 mismatch") && e.contains("train-images"),
+            "{e}"
+        );
     }
 }

@@ -52,7 +52,10 @@ impl Warp {
     /// The warped batch `[N, C, H, W]`.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         let n = x.size()[0];
-        let grid = self.grid.to_device(x.device()).expand([n, -1, -1, -1], true);
+        let grid = self
+            .grid
+            .to_device(x.device())
+            .expand([n, -1, -1, -1], true);
         sample(x, &grid)
     }
 
