@@ -1218,6 +1218,26 @@ mod tests {
         );
     }
 
+    /// Every spec in `examples/` parses and validates (a new attack's
+    /// example cannot drift from the spec).
+    #[test]
+    fn every_example_spec_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut kinds = std::collections::BTreeSet::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let s = ExperimentSpec::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
+                if let Some(a) = s.attack {
+                    kinds.insert(a.trigger.kind_str());
+                }
+            }
+        }
+        for k in ["patch", "sig", "wanet"] {
+            assert!(kinds.contains(k), "no example plants {k}: {kinds:?}");
+        }
+    }
+
     #[test]
     fn fashion_mnist_is_a_dataset_kind() {
         let s =
