@@ -16,7 +16,7 @@ use crate::spec::{AttackSpec, TargetMode, TriggerSpec};
 use crate::trigger::AttackTrigger;
 
 /// Mixed into the recipe's seed for WaNet's noise-mode samples and noise.
-const NOISE_SEED: u64 = 0x6e6f_6973_65;
+const NOISE_SEED: u64 = 0x006e_6f69_7365;
 
 /// An attack bound to a data shape: recipe plus the concrete trigger.
 #[derive(Debug, Clone)]
