@@ -110,11 +110,7 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     } = args;
     let dev = device::resolve(d)?;
     let (model, _) = Model::load(&model, dev)?;
-    let kind = match kind.as_str() {
-        "mnist" => DatasetKind::Mnist,
-        "cifar10" => DatasetKind::Cifar10,
-        other => anyhow::bail!("--kind: unknown dataset kind {other:?} (mnist or cifar10)"),
-    };
+    let kind: DatasetKind = kind.parse().map_err(|e| anyhow::anyhow!("--kind: {e}"))?;
     let splits = data::load(&DatasetSpec {
         kind,
         path: Some(dir),

@@ -1,13 +1,122 @@
 //! Triggers: a per-pixel mask in [0, 1] and a pattern, stamped as
 //! `x' = (1 - m) x + m p` where `m > 0`; pixels with `m == 0` are untouched
 //! (bit-exact). BadNets patches, blends and reverse-engineered (synthetic)
-//! triggers are all of this form.
+//! triggers are all of this form. An attack's trigger ([`AttackTrigger`])
+//! is one of these, or an additive signal ([`sig`]) or a warp ([`wanet`]).
+
+pub mod sig;
+pub mod wanet;
 
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::spec::{BlendPattern, PatchPattern, TriggerSpec};
+
+/// The trigger of an attack, as it acts on images.
+#[derive(Debug, Clone)]
+pub enum AttackTrigger {
+    /// `x' = (1 - m) x + m p`: a patch, a blend or a synthetic trigger.
+    Stamp(Trigger),
+    /// SIG: a sinusoid added and clipped.
+    Signal(sig::Signal),
+    /// WaNet: a fixed warp.
+    Warp(wanet::Warp),
+}
+
+impl From<Trigger> for AttackTrigger {
+    fn from(t: Trigger) -> Self {
+        AttackTrigger::Stamp(t)
+    }
+}
+
+impl AttackTrigger {
+    /// Builds the trigger a spec describes for images of shape `(c, h, w)`.
+    pub fn from_spec(spec: &TriggerSpec, (c, h, w): (i64, i64, i64)) -> Result<AttackTrigger> {
+        Ok(match spec {
+            TriggerSpec::Patch { .. } | TriggerSpec::Blend { .. } => {
+                AttackTrigger::Stamp(Trigger::from_spec(spec, (c, h, w))?)
+            }
+            TriggerSpec::Sig {
+                delta,
+                test_delta,
+                frequency,
+            } => AttackTrigger::Signal(sig::Signal::new(
+                (c, h, w),
+                *delta,
+                test_delta.unwrap_or(*delta),
+                *frequency,
+            )),
+            TriggerSpec::Wanet {
+                k,
+                s,
+                grid_rescale,
+                seed,
+                ..
+            } => {
+                if *k < 2 || *k > h || *k > w {
+                    return Err(Error::invalid(
+                        "attack.trigger.k",
+                        format!("a {k}x{k} control grid does not fit the {h}x{w} image"),
+                    ));
+                }
+                AttackTrigger::Warp(wanet::Warp::new((c, h, w), *k, *s, *grid_rescale, *seed))
+            }
+        })
+    }
+
+    /// The triggered version of a batch `[N, C, H, W]` as the attack is
+    /// measured (test time), on the batch's device.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        match self {
+            AttackTrigger::Stamp(t) => t.apply(x),
+            AttackTrigger::Signal(s) => sig::Signal::add(x, &s.test),
+            AttackTrigger::Warp(w) => w.apply(x),
+        }
+    }
+
+    /// The poisoned version of training images (SIG: the training
+    /// amplitude; otherwise as [`AttackTrigger::apply`]).
+    pub fn apply_poison(&self, x: &Tensor) -> Tensor {
+        match self {
+            AttackTrigger::Signal(s) => sig::Signal::add(x, &s.train),
+            other => other.apply(x),
+        }
+    }
+
+    pub fn to_device(&self, device: Device) -> AttackTrigger {
+        match self {
+            AttackTrigger::Stamp(t) => AttackTrigger::Stamp(t.to_device(device)),
+            AttackTrigger::Signal(s) => AttackTrigger::Signal(s.to_device(device)),
+            AttackTrigger::Warp(w) => AttackTrigger::Warp(w.to_device(device)),
+        }
+    }
+
+    /// `(C, H, W)` of the images the trigger is built for.
+    pub fn shape(&self) -> (i64, i64, i64) {
+        let s = match self {
+            AttackTrigger::Stamp(t) => t.pattern.size(),
+            AttackTrigger::Signal(s) => s.test.size(),
+            AttackTrigger::Warp(w) => {
+                let g = w.grid.size();
+                vec![w.channels, g[1], g[2]]
+            }
+        };
+        (s[0], s[1], s[2])
+    }
+
+    /// Where the trigger acts ([`Trigger::strong_region`]); a signal or a
+    /// warp acts on the whole image.
+    pub fn strong_region(&self) -> (i64, i64, i64, i64) {
+        match self {
+            AttackTrigger::Stamp(t) => t.strong_region(),
+            other => {
+                let (_, h, w) = other.shape();
+                (0, 0, h, w)
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Trigger {
@@ -77,6 +186,13 @@ impl Trigger {
                     pattern,
                 })
             }
+            TriggerSpec::Sig { .. } | TriggerSpec::Wanet { .. } => Err(Error::invalid(
+                "attack.trigger.kind",
+                format!(
+                    "{} is not a mask-and-pattern trigger (see AttackTrigger)",
+                    spec.kind_str()
+                ),
+            )),
         }
     }
 

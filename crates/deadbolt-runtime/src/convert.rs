@@ -81,6 +81,7 @@ pub fn spec_from_proto(p: &pb::ExperimentSpec) -> Result<spec::ExperimentSpec, S
     let kind = match enum_of::<pb::DatasetKind>("dataset.kind", d.kind)? {
         pb::DatasetKind::Unspecified | pb::DatasetKind::Mnist => spec::DatasetKind::Mnist,
         pb::DatasetKind::Cifar10 => spec::DatasetKind::Cifar10,
+        pb::DatasetKind::FashionMnist => spec::DatasetKind::FashionMnist,
     };
     let dataset = spec::DatasetSpec {
         kind,
@@ -203,7 +204,12 @@ pub fn criterion_to_proto(c: spec::Criterion) -> pb::Criterion {
 pub fn attack_from_proto(a: &pb::AttackSpec) -> Result<spec::AttackSpec, Status> {
     use pb::attack_spec::Trigger;
     let trigger = match &a.trigger {
-        None => return Err(bad("attack.trigger", "is required (patch or blend)")),
+        None => {
+            return Err(bad(
+                "attack.trigger",
+                "is required (patch, blend, sig or wanet)",
+            ))
+        }
         Some(Trigger::Patch(p)) => {
             let position = match &p.position {
                 None => spec::PatchPosition::default(),
@@ -254,6 +260,18 @@ pub fn attack_from_proto(a: &pb::AttackSpec) -> Result<spec::AttackSpec, Status>
                     spec::BlendPattern::Image(PathBuf::from(u))
                 }
             },
+        },
+        Some(Trigger::Sig(t)) => spec::TriggerSpec::Sig {
+            delta: t.delta.unwrap_or_else(spec::sig_delta),
+            test_delta: t.test_delta,
+            frequency: t.frequency.unwrap_or_else(spec::sig_frequency),
+        },
+        Some(Trigger::Wanet(t)) => spec::TriggerSpec::Wanet {
+            k: t.k.unwrap_or_else(spec::wanet_k),
+            s: t.s.unwrap_or_else(spec::wanet_s),
+            grid_rescale: t.grid_rescale.unwrap_or(1.0),
+            cross_ratio: t.cross_ratio.unwrap_or_else(spec::wanet_cross_ratio),
+            seed: t.seed,
         },
     };
     let target_mode = match enum_of::<pb::TargetMode>("attack.target_mode", a.target_mode)? {
@@ -316,6 +334,28 @@ pub fn attack_to_proto(a: &spec::AttackSpec) -> pb::AttackSpec {
                     pb::blend_trigger::Pattern::ImageUri(p.display().to_string())
                 }
             }),
+        }),
+        spec::TriggerSpec::Sig {
+            delta,
+            test_delta,
+            frequency,
+        } => Trigger::Sig(pb::SigTrigger {
+            delta: Some(*delta),
+            test_delta: *test_delta,
+            frequency: Some(*frequency),
+        }),
+        spec::TriggerSpec::Wanet {
+            k,
+            s,
+            grid_rescale,
+            cross_ratio,
+            seed,
+        } => Trigger::Wanet(pb::WanetTrigger {
+            k: Some(*k),
+            s: Some(*s),
+            grid_rescale: Some(*grid_rescale),
+            cross_ratio: Some(*cross_ratio),
+            seed: *seed,
         }),
     };
     pb::AttackSpec {
@@ -385,6 +425,7 @@ fn dataset_kind_to_proto(k: spec::DatasetKind) -> pb::DatasetKind {
     match k {
         spec::DatasetKind::Mnist => pb::DatasetKind::Mnist,
         spec::DatasetKind::Cifar10 => pb::DatasetKind::Cifar10,
+        spec::DatasetKind::FashionMnist => pb::DatasetKind::FashionMnist,
     }
 }
 

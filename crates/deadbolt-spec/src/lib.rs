@@ -50,7 +50,9 @@ pub struct DatasetSpec {
     /// Folder of the data, read as given (nothing is written into it). For
     /// `mnist` it holds the four IDX files, plain or gzipped (`deadbolt data
     /// fetch-mnist` writes them); without a path, `<data dir>/mnist`, which
-    /// is fetched when missing. For `cifar10` the binary batches. Relative
+    /// is fetched when missing. For `fashion-mnist` the four gzipped IDX
+    /// files (default: Debian's `/usr/share/datasets/fashion-mnist`). For
+    /// `cifar10` the binary batches. Relative
     /// paths are relative to the working dir.
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -83,6 +85,41 @@ pub enum DatasetKind {
     Mnist,
     /// CIFAR-10 binary batches (`data_batch_*.bin`, `test_batch.bin`).
     Cifar10,
+    /// Fashion-MNIST (Zalando, MIT): the four gzipped IDX files of
+    /// Debian's `dataset-fashion-mnist` (`scripts/setup.sh` installs it in
+    /// `/usr/share/datasets/fashion-mnist`), 60,000 train and 10,000 test
+    /// images of 28x28, 10 classes; each file is checked against its
+    /// pinned sha256 before it is read.
+    FashionMnist,
+}
+
+impl DatasetKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::FashionMnist => "fashion-mnist",
+        }
+    }
+}
+
+impl std::str::FromStr for DatasetKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            DatasetKind::Mnist,
+            DatasetKind::Cifar10,
+            DatasetKind::FashionMnist,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| {
+            Error::invalid(
+                "dataset.kind",
+                format!("unknown dataset kind {s:?} (expected mnist, cifar10 or fashion-mnist)"),
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,10 +221,87 @@ pub enum TriggerSpec {
         #[serde(default)]
         pattern: BlendPattern,
     },
+    /// SIG (Barni, Kallas, Tondi 2019), clean-label: a horizontal sinusoid
+    /// `v(i, j) = delta * sin(2 pi j frequency / width)` added to the image
+    /// and clipped to [0, 1]. Only target-class training images are
+    /// poisoned and they keep their labels (`rate` is the share of the
+    /// target class); at test time the signal, of amplitude `test_delta`,
+    /// is added to the other classes' images. All-to-one only.
+    Sig {
+        /// Amplitude on the poisoned training images (pixel scale [0, 1]).
+        #[serde(default = "sig_delta")]
+        delta: f64,
+        /// Amplitude at test time; unset = `delta`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        test_delta: Option<f64>,
+        /// Periods across the image width (the paper's f = 6).
+        #[serde(default = "sig_frequency")]
+        frequency: f64,
+    },
+    /// WaNet (Nguyen & Tran, ICLR 2021): a fixed, smooth random warp. A
+    /// `k` x `k` grid of uniform [-1, 1] offsets (normalised by their mean
+    /// absolute value, seeded by `seed`) is upsampled bicubically to the
+    /// image, scaled by `s / side`, added to the identity sampling grid,
+    /// times `grid_rescale`, clamped to the image, and applied with
+    /// bilinear `grid_sample`. Noise mode: `cross_ratio` times as many
+    /// further training images as are poisoned are warped with the field
+    /// plus per-pixel random noise and keep their labels, so the model
+    /// learns this exact warp, not warps in general.
+    Wanet {
+        /// Side of the control grid (the paper's k = 4).
+        #[serde(default = "wanet_k")]
+        k: i64,
+        /// Strength of the warp (the paper's s = 0.5).
+        #[serde(default = "wanet_s")]
+        s: f64,
+        /// Scale of the warped grid (the paper's 1).
+        #[serde(default = "one")]
+        grid_rescale: f64,
+        /// Noise-mode images per poisoned image (the paper's 2; 0 = off).
+        #[serde(default = "wanet_cross_ratio")]
+        cross_ratio: f64,
+        /// Seed of the warping field.
+        #[serde(default)]
+        seed: u64,
+    },
 }
 
 fn one() -> f64 {
     1.0
+}
+/// 20/255 (Barni et al.'s training amplitude on 8-bit pixels).
+pub fn sig_delta() -> f64 {
+    20.0 / 255.0
+}
+pub fn sig_frequency() -> f64 {
+    6.0
+}
+pub fn wanet_k() -> i64 {
+    4
+}
+pub fn wanet_s() -> f64 {
+    0.5
+}
+pub fn wanet_cross_ratio() -> f64 {
+    2.0
+}
+
+impl TriggerSpec {
+    /// The trigger's `kind` as written in a spec.
+    pub fn kind_str(&self) -> &'static str {
+        match self {
+            TriggerSpec::Patch { .. } => "patch",
+            TriggerSpec::Blend { .. } => "blend",
+            TriggerSpec::Sig { .. } => "sig",
+            TriggerSpec::Wanet { .. } => "wanet",
+        }
+    }
+
+    /// Whether poisoning keeps the labels (clean-label: only target-class
+    /// images are poisoned).
+    pub fn clean_label(&self) -> bool {
+        matches!(self, TriggerSpec::Sig { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -715,6 +829,74 @@ impl AttackSpec {
                     return Err(Error::invalid("attack.trigger.alpha", "must be in [0, 1]"));
                 }
             }
+            TriggerSpec::Sig {
+                delta,
+                test_delta,
+                frequency,
+            } => {
+                let amplitude = |field: &str, v: f64| {
+                    if v > 0.0 && v <= 1.0 {
+                        Ok(())
+                    } else {
+                        Err(Error::invalid(
+                            field,
+                            format!("{v} is outside (0, 1] (pixels are in [0, 1])"),
+                        ))
+                    }
+                };
+                amplitude("attack.trigger.delta", *delta)?;
+                if let Some(t) = test_delta {
+                    amplitude("attack.trigger.test_delta", *t)?;
+                }
+                if !(frequency.is_finite() && *frequency > 0.0) {
+                    return Err(Error::invalid(
+                        "attack.trigger.frequency",
+                        "must be a finite number > 0",
+                    ));
+                }
+                if self.target_mode != TargetMode::AllToOne {
+                    return Err(Error::invalid(
+                        "attack.target_mode",
+                        "sig is a clean-label attack (poisoned images keep their label): all-to-one only",
+                    ));
+                }
+            }
+            TriggerSpec::Wanet {
+                k,
+                s,
+                grid_rescale,
+                cross_ratio,
+                ..
+            } => {
+                if *k < 2 {
+                    return Err(Error::invalid("attack.trigger.k", "must be >= 2"));
+                }
+                if !(s.is_finite() && *s > 0.0 && *s <= 64.0) {
+                    return Err(Error::invalid("attack.trigger.s", "must be in (0, 64]"));
+                }
+                if !(grid_rescale.is_finite() && *grid_rescale > 0.0 && *grid_rescale <= 2.0) {
+                    return Err(Error::invalid(
+                        "attack.trigger.grid_rescale",
+                        "must be in (0, 2]",
+                    ));
+                }
+                if !(cross_ratio.is_finite() && *cross_ratio >= 0.0) {
+                    return Err(Error::invalid(
+                        "attack.trigger.cross_ratio",
+                        "must be a finite number >= 0",
+                    ));
+                }
+                if self.rate * (1.0 + cross_ratio) > 1.0 {
+                    return Err(Error::invalid(
+                        "attack.trigger.cross_ratio",
+                        format!(
+                            "rate {} x (1 + cross_ratio {cross_ratio}) is over 1: \
+                             not enough images for the noise mode",
+                            self.rate
+                        ),
+                    ));
+                }
+            }
         }
         if self.target < 0 {
             return Err(Error::invalid("attack.target", "must be >= 0"));
@@ -733,6 +915,26 @@ impl AttackSpec {
                     self.target
                 ),
             ));
+        }
+        if let TriggerSpec::Sig { frequency, .. } = &self.trigger {
+            // above w / 2 periods the sampled sinusoid aliases to a lower one
+            if *frequency > w as f64 / 2.0 {
+                return Err(Error::invalid(
+                    "attack.trigger.frequency",
+                    format!(
+                        "{frequency} periods across a {w}-pixel row alias: at most {}",
+                        w as f64 / 2.0
+                    ),
+                ));
+            }
+        }
+        if let TriggerSpec::Wanet { k, .. } = &self.trigger {
+            if *k > h || *k > w {
+                return Err(Error::invalid(
+                    "attack.trigger.k",
+                    format!("a {k}x{k} control grid is finer than the {h}x{w} image"),
+                ));
+            }
         }
         if let TriggerSpec::Patch { size, position, .. } = &self.trigger {
             if *size > h || *size > w {
@@ -891,6 +1093,169 @@ mod tests {
         // corners saturate
         let p = PatchPosition::Corner(Corner::BottomRight);
         assert_eq!(p.top_left(i64::MIN, 28, 28), (i64::MAX, i64::MAX));
+    }
+
+    fn with_trigger(trigger: &str) -> String {
+        MIN.replace(
+            "kind = \"patch\"\n        size = 3\n        position = \"bottom-right\"",
+            trigger,
+        )
+    }
+
+    #[test]
+    fn sig_and_wanet_parse_with_the_papers_defaults() {
+        let s = ExperimentSpec::from_toml_str(&with_trigger("kind = \"sig\"")).unwrap();
+        assert_eq!(
+            s.attack.as_ref().unwrap().trigger,
+            TriggerSpec::Sig {
+                delta: 20.0 / 255.0,
+                test_delta: None,
+                frequency: 6.0
+            }
+        );
+        assert!(s.attack.unwrap().trigger.clean_label());
+        let s = ExperimentSpec::from_toml_str(&with_trigger(
+            "kind = \"sig\"\ndelta = 0.1\ntest_delta = 0.2\nfrequency = 4",
+        ))
+        .unwrap();
+        assert_eq!(
+            s.attack.unwrap().trigger,
+            TriggerSpec::Sig {
+                delta: 0.1,
+                test_delta: Some(0.2),
+                frequency: 4.0
+            }
+        );
+        let s = ExperimentSpec::from_toml_str(&with_trigger("kind = \"wanet\"")).unwrap();
+        let a = s.attack.unwrap();
+        assert_eq!(
+            a.trigger,
+            TriggerSpec::Wanet {
+                k: 4,
+                s: 0.5,
+                grid_rescale: 1.0,
+                cross_ratio: 2.0,
+                seed: 0
+            }
+        );
+        assert!(!a.trigger.clean_label());
+        assert_eq!(a.trigger.kind_str(), "wanet");
+        // both round-trip
+        for t in [
+            "kind = \"sig\"\ntest_delta = 0.3",
+            "kind = \"wanet\"\nk = 8\ns = 1.0",
+        ] {
+            let s = ExperimentSpec::from_toml_str(&with_trigger(t)).unwrap();
+            assert_eq!(
+                ExperimentSpec::from_toml_str(&s.to_toml_string()).unwrap(),
+                s
+            );
+        }
+    }
+
+    #[test]
+    fn sig_and_wanet_options_are_checked_naming_the_key() {
+        let field = |t: &str| match ExperimentSpec::from_toml_str(t) {
+            Err(Error::Invalid { field, message }) => (field, message),
+            other => panic!("{t}: {other:?}"),
+        };
+        for (trigger, key) in [
+            ("kind = \"sig\"\ndelta = 0", "attack.trigger.delta"),
+            ("kind = \"sig\"\ndelta = 1.5", "attack.trigger.delta"),
+            (
+                "kind = \"sig\"\ntest_delta = -0.1",
+                "attack.trigger.test_delta",
+            ),
+            ("kind = \"sig\"\nfrequency = 0", "attack.trigger.frequency"),
+            (
+                "kind = \"sig\"\nfrequency = inf",
+                "attack.trigger.frequency",
+            ),
+            ("kind = \"wanet\"\nk = 1", "attack.trigger.k"),
+            ("kind = \"wanet\"\ns = 0", "attack.trigger.s"),
+            ("kind = \"wanet\"\ns = nan", "attack.trigger.s"),
+            (
+                "kind = \"wanet\"\ngrid_rescale = 0",
+                "attack.trigger.grid_rescale",
+            ),
+            (
+                "kind = \"wanet\"\ncross_ratio = -1",
+                "attack.trigger.cross_ratio",
+            ),
+            (
+                "kind = \"wanet\"\ncross_ratio = 9.5",
+                "attack.trigger.cross_ratio",
+            ),
+        ] {
+            assert_eq!(field(&with_trigger(trigger)).0, key, "{trigger}");
+        }
+        let (f, m) = field(
+            &with_trigger("kind = \"sig\"")
+                .replace("rate = 0.1", "rate = 0.1\ntarget_mode = \"all-to-all\""),
+        );
+        assert_eq!(f, "attack.target_mode");
+        assert!(m.contains("clean-label"), "{m}");
+        let e = ExperimentSpec::from_toml_str(&with_trigger("kind = \"wanet\"\nbogus = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        // against the image: frequency under Nyquist, k inside the image
+        let sig = ExperimentSpec::from_toml_str(&with_trigger("kind = \"sig\"\nfrequency = 15"))
+            .unwrap()
+            .attack
+            .unwrap();
+        assert!(sig.validate_for(32, 32, 10).is_ok());
+        assert_eq!(
+            sig.validate_for(28, 28, 10).unwrap_err().field(),
+            Some("attack.trigger.frequency")
+        );
+        let w = ExperimentSpec::from_toml_str(&with_trigger("kind = \"wanet\"\nk = 30"))
+            .unwrap()
+            .attack
+            .unwrap();
+        assert!(w.validate_for(32, 32, 10).is_ok());
+        assert_eq!(
+            w.validate_for(28, 28, 10).unwrap_err().field(),
+            Some("attack.trigger.k")
+        );
+    }
+
+    /// Every spec in `examples/` parses and validates (a new attack's
+    /// example cannot drift from the spec).
+    #[test]
+    fn every_example_spec_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut kinds = std::collections::BTreeSet::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let s = ExperimentSpec::from_file(&p).unwrap_or_else(|e| panic!("{e}"));
+                if let Some(a) = s.attack {
+                    kinds.insert(a.trigger.kind_str());
+                }
+            }
+        }
+        for k in ["patch", "sig", "wanet"] {
+            assert!(kinds.contains(k), "no example plants {k}: {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn fashion_mnist_is_a_dataset_kind() {
+        let s =
+            ExperimentSpec::from_toml_str(&MIN.replace("\"mnist\"", "\"fashion-mnist\"")).unwrap();
+        assert_eq!(s.dataset.kind, DatasetKind::FashionMnist);
+        assert_eq!(s.dataset.kind.input_shape(), (1, 28, 28));
+        assert_eq!(s.dataset.kind.train_images(), 60_000);
+        for k in [
+            DatasetKind::Mnist,
+            DatasetKind::Cifar10,
+            DatasetKind::FashionMnist,
+        ] {
+            assert_eq!(k.as_str().parse::<DatasetKind>().unwrap(), k);
+        }
+        let e = "fashion".parse::<DatasetKind>().unwrap_err().to_string();
+        assert!(e.contains("fashion-mnist"), "{e}");
     }
 
     #[test]

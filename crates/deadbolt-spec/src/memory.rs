@@ -13,8 +13,8 @@
 //!   test split is the larger): the training and test images as float
 //!   tensors, clean and poisoned.
 //!
-//! Images are the dataset kind's ([`DatasetKind::input_shape`]: MNIST
-//! 1x28x28, CIFAR-10 3x32x32) with 10 classes; a `train_limit` or
+//! Images are the dataset kind's ([`DatasetKind::input_shape`]: MNIST and
+//! Fashion-MNIST 1x28x28, CIFAR-10 3x32x32) with 10 classes; a `train_limit` or
 //! `test_limit` of 0 (all) counts as the kind's full split
 //! ([`DatasetKind::train_images`]). An upper estimate of the peak of one
 //! job, not a measurement: libtorch's allocator caches and the kernels'
@@ -29,7 +29,7 @@ impl DatasetKind {
     /// `(C, H, W)` of the kind's images.
     pub fn input_shape(self) -> (i64, i64, i64) {
         match self {
-            DatasetKind::Mnist => (1, 28, 28),
+            DatasetKind::Mnist | DatasetKind::FashionMnist => (1, 28, 28),
             DatasetKind::Cifar10 => (3, 32, 32),
         }
     }
@@ -42,7 +42,7 @@ impl DatasetKind {
     /// Images of the kind's full training split.
     pub fn train_images(self) -> u64 {
         match self {
-            DatasetKind::Mnist => 60_000,
+            DatasetKind::Mnist | DatasetKind::FashionMnist => 60_000,
             DatasetKind::Cifar10 => 50_000,
         }
     }

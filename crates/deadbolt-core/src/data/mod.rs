@@ -1,7 +1,9 @@
 //! Datasets: in-memory image tensors (NCHW, float in [0, 1]) with labels,
-//! readers for MNIST IDX and CIFAR-10 binary batches, and the MNIST fetcher.
+//! readers for MNIST IDX (MNIST, Fashion-MNIST) and CIFAR-10 binary
+//! batches, and the MNIST fetcher.
 
 pub mod cifar;
+pub mod fashion;
 pub mod folder;
 pub mod idx;
 pub mod limits;
@@ -241,6 +243,12 @@ pub fn load_with(spec: &DatasetSpec, limits: &DataLimits) -> Result<Splits> {
             };
             verify_checksums(&dir, &spec.sha256)?;
             mnist::load_idx_dir_with(&dir, &mut budget)?
+        }
+        DatasetKind::FashionMnist => {
+            limits.check_classes("dataset.kind", fashion::CLASSES as u64)?;
+            let dir = spec.path.clone().unwrap_or_else(fashion::default_dir);
+            verify_checksums(&dir, &spec.sha256)?;
+            fashion::load_with(Some(&dir), &mut budget)?
         }
         DatasetKind::Cifar10 => {
             limits.check_classes("dataset.kind", cifar::CLASSES as u64)?;

@@ -550,7 +550,7 @@ pub fn synthetic_attack(trigger: &Trigger, target: i64, classes: i64) -> Attack 
             rate: 0.0,
             seed: 0,
         },
-        trigger: trigger.clone(),
+        trigger: trigger.clone().into(),
         classes,
     }
 }

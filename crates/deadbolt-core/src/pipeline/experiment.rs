@@ -288,7 +288,7 @@ pub fn stage_analyze(
     let t = Instant::now();
     let (stats_trigger, trig) = match attack {
         Some(a) => (TriggerSource::Real, a.trigger.clone()),
-        None => (TriggerSource::Synthetic, rev.suspect().1.clone()),
+        None => (TriggerSource::Synthetic, rev.suspect().1.clone().into()),
     };
     let imgs = stats_sample(spec, val).images;
     let trig_imgs = trig.apply(&imgs);
