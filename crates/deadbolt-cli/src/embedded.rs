@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use deadbolt_core::pipeline::report::Report;
-use deadbolt_core::report::Document;
 use deadbolt_proto::v1 as pb;
 use deadbolt_runtime::config::ServiceKind;
 use deadbolt_runtime::{Config, Shared};

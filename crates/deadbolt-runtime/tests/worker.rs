@@ -70,6 +70,21 @@ fn worker(
     }
 }
 
+/// A stage call refused with `code`, having enqueued nothing.
+async fn refused<S: Stage<Input = Input, Output = u32>>(
+    store: &Arc<dyn MetadataStore>,
+    run: Uuid,
+    code: Code,
+) -> tonic::Status {
+    let input = Input { mode: "ok".into() };
+    let e = run_stage::<S>(store.as_ref(), run, input, 3, Duration::from_millis(20))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(store.list_jobs(run).await.unwrap().is_empty());
+    e
+}
+
 /// A minimal experiment spec (the probe stages read nothing of it).
 fn experiment() -> deadbolt_spec::RunSpec {
     deadbolt_spec::RunSpec::Experiment(
@@ -162,17 +177,7 @@ async fn stage_calls_are_refused_unless_the_run_is_at_that_stage() {
     let run = run_with(&store, "ok").await;
     let input = Input { mode: "ok".into() };
     // queued (not yet driven): refused, nothing enqueued
-    let e = run_stage::<Probe>(
-        store.as_ref(),
-        run,
-        input.clone(),
-        3,
-        Duration::from_millis(20),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(store.list_jobs(run).await.unwrap().is_empty());
+    refused::<Probe>(&store, run, Code::FailedPrecondition).await;
 
     // a later stage than the run is at: refused as well
     store
@@ -185,17 +190,7 @@ async fn stage_calls_are_refused_unless_the_run_is_at_that_stage() {
         type Input = Input;
         type Output = u32;
     }
-    let e = run_stage::<Later>(
-        store.as_ref(),
-        run,
-        input.clone(),
-        3,
-        Duration::from_millis(20),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(store.list_jobs(run).await.unwrap().is_empty());
+    refused::<Later>(&store, run, Code::FailedPrecondition).await;
 
     // a stage the run's kind does not have: refused
     struct ScanProbe;
@@ -204,16 +199,7 @@ async fn stage_calls_are_refused_unless_the_run_is_at_that_stage() {
         type Input = Input;
         type Output = u32;
     }
-    let e = run_stage::<ScanProbe>(
-        store.as_ref(),
-        run,
-        input.clone(),
-        3,
-        Duration::from_millis(20),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = refused::<ScanProbe>(&store, run, Code::FailedPrecondition).await;
     assert!(e.message().contains("stage scan cannot run"), "{e:?}");
 
     // a stored spec that does not decode: DATA_LOSS, nothing enqueued
@@ -230,17 +216,7 @@ async fn stage_calls_are_refused_unless_the_run_is_at_that_stage() {
         .set_run_status(bad.id, RunStatus::Running, None)
         .await
         .unwrap();
-    let e = run_stage::<Probe>(
-        store.as_ref(),
-        bad.id,
-        input.clone(),
-        3,
-        Duration::from_millis(20),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
-    assert!(store.list_jobs(bad.id).await.unwrap().is_empty());
+    refused::<Probe>(&store, bad.id, Code::DataLoss).await;
 
     // at the stage: runs, and the typed output comes back
     let w = tokio::spawn(worker(&store, &artifacts, dir.path(), calls.clone()).run());
