@@ -314,9 +314,9 @@ fn the_documented_crate_graph_is_the_cargo_graph() {
 fn the_documented_lease_statement_and_session_limits_are_the_stores() {
     let root = root();
     let statement = "FOR NO KEY UPDATE SKIP LOCKED";
-    let pg = read(&root.join("crates/deadbolt-store/src/postgres.rs"));
+    let dialects = read(&root.join("crates/deadbolt-store/src/queries.rs"));
     assert!(
-        pg.contains(&format!("skip_locked: \"{statement}\"")),
+        dialects.contains(&format!("(\"skip_locked\", \"{statement}\", \"\")")),
         "the Postgres dialect's skip_locked is no longer {statement:?}: update docs/architecture.md"
     );
     let arch = read(&root.join("docs/architecture.md"));
