@@ -12,6 +12,7 @@ use super::{connect, get_run, status_error, Client};
 use crate::headline::Headline;
 #[cfg(feature = "torch")]
 use deadbolt_core::pipeline::report::Report;
+#[cfg(feature = "torch")]
 use deadbolt_core::report::Document;
 
 /// Where a file of a run's report lands in an output folder: `report/*`
