@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use crate::args::{Inputs, RepairArgs, ScanArgs};
 
-use deadbolt_core::data::folder::Split;
-use deadbolt_core::progress::Progress;
 use deadbolt_core::byom::repair::{self, Outcome, RepairOptions};
 use deadbolt_core::byom::scan::{self, ScanOptions, Subject};
+use deadbolt_core::data::folder::Split;
 use deadbolt_core::defense::cleanse::CleanseSpec;
+use deadbolt_core::progress::Progress;
 
 impl Inputs {
     fn open(&self) -> Result<Subject> {

@@ -8,10 +8,10 @@ use deadbolt_core::data;
 use deadbolt_core::device;
 use deadbolt_core::eval;
 use deadbolt_core::model::Model;
-use deadbolt_core::poison::Attack;
-use deadbolt_core::spec::{AttackSpec, DatasetKind, DatasetSpec, ExperimentSpec};
 use deadbolt_core::pipeline::checkpointed::{self, TrainJob};
 use deadbolt_core::pipeline::prepare::Prepared;
+use deadbolt_core::poison::Attack;
+use deadbolt_core::spec::{AttackSpec, DatasetKind, DatasetSpec, ExperimentSpec};
 
 use crate::args::{EvaluateArgs, TrainArgs};
 use crate::progress::Bars;
